@@ -1,0 +1,1 @@
+"""Compute: the PostgreSQL servers (writer and readers) and how they are set up."""

@@ -1,0 +1,232 @@
+"""PostgreSQL server processes: finding the binaries, initdb, configuration, base copies.
+
+Who uses it: the control plane. Everything here is a thin wrapper over PostgreSQL's own
+programs; the settings are where Borealis's design shows:
+
+- writer: ``synchronous_standby_names = '"borealis_volume"'``, ``synchronous_commit=on``,
+  data checksums, ``wal_log_hints``; ``fsync=off`` by default because durability is the
+  volume's (a writer is never trusted after its host crashed);
+- reader: a hot standby whose ``primary_conninfo`` names a storage node, never the writer,
+  with ``hot_standby_feedback=on`` and ``recovery_target_timeline=latest``.
+
+PostgreSQL refuses to run as root; when Borealis runs as root the servers run as an
+unprivileged OS user (``postgres`` by default, ``BOREALIS_PG_USER`` to change).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+CONF_NAME = "borealis.conf"
+
+
+class ComputeError(Exception):
+    pass
+
+
+def find_bindir(configured: str | None = None) -> Path:
+    """PostgreSQL's bin directory: configured, else ``pg_config --bindir``, else the newest
+    ``/usr/lib/postgresql/*/bin``."""
+    candidates: list[str] = []
+    if configured:
+        candidates.append(configured)
+    if env := os.environ.get("BOREALIS_PG_BINDIR"):
+        candidates.append(env)
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        try:
+            out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True,
+                                 check=True, timeout=10)
+            candidates.append(out.stdout.strip())
+        except (subprocess.SubprocessError, OSError):
+            pass
+    candidates.extend(sorted(glob.glob("/usr/lib/postgresql/*/bin"),
+                             key=lambda p: int(p.split("/")[-2]), reverse=True))
+    for c in candidates:
+        if (Path(c) / "postgres").exists() and (Path(c) / "initdb").exists():
+            return Path(c)
+    raise ComputeError("PostgreSQL server binaries not found; run scripts/setup")
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """The OS account PostgreSQL runs as (None when we are not root)."""
+
+    user: str | None
+    uid: int
+    gid: int
+
+    @classmethod
+    def detect(cls) -> RunAs:
+        if os.geteuid() != 0:
+            return cls(None, os.getuid(), os.getgid())
+        name = os.environ.get("BOREALIS_PG_USER", "postgres")
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            raise ComputeError(f"running as root needs an OS user {name!r} for PostgreSQL") \
+                from None
+        return cls(name, entry.pw_uid, entry.pw_gid)
+
+    def popen_kwargs(self) -> dict[str, object]:
+        if self.user is None:
+            return {}
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
+    def own(self, path: Path) -> None:
+        """Give a directory tree to the server's account (it must own its data dir)."""
+        if self.user is None:
+            return
+        os.lchown(path, self.uid, self.gid)
+        for root, dirs, files in os.walk(path):
+            os.chown(root, self.uid, self.gid)
+            for name in dirs + files:
+                os.lchown(os.path.join(root, name), self.uid, self.gid)
+
+    def ensure_traversable(self, path: Path) -> None:
+        """Let the server's account reach ``path``: add search (x) permission on ancestors.
+
+        Only the execute bit is added, so directory listings stay private.
+        """
+        if self.user is None:
+            return
+        for parent in [path, *path.parents]:
+            if parent == Path("/"):
+                break
+            mode = parent.stat().st_mode
+            if not mode & 0o001:
+                os.chmod(parent, mode | 0o001)
+
+
+def run(cmd: list[str], run_as: RunAs, env: dict[str, str] | None = None,
+        timeout_s: float = 300) -> str:
+    full_env = {**os.environ, "LC_ALL": "C.UTF-8", **(env or {})}
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=full_env,
+                             timeout=timeout_s, cwd="/", **run_as.popen_kwargs())  # type: ignore[call-overload]
+    except subprocess.TimeoutExpired:
+        raise ComputeError(f"{Path(cmd[0]).name} timed out after {timeout_s}s") from None
+    if out.returncode != 0:
+        raise ComputeError(f"{Path(cmd[0]).name} failed: {out.stderr.strip() or out.stdout}")
+    return str(out.stdout)
+
+
+def initdb(bindir: Path, datadir: Path, superuser: str, password: str, run_as: RunAs) -> None:
+    datadir.mkdir(parents=True, exist_ok=True)
+    os.chmod(datadir, 0o700)
+    pwfile = datadir.parent / f".{datadir.name}.pw"
+    pwfile.write_text(password + "\n")
+    os.chmod(pwfile, 0o600)
+    run_as.own(datadir)
+    run_as.own(pwfile)
+    try:
+        run([str(bindir / "initdb"), "-D", str(datadir), "--data-checksums", "-U", superuser,
+             f"--pwfile={pwfile}", "--auth-host=scram-sha-256", "--auth-local=peer",
+             "-E", "UTF8", "--locale=C", "--no-instructions"], run_as)
+    finally:
+        pwfile.unlink(missing_ok=True)
+    conf = datadir / "postgresql.conf"
+    with open(conf, "a") as f:
+        f.write(f"\ninclude_if_exists = '{CONF_NAME}'\n")
+
+
+@dataclass
+class ServerSettings:
+    port: int
+    role: str  # "writer" | "reader"
+    shared_buffers: str = "32MB"
+    max_connections: int = 100
+    fsync: bool = False
+    primary_conninfo: str = ""
+    application_name: str = ""
+    extra: dict[str, str] | None = None
+
+    def render(self) -> str:
+        s: dict[str, str] = {
+            "listen_addresses": "'127.0.0.1'",
+            "port": str(self.port),
+            "unix_socket_directories": "''",
+            "shared_buffers": f"'{self.shared_buffers}'",
+            "max_connections": str(self.max_connections),
+            "wal_level": "replica",
+            "wal_log_hints": "on",
+            "fsync": "on" if self.fsync else "off",
+            "full_page_writes": "on",
+            "synchronous_commit": "on",
+            "max_wal_senders": "10",
+            "max_replication_slots": "10",
+            "max_slot_wal_keep_size": "'4GB'",
+            "wal_sender_timeout": "'30s'",
+            "wal_receiver_timeout": "'30s'",
+            "hot_standby": "on",
+            "hot_standby_feedback": "on",
+            "recovery_target_timeline": "'latest'",
+            "wal_retrieve_retry_interval": "'500ms'",
+            "logging_collector": "off",
+            "log_line_prefix": "'%m [%p] '",
+            "log_min_messages": "warning",
+            "log_checkpoints": "off",
+            "password_encryption": "'scram-sha-256'",
+        }
+        if self.role == "writer":
+            s["synchronous_standby_names"] = "'\"borealis_volume\"'"
+            s["primary_conninfo"] = "''"
+        else:
+            s["synchronous_standby_names"] = "''"
+            s["primary_conninfo"] = "'" + self.primary_conninfo.replace("'", "''") + "'"
+        for key, value in (self.extra or {}).items():
+            s[key] = value
+        body = "".join(f"{k} = {v}\n" for k, v in s.items())
+        return "# Written by Borealis; edits are replaced.\n" + body
+
+
+def write_settings(datadir: Path, settings: ServerSettings, run_as: RunAs) -> None:
+    path = datadir / CONF_NAME
+    path.write_text(settings.render())
+    standby_signal = datadir / "standby.signal"
+    if settings.role == "reader":
+        standby_signal.touch()
+    else:
+        standby_signal.unlink(missing_ok=True)
+    run_as.own(path)
+    if standby_signal.exists():
+        run_as.own(standby_signal)
+
+
+def base_copy(bindir: Path, source_port: int, user: str, password: str, datadir: Path,
+              run_as: RunAs) -> None:
+    """A reader's data directory: ``pg_basebackup`` without WAL.
+
+    The WAL the copy needs comes from the storage tier, never from the writer.
+    """
+    if datadir.exists():
+        shutil.rmtree(datadir)
+    datadir.parent.mkdir(parents=True, exist_ok=True)
+    run_as.ensure_traversable(datadir.parent)
+    if run_as.user is not None:
+        os.chown(datadir.parent, run_as.uid, run_as.gid)
+    run([str(bindir / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(source_port), "-U", user,
+         "-D", str(datadir), "-X", "none", "-c", "fast", "--no-sync", "--no-manifest"],
+        run_as, env={"PGPASSWORD": password})
+    for stale in ("postmaster.pid", "postmaster.opts", "standby.signal"):
+        (datadir / stale).unlink(missing_ok=True)
+
+
+def server_command(bindir: Path, datadir: Path) -> list[str]:
+    return [str(bindir / "postgres"), "-D", str(datadir)]
+
+
+def start_server(bindir: Path, datadir: Path, log_path: Path,
+                 run_as: RunAs) -> subprocess.Popen[bytes]:
+    """Start a postmaster in its own session, so it outlives the control plane."""
+    with open(log_path, "ab") as log:
+        proc: subprocess.Popen[bytes] = subprocess.Popen(
+            server_command(bindir, datadir), stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            start_new_session=True, cwd="/", **run_as.popen_kwargs())  # type: ignore[call-overload]
+    return proc

@@ -1,0 +1,1 @@
+"""The control plane: state in SQLite, supervision of every process, the local API."""

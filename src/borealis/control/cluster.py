@@ -1,0 +1,388 @@
+"""Bringing one cluster's processes up, keeping them up, and taking them down.
+
+Blocking code (it runs initdb, pg_basebackup, waits for servers); the daemon calls it
+from worker threads, one operation per cluster at a time.
+
+Start order: storage nodes, writer, volume client (a new epoch each start), readers.
+Stop order is the reverse of what depends on what: readers, writer (its shutdown
+checkpoint must reach the volume, so the volume client is still there), volume client,
+storage nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+from borealis.compute import postgres as pg
+from borealis.control import processes
+from borealis.control.state import Cluster, Instance, State, StorageNodeRow
+
+log = logging.getLogger("borealis.control")
+
+REPLICATION_USER = "borealis_replica"
+
+
+class ClusterError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Knobs read from the environment of the control plane."""
+
+    shared_buffers: str = os.environ.get("BOREALIS_SHARED_BUFFERS", "32MB")
+    max_connections: int = int(os.environ.get("BOREALIS_MAX_CONNECTIONS", "100"))
+    writer_fsync: bool = os.environ.get("BOREALIS_WRITER_FSYNC", "off") == "on"
+    scrub_interval_s: float = float(os.environ.get("BOREALIS_SCRUB_INTERVAL_S", "30"))
+    ready_timeout_s: float = float(os.environ.get("BOREALIS_READY_TIMEOUT_S", "120"))
+
+
+class ClusterRuntime:
+    def __init__(self, state: State, name: str, settings: Settings | None = None) -> None:
+        self.state = state
+        self.name = name
+        self.settings = settings or Settings()
+        self.dir = state.home / "clusters" / name
+        self.run_as = pg.RunAs.detect()
+        self._bindir: Path | None = None
+
+    @property
+    def bindir(self) -> Path:
+        if self._bindir is None:
+            self._bindir = pg.find_bindir()
+        return self._bindir
+
+    @property
+    def cluster(self) -> Cluster:
+        c = self.state.cluster(self.name)
+        if c is None:
+            raise ClusterError(f"cluster {self.name!r} does not exist")
+        return c
+
+    def event(self, source: str, message: str) -> None:
+        log.info("%s: %s: %s", self.name, source, message)
+        self.state.event(self.name, source, message)
+
+    # -- paths ------------------------------------------------------------------------
+
+    def node_dir(self, node_id: str) -> Path:
+        return self.dir / "storage" / node_id
+
+    def volume_dir(self) -> Path:
+        return self.dir / "volume"
+
+    def instance_dir(self, instance_id: str) -> Path:
+        return self.dir / "instances" / instance_id
+
+    def datadir(self, instance_id: str) -> Path:
+        return self.instance_dir(instance_id) / "data"
+
+    # -- storage nodes -------------------------------------------------------------------
+
+    def node_config_path(self, node: StorageNodeRow) -> Path:
+        return self.node_dir(node.id) / "node.json"
+
+    def node_alive(self, node: StorageNodeRow) -> bool:
+        return processes.alive(node.pid, str(self.node_config_path(node)))
+
+    def ensure_storage_node(self, node: StorageNodeRow) -> bool:
+        """Start the node if it is not running; returns True if it was started."""
+        if self.node_alive(node):
+            return False
+        c = self.cluster
+        directory = self.node_dir(node.id)
+        directory.mkdir(parents=True, exist_ok=True)
+        data_dir = directory / "data"  # the node's disk; config and log stay beside it
+        peers = [{"node_id": p.id, "host": "127.0.0.1", "port": p.port}
+                 for p in self.state.storage_nodes(self.name) if p.id != node.id]
+        config = {
+            "node_id": node.id, "az": node.az, "directory": str(data_dir),
+            "host": "127.0.0.1", "port": node.port, "pg_port": node.pg_port,
+            "secret": c.storage_secret, "replication_user": REPLICATION_USER,
+            "replication_password": c.replication_password, "peers": peers,
+            "scrub_interval_s": self.settings.scrub_interval_s,
+        }
+        path = self.node_config_path(node)
+        _write_private(path, json.dumps(config, indent=1))
+        pid = processes.spawn_python("borealis.storage.node", ["--config", str(path)],
+                                     directory / "node.log")
+        self.state.set_storage_pid(self.name, node.id, pid)
+        self.event("storage", f"started {node.id} (pid {pid})")
+        return True
+
+    def stop_storage_node(self, node: StorageNodeRow, sig: int = signal.SIGTERM) -> None:
+        processes.stop(node.pid, str(self.node_config_path(node)), sig, timeout_s=10)
+        self.state.set_storage_pid(self.name, node.id, None)
+
+    # -- volume client --------------------------------------------------------------------
+
+    def volume_config_path(self) -> Path:
+        return self.volume_dir() / "volume.json"
+
+    def volume_status(self) -> dict[str, object] | None:
+        try:
+            data: dict[str, object] = json.loads(
+                (self.volume_dir() / "status.json").read_text())
+            return data
+        except (OSError, ValueError):
+            return None
+
+    def volume_client_alive(self) -> bool:
+        row = self.state.volume_client(self.name)
+        return row is not None and processes.alive(row[0], str(self.volume_config_path()))
+
+    def ensure_volume_client(self, writer: Instance) -> bool:
+        if self.volume_client_alive():
+            return False
+        c = self.cluster
+        epoch = self.state.next_epoch(self.name)
+        directory = self.volume_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        conninfo = (f"host=127.0.0.1 port={writer.port} user={c.master_user} "
+                    f"password={c.master_password} dbname=replication replication=true "
+                    f"application_name=borealis_volume sslmode=disable connect_timeout=5")
+        config = {
+            "cluster": self.name, "epoch": epoch, "writer_conninfo": conninfo,
+            "nodes": [{"node_id": n.id, "host": "127.0.0.1", "port": n.port}
+                      for n in self.state.storage_nodes(self.name)],
+            "secret": c.storage_secret, "status_path": str(directory / "status.json"),
+        }
+        path = self.volume_config_path()
+        _write_private(path, json.dumps(config, indent=1))
+        pid = processes.spawn_python("borealis.volume.client", ["--config", str(path)],
+                                     directory / "volume.log")
+        self.state.set_volume_client(self.name, pid, epoch)
+        self.event("volume", f"volume client started for epoch {epoch} (pid {pid})")
+        return True
+
+    def stop_volume_client(self) -> None:
+        row = self.state.volume_client(self.name)
+        if row:
+            processes.stop(row[0], str(self.volume_config_path()), timeout_s=10)
+            self.state.set_volume_client(self.name, None, row[1])
+
+    # -- instances -------------------------------------------------------------------------
+
+    def writer(self) -> Instance | None:
+        return next((i for i in self.state.instances(self.name) if i.role == "writer"), None)
+
+    def readers(self) -> list[Instance]:
+        return [i for i in self.state.instances(self.name) if i.role == "reader"]
+
+    def instance_alive(self, inst: Instance) -> bool:
+        return processes.alive(inst.pid, str(self.datadir(inst.id)))
+
+    def dsn(self, inst: Instance, dbname: str = "postgres") -> str:
+        c = self.cluster
+        return (f"host=127.0.0.1 port={inst.port} user={c.master_user} "
+                f"password={c.master_password} dbname={dbname}")
+
+    def _settings(self, inst: Instance) -> pg.ServerSettings:
+        s = pg.ServerSettings(port=inst.port, role=inst.role,
+                              shared_buffers=self.settings.shared_buffers,
+                              max_connections=self.settings.max_connections,
+                              fsync=self.settings.writer_fsync if inst.role == "writer" else False)
+        if inst.role == "reader":
+            node = self.storage_node_for(inst)
+            c = self.cluster
+            s.primary_conninfo = (
+                f"host=127.0.0.1 port={node.pg_port} user={REPLICATION_USER} "
+                f"password={c.replication_password} application_name={inst.id} "
+                "sslmode=disable gssencmode=disable connect_timeout=5")
+            self.state.set_instance(inst.id, storage_node=node.id)
+        return s
+
+    def storage_node_for(self, inst: Instance) -> StorageNodeRow:
+        """The node a reader streams from: a running one in its own AZ if there is one."""
+        nodes = self.state.storage_nodes(self.name)
+        running = [n for n in nodes if self.node_alive(n)] or nodes
+        same_az = [n for n in running if n.az == inst.az]
+        current = [n for n in (same_az or running) if n.id == inst.storage_node]
+        return (current or same_az or running)[0]
+
+    def ensure_writer_data(self, writer: Instance) -> None:
+        datadir = self.datadir(writer.id)
+        if (datadir / "PG_VERSION").exists():
+            return
+        c = self.cluster
+        self.instance_dir(writer.id).mkdir(parents=True, exist_ok=True)
+        self.run_as.ensure_traversable(self.instance_dir(writer.id))
+        pg.initdb(self.bindir, datadir, c.master_user, c.master_password, self.run_as)
+        pg.write_settings(datadir, self._settings(writer), self.run_as)
+        self.event("compute", f"initialized writer {writer.id}")
+
+    def ensure_reader_data(self, reader: Instance, writer: Instance) -> None:
+        datadir = self.datadir(reader.id)
+        if (datadir / "PG_VERSION").exists():
+            return
+        c = self.cluster
+        self.instance_dir(reader.id).mkdir(parents=True, exist_ok=True)
+        self.run_as.ensure_traversable(self.instance_dir(reader.id))
+        pg.base_copy(self.bindir, writer.port, c.master_user, c.master_password, datadir,
+                     self.run_as)
+        pg.write_settings(datadir, self._settings(reader), self.run_as)
+        self.run_as.own(datadir)
+        self.event("compute", f"reader {reader.id} copied from a base backup")
+
+    def start_instance(self, inst: Instance) -> bool:
+        if self.instance_alive(inst):
+            return False
+        datadir = self.datadir(inst.id)
+        pg.write_settings(datadir, self._settings(inst), self.run_as)
+        proc = pg.start_server(self.bindir, datadir, self.instance_dir(inst.id) / "postgres.log",
+                               self.run_as)
+        self.state.set_instance(inst.id, pid=proc.pid, state="starting")
+        self.event("compute", f"started {inst.role} {inst.id} (pid {proc.pid})")
+        return True
+
+    def stop_instance(self, inst: Instance, mode: int = signal.SIGINT) -> None:
+        # SIGINT is PostgreSQL's fast shutdown; it kills the whole process group if stuck.
+        processes.stop(inst.pid, str(self.datadir(inst.id)), mode, timeout_s=60,
+                       kill_group=True)
+        self.state.set_instance(inst.id, pid=None, state="stopped")
+
+    def wait_ready(self, inst: Instance, timeout_s: float | None = None) -> None:
+        deadline = time.monotonic() + (timeout_s or self.settings.ready_timeout_s)
+        last_error = ""
+        while time.monotonic() < deadline:
+            current = self.state.instance(inst.id)
+            if current is None or not self.instance_alive(current):
+                raise ClusterError(f"{inst.id} exited while starting; see "
+                                   f"{self.instance_dir(inst.id) / 'postgres.log'}")
+            try:
+                with psycopg.connect(self.dsn(inst), connect_timeout=2) as conn:
+                    conn.execute("SELECT 1")
+                self.state.set_instance(inst.id, state="available")
+                return
+            except psycopg.Error as exc:
+                last_error = str(exc).strip()
+            time.sleep(0.1)
+        raise ClusterError(f"{inst.id} not ready after {timeout_s}s: {last_error}")
+
+    def repoint_reader(self, reader: Instance) -> bool:
+        """Move a reader to a live storage node when its node is down (reload, no restart)."""
+        nodes = {n.id: n for n in self.state.storage_nodes(self.name)}
+        node = nodes.get(reader.storage_node or "")
+        if node is not None and self.node_alive(node):
+            return False
+        before = reader.storage_node
+        pg.write_settings(self.datadir(reader.id), self._settings(reader), self.run_as)
+        if reader.pid:
+            os.kill(reader.pid, signal.SIGHUP)
+        after = self.state.instance(reader.id)
+        self.event("compute", f"reader {reader.id} moved from storage node {before} to "
+                              f"{after.storage_node if after else '?'}")
+        return True
+
+    # -- whole cluster ------------------------------------------------------------------------
+
+    def up(self, readers: int | None) -> None:
+        """Bring everything up (idempotent); returns when writer and readers accept connections."""
+        self.state.set_cluster(self.name, desired="up")
+        for node in self.state.storage_nodes(self.name):
+            self.ensure_storage_node(node)
+        writer = self.writer()
+        if writer is None:
+            writer = self.state.add_instance(self.name, "writer", "az-a", 0)
+        self.ensure_writer_data(writer)
+        self.start_instance(writer)
+        writer = self.state.instance(writer.id)
+        assert writer is not None
+        self.wait_ready(writer)
+        self.ensure_volume_client(writer)
+        self.wait_volume_ready()
+        if readers is not None:
+            current = self.readers()
+            azs = ["az-b", "az-c", "az-a"]
+            for i in range(len(current), readers):
+                self.state.add_instance(self.name, "reader", azs[i % 3], 1)
+        for reader in self.readers():
+            self.ensure_reader_data(reader, writer)
+            self.start_instance(reader)
+        for reader in self.readers():
+            current_reader = self.state.instance(reader.id)
+            assert current_reader is not None
+            self.wait_ready(current_reader)
+        self.state.set_cluster(self.name, status="available")
+
+    def wait_volume_ready(self, timeout_s: float = 60) -> None:
+        """Wait until the volume client streams to a write quorum (commits can complete)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = self.volume_status()
+            row = self.state.volume_client(self.name)
+            if status and row and status.get("epoch") == row[1]:
+                nodes = status.get("nodes", {})
+                assert isinstance(nodes, dict)
+                if sum(1 for n in nodes.values() if n.get("ready")) >= 4:
+                    return
+            time.sleep(0.05)
+        raise ClusterError("the volume client did not reach a write quorum of storage nodes")
+
+    def add_reader(self, az: str | None, tier: int, instance_id: str | None = None) -> Instance:
+        writer = self.writer()
+        if writer is None:
+            raise ClusterError(f"cluster {self.name} has no writer")
+        az = az or ["az-b", "az-c", "az-a"][len(self.readers()) % 3]
+        inst = self.state.add_instance(self.name, "reader", az, tier, instance_id)
+        try:
+            self.ensure_reader_data(inst, writer)
+            self.start_instance(inst)
+            fresh = self.state.instance(inst.id)
+            assert fresh is not None
+            self.wait_ready(fresh)
+        except Exception:
+            self.state.set_instance(inst.id, state="failed")
+            raise
+        self.event("compute", f"reader {inst.id} added in {az}")
+        result = self.state.instance(inst.id)
+        assert result is not None
+        return result
+
+    def remove_instance(self, instance_id: str) -> None:
+        inst = self.state.instance(instance_id)
+        if inst is None or inst.cluster != self.name:
+            raise ClusterError(f"instance {instance_id!r} not found")
+        if inst.role == "writer":
+            raise ClusterError("the writer cannot be removed; fail over first")
+        self.stop_instance(inst, signal.SIGINT)
+        shutil.rmtree(self.instance_dir(inst.id), ignore_errors=True)
+        self.state.delete_instance(inst.id)
+        self.event("compute", f"reader {instance_id} removed")
+
+    def down(self) -> None:
+        self.state.set_cluster(self.name, desired="down", status="stopping")
+        for reader in self.readers():
+            self.stop_instance(reader)
+        writer = self.writer()
+        if writer:
+            self.stop_instance(writer)
+        self.stop_volume_client()
+        for node in self.state.storage_nodes(self.name):
+            self.stop_storage_node(node)
+        self.state.set_cluster(self.name, status="stopped")
+        self.event("cluster", "stopped")
+
+    def destroy(self) -> None:
+        self.down()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.state.delete_cluster(self.name)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Config files carry secrets: owner-only from the start."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

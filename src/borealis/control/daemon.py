@@ -1,0 +1,395 @@
+"""The control plane daemon: a local HTTP API plus the supervisor loop.
+
+Who talks to it: the ``borealis`` CLI (JSON over HTTP on 127.0.0.1; the port is in
+``$BOREALIS_HOME/control.json``). It starts every process of every cluster, restarts
+what dies, and on its own restart re-adopts what is still running (PIDs in SQLite,
+checked against their command lines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from aiohttp import web
+
+from borealis.control import processes
+from borealis.control.cluster import ClusterError, ClusterRuntime
+from borealis.control.state import AZS, State
+from borealis.storage.peers import PeerAddress, PeerConnection, PeerError
+from borealis.wal.lsn import format_lsn, parse_lsn
+
+log = logging.getLogger("borealis.control")
+
+SUPERVISE_S = 0.5
+LSN_SAMPLES = 2400
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("BOREALIS_HOME", Path.home() / ".borealis"))
+
+
+class ControlPlane:
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.state = State(home)
+        self.locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+        # (monotonic time, writer LSN) samples per cluster, for replica lag.
+        self.lsn_history: dict[str, collections.deque[tuple[float, int]]] = {}
+        self.stopping = asyncio.Event()
+        self.failures: dict[str, int] = collections.defaultdict(int)
+
+    def runtime(self, name: str) -> ClusterRuntime:
+        return ClusterRuntime(self.state, name)
+
+    # -- supervision ---------------------------------------------------------------------
+
+    async def supervise(self) -> None:
+        while not self.stopping.is_set():
+            for cluster in self.state.clusters():
+                if cluster.desired != "up" or self.locks[cluster.name].locked():
+                    continue
+                async with self.locks[cluster.name]:
+                    try:
+                        await asyncio.to_thread(self._supervise_cluster, cluster.name)
+                    except Exception as exc:
+                        self.failures[cluster.name] += 1
+                        if self.failures[cluster.name] % 20 == 1:
+                            log.exception("supervising %s: %s", cluster.name, exc)
+                    await self._sample_writer(cluster.name)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), SUPERVISE_S)
+
+    def _supervise_cluster(self, name: str) -> None:
+        rt = self.runtime(name)
+        for node in self.state.storage_nodes(name):
+            if rt.ensure_storage_node(node):
+                rt.event("supervisor", f"storage node {node.id} was down; restarted")
+        writer = rt.writer()
+        if writer is None:
+            return
+        if not rt.instance_alive(writer):
+            if writer.state in ("available", "starting"):
+                rt.event("supervisor", f"writer {writer.id} is down; restarting it")
+            rt.start_instance(writer)
+            return
+        if writer.state != "available":
+            try:
+                with psycopg.connect(rt.dsn(writer), connect_timeout=1) as conn:
+                    conn.execute("SELECT 1")
+                self.state.set_instance(writer.id, state="available")
+            except psycopg.Error:
+                return
+        if rt.ensure_volume_client(writer):
+            return
+        for reader in rt.readers():
+            if reader.state in ("creating", "failed"):
+                continue
+            if not rt.instance_alive(reader):
+                rt.event("supervisor", f"reader {reader.id} is down; restarting it")
+                rt.start_instance(reader)
+                continue
+            rt.repoint_reader(reader)
+            if reader.state == "starting":
+                try:
+                    with psycopg.connect(rt.dsn(reader), connect_timeout=1) as conn:
+                        conn.execute("SELECT 1")
+                    self.state.set_instance(reader.id, state="available")
+                except psycopg.Error:
+                    pass
+
+    async def _sample_writer(self, name: str) -> None:
+        rt = self.runtime(name)
+        writer = rt.writer()
+        if writer is None or writer.state != "available":
+            return
+        try:
+            async with await psycopg.AsyncConnection.connect(rt.dsn(writer),
+                                                             connect_timeout=1) as conn:
+                cur = await conn.execute("SELECT pg_current_wal_lsn()::text")
+                row = await cur.fetchone()
+        except psycopg.Error:
+            return
+        if row:
+            history = self.lsn_history.setdefault(name, collections.deque(maxlen=LSN_SAMPLES))
+            history.append((time.monotonic(), parse_lsn(row[0])))
+
+    def lag_ms(self, name: str, replay_lsn: int) -> int | None:
+        """How long ago the writer first had WAL that this reader has not replayed."""
+        history = self.lsn_history.get(name)
+        if not history:
+            return None
+        if replay_lsn >= history[-1][1]:
+            return 0
+        for at, lsn in history:
+            if lsn > replay_lsn:
+                return int((time.monotonic() - at) * 1000)
+        return None
+
+    # -- status ---------------------------------------------------------------------------
+
+    async def cluster_status(self, name: str) -> dict[str, Any]:
+        rt = self.runtime(name)
+        cluster = rt.cluster
+        instances = await asyncio.gather(*(self._instance_status(rt, i)
+                                           for i in self.state.instances(name)))
+        nodes = await asyncio.gather(*(self._node_status(rt, n)
+                                       for n in self.state.storage_nodes(name)))
+        volume = rt.volume_status() or {}
+        row = self.state.volume_client(name)
+        vc_alive = await asyncio.to_thread(rt.volume_client_alive)
+        return {
+            "name": name,
+            "status": cluster.status,
+            "engine": "aurora-postgresql",
+            "master_user": cluster.master_user,
+            "epoch": cluster.epoch,
+            "vdl": volume.get("vdl") if vc_alive else None,
+            "volume_client": {
+                "pid": row[0] if row and vc_alive else None,
+                "epoch": row[1] if row else None,
+                "vdl": volume.get("vdl"),
+                "state": "running" if vc_alive else "stopped",
+                "nodes": volume.get("nodes"),
+            },
+            "instances": list(instances),
+            "storage_nodes": list(nodes),
+        }
+
+    async def _instance_status(self, rt: ClusterRuntime, inst: Any) -> dict[str, Any]:
+        alive = await asyncio.to_thread(rt.instance_alive, inst)
+        out: dict[str, Any] = {
+            "id": inst.id, "role": inst.role, "az": inst.az, "tier": inst.tier,
+            "host": "127.0.0.1", "port": inst.port, "pid": inst.pid if alive else None,
+            "state": inst.state if alive else "stopped", "replay_lsn": None, "lag_ms": None,
+            "dsn": rt.dsn(inst), "storage_node": inst.storage_node,
+        }
+        if not alive:
+            return out
+        sql = ("SELECT pg_current_wal_lsn()::text" if inst.role == "writer"
+               else "SELECT pg_last_wal_replay_lsn()::text")
+        try:
+            async with await psycopg.AsyncConnection.connect(rt.dsn(inst),
+                                                             connect_timeout=1) as conn:
+                cur = await conn.execute(sql)
+                row = await cur.fetchone()
+        except psycopg.Error:
+            return out
+        if row and row[0]:
+            lsn = parse_lsn(row[0])
+            out["replay_lsn"] = format_lsn(lsn)
+            out["lag_ms"] = 0 if inst.role == "writer" else self.lag_ms(rt.name, lsn)
+        return out
+
+    async def _node_status(self, rt: ClusterRuntime, node: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": node.id, "az": node.az, "port": node.port,
+                               "pg_port": node.pg_port, "pid": None, "state": "stopped",
+                               "flush_lsn": None, "epoch": None}
+        if not await asyncio.to_thread(rt.node_alive, node):
+            return out
+        out["pid"] = node.pid
+        try:
+            conn, st = await PeerConnection.open(
+                PeerAddress(node.id, "127.0.0.1", node.port), rt.cluster.storage_secret,
+                "control", timeout_s=1.0)
+            conn.close()
+        except PeerError:
+            out["state"] = "unreachable"
+            return out
+        out.update(state="recovering" if st.recovering else "serving",
+                   flush_lsn=format_lsn(st.flush_lsn), epoch=st.epoch, vdl=format_lsn(st.vdl),
+                   start_lsn=format_lsn(st.start_lsn), timeline=st.timeline)
+        return out
+
+    async def status(self) -> dict[str, Any]:
+        clusters = [await self.cluster_status(c.name) for c in self.state.clusters()]
+        return {"control": {"pid": os.getpid(), "home": str(self.home)}, "clusters": clusters}
+
+    # -- operations ------------------------------------------------------------------------
+
+    async def up(self, name: str, readers: int | None) -> dict[str, Any]:
+        if self.state.cluster(name) is None:
+            self.state.create_cluster(name)
+            self.state.event(name, "cluster", "created")
+            readers = 1 if readers is None else readers
+        async with self.locks[name]:
+            await asyncio.to_thread(self.runtime(name).up, readers)
+        return await self.cluster_status(name)
+
+    async def down_all(self) -> None:
+        for cluster in self.state.clusters():
+            async with self.locks[cluster.name]:
+                await asyncio.to_thread(self.runtime(cluster.name).down)
+
+    async def destroy(self, name: str) -> None:
+        async with self.locks[name]:
+            await asyncio.to_thread(self.runtime(name).destroy)
+
+    async def add_instance(self, name: str, az: str | None, tier: int,
+                           instance_id: str | None) -> dict[str, Any]:
+        if az is not None and az not in AZS:
+            raise ClusterError(f"unknown availability zone {az!r}; use one of {', '.join(AZS)}")
+        if not 0 <= tier <= 15:
+            raise ClusterError("promotion tier must be between 0 and 15")
+        async with self.locks[name]:
+            inst = await asyncio.to_thread(self.runtime(name).add_reader, az, tier, instance_id)
+        return await self._instance_status(self.runtime(name), inst)
+
+    async def remove_instance(self, instance_id: str) -> None:
+        inst = self.state.instance(instance_id)
+        if inst is None:
+            raise ClusterError(f"instance {instance_id!r} not found")
+        async with self.locks[inst.cluster]:
+            await asyncio.to_thread(self.runtime(inst.cluster).remove_instance, instance_id)
+
+
+def build_app(cp: ControlPlane) -> web.Application:
+    routes = web.RouteTableDef()
+
+    def need_cluster(name: str) -> None:
+        if cp.state.cluster(name) is None:
+            raise web.HTTPNotFound(text=json.dumps({"error": f"cluster {name!r} not found"}),
+                                   content_type="application/json")
+
+    @routes.get("/v1/health")
+    async def health(_: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "pid": os.getpid()})
+
+    @routes.get("/v1/status")
+    async def status(_: web.Request) -> web.Response:
+        return web.json_response(await cp.status())
+
+    @routes.post("/v1/clusters/{name}/up")
+    async def up(request: web.Request) -> web.Response:
+        body = await request.json() if request.can_read_body else {}
+        readers = body.get("readers")
+        if readers is not None and (not isinstance(readers, int) or not 0 <= readers <= 15):
+            return _error(400, "readers must be an integer between 0 and 15")
+        name = request.match_info["name"]
+        if not _valid_name(name):
+            return _error(400, "cluster names are 1-63 letters, digits or hyphens, "
+                               "starting with a letter")
+        return web.json_response(await cp.up(name, readers))
+
+    @routes.get("/v1/clusters/{name}")
+    async def cluster(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        need_cluster(name)
+        return web.json_response(await cp.cluster_status(name))
+
+    @routes.delete("/v1/clusters/{name}")
+    async def destroy(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        need_cluster(name)
+        await cp.destroy(name)
+        return web.json_response({"destroyed": name})
+
+    @routes.get("/v1/clusters/{name}/events")
+    async def events(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        need_cluster(name)
+        return web.json_response({"events": cp.state.events(name)})
+
+    @routes.post("/v1/clusters/{name}/instances")
+    async def add_instance(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        need_cluster(name)
+        body = await request.json()
+        tier = body.get("tier", 1)
+        if not isinstance(tier, int):
+            return _error(400, "tier must be an integer")
+        return web.json_response(await cp.add_instance(name, body.get("az"), tier,
+                                                       body.get("id")))
+
+    @routes.delete("/v1/instances/{id}")
+    async def remove_instance(request: web.Request) -> web.Response:
+        await cp.remove_instance(request.match_info["id"])
+        return web.json_response({"removed": request.match_info["id"]})
+
+    @routes.post("/v1/down")
+    async def down(_: web.Request) -> web.Response:
+        await cp.down_all()
+        cp.stopping.set()
+        return web.json_response({"stopped": True})
+
+    @web.middleware
+    async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            response: web.StreamResponse = await handler(request)
+            return response
+        except ClusterError as exc:
+            return _error(400, str(exc))
+        except json.JSONDecodeError:
+            return _error(400, "request body is not valid JSON")
+        except web.HTTPException:
+            raise
+        except Exception as exc:
+            log.exception("%s %s failed", request.method, request.path)
+            return _error(500, f"{type(exc).__name__}: {exc}")
+
+    app = web.Application(middlewares=[errors])
+    app.add_routes(routes)
+    return app
+
+
+def _valid_name(name: str) -> bool:
+    return (0 < len(name) <= 63 and name[0].isalpha()
+            and all(ch.isalnum() or ch == "-" for ch in name) and name.isascii())
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def serve(home: Path, port: int) -> None:
+    cp = ControlPlane(home)
+    app = build_app(cp)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    info = {"pid": os.getpid(), "port": bound, "url": f"http://127.0.0.1:{bound}"}
+    tmp = home / "control.json.tmp"
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, home / "control.json")
+    log.info("control plane on %s (pid %d)", info["url"], os.getpid())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, cp.stopping.set)
+    supervisor = asyncio.create_task(cp.supervise())
+    await cp.stopping.wait()
+    supervisor.cancel()
+    await asyncio.sleep(0.2)  # let the last response go out
+    await runner.cleanup()
+    with contextlib.suppress(FileNotFoundError):
+        info_now = json.loads((home / "control.json").read_text())
+        if info_now.get("pid") == os.getpid():
+            (home / "control.json").unlink()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Borealis control plane")
+    parser.add_argument("--home", type=Path, default=default_home())
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(serve(args.home, args.port))
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["ControlPlane", "default_home", "main", "processes"]

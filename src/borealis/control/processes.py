@@ -1,0 +1,80 @@
+"""Processes the control plane starts and later re-adopts, known by PID and command line.
+
+A PID alone can be reused; a process is "ours" only if its ``/proc/<pid>/cmdline``
+still contains the marker we recorded (a config or data directory path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace")
+    except OSError:
+        return ""
+
+
+def is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def alive(pid: int | None, marker: str) -> bool:
+    if not pid:
+        return False
+    if marker not in cmdline(pid) or is_zombie(pid):
+        reap(pid)
+        return False
+    return True
+
+
+def reap(pid: int) -> None:
+    """Collect an exited child of ours, if it is one."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def stop(pid: int | None, marker: str, sig: int = signal.SIGTERM, timeout_s: float = 30.0,
+         kill_group: bool = False) -> None:
+    """Signal a process by PID and wait for it to go; SIGKILL it after the timeout."""
+    if not alive(pid, marker):
+        return
+    assert pid is not None
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not alive(pid, marker):
+            return
+        time.sleep(0.05)
+    try:
+        if kill_group:
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return
+    while alive(pid, marker):
+        time.sleep(0.05)
+
+
+def spawn_python(module: str, args: list[str], log_path: Path) -> int:
+    """Start ``python -m module`` in its own session (it outlives the control plane)."""
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=log,
+                                stdin=subprocess.DEVNULL, start_new_session=True, cwd="/")
+    return proc.pid

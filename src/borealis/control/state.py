@@ -1,0 +1,263 @@
+"""The control plane's state: SQLite under ``$BOREALIS_HOME``.
+
+One row per cluster, instance, storage node and volume client, with the PIDs of the
+processes running them (so a restarted control plane re-adopts instead of restarting).
+Ports are chosen once, when a thing is created, and kept.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS clusters (
+    name TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    master_user TEXT NOT NULL,
+    master_password TEXT NOT NULL,
+    storage_secret TEXT NOT NULL,
+    replication_password TEXT NOT NULL,
+    epoch INTEGER NOT NULL DEFAULT 0,
+    desired TEXT NOT NULL DEFAULT 'up',
+    status TEXT NOT NULL DEFAULT 'creating'
+);
+CREATE TABLE IF NOT EXISTS instances (
+    id TEXT PRIMARY KEY,
+    cluster TEXT NOT NULL REFERENCES clusters(name),
+    role TEXT NOT NULL,
+    az TEXT NOT NULL,
+    tier INTEGER NOT NULL DEFAULT 1,
+    port INTEGER NOT NULL,
+    pid INTEGER,
+    state TEXT NOT NULL DEFAULT 'creating',
+    storage_node TEXT,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS storage_nodes (
+    id TEXT NOT NULL,
+    cluster TEXT NOT NULL REFERENCES clusters(name),
+    az TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    pg_port INTEGER NOT NULL,
+    pid INTEGER,
+    PRIMARY KEY (cluster, id)
+);
+CREATE TABLE IF NOT EXISTS volume_clients (
+    cluster TEXT PRIMARY KEY REFERENCES clusters(name),
+    pid INTEGER,
+    epoch INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    cluster TEXT NOT NULL,
+    time REAL NOT NULL,
+    source TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+"""
+
+AZS = ("az-a", "az-b", "az-c")
+
+
+@dataclass
+class Cluster:
+    name: str
+    created: float
+    master_user: str
+    master_password: str
+    storage_secret: str
+    replication_password: str
+    epoch: int
+    desired: str
+    status: str
+
+
+@dataclass
+class Instance:
+    id: str
+    cluster: str
+    role: str
+    az: str
+    tier: int
+    port: int
+    pid: int | None
+    state: str
+    storage_node: str | None
+    created: float
+
+
+@dataclass
+class StorageNodeRow:
+    id: str
+    cluster: str
+    az: str
+    port: int
+    pg_port: int
+    pid: int | None
+
+
+def free_port() -> int:
+    """A port nothing listens on now (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class State:
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        home.mkdir(parents=True, exist_ok=True)
+        os.chmod(home, 0o700 | (home.stat().st_mode & 0o077))
+        self._local = threading.local()
+        self.db.executescript(SCHEMA)
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """One connection per thread: sqlite3 connections are not shared across threads."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.home / "state.db", isolation_level=None, timeout=30)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # -- clusters -------------------------------------------------------------------
+
+    def create_cluster(self, name: str, master_user: str = "borealis") -> Cluster:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO clusters (name, created, master_user, master_password, "
+                "storage_secret, replication_password) VALUES (?, ?, ?, ?, ?, ?)",
+                (name, time.time(), master_user, secrets.token_urlsafe(18),
+                 secrets.token_urlsafe(24), secrets.token_urlsafe(18)),
+            )
+            for az in AZS:
+                for i in (1, 2):
+                    db.execute(
+                        "INSERT INTO storage_nodes (id, cluster, az, port, pg_port) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (f"sn-{az[-1]}{i}", name, az, free_port(), free_port()),
+                    )
+        cluster = self.cluster(name)
+        assert cluster is not None
+        return cluster
+
+    def cluster(self, name: str) -> Cluster | None:
+        row = self.db.execute("SELECT * FROM clusters WHERE name = ?", (name,)).fetchone()
+        return Cluster(**dict(row)) if row else None
+
+    def clusters(self) -> list[Cluster]:
+        rows = self.db.execute("SELECT * FROM clusters ORDER BY created").fetchall()
+        return [Cluster(**dict(r)) for r in rows]
+
+    def set_cluster(self, name: str, **fields: object) -> None:
+        assignments = ", ".join(f"{k} = ?" for k in fields)
+        self.db.execute(f"UPDATE clusters SET {assignments} WHERE name = ?",
+                        (*fields.values(), name))
+
+    def next_epoch(self, name: str) -> int:
+        with self.transaction() as db:
+            db.execute("UPDATE clusters SET epoch = epoch + 1 WHERE name = ?", (name,))
+            row = db.execute("SELECT epoch FROM clusters WHERE name = ?", (name,)).fetchone()
+        return int(row[0])
+
+    def delete_cluster(self, name: str) -> None:
+        with self.transaction() as db:
+            for table in ("instances", "storage_nodes", "volume_clients", "events"):
+                db.execute(f"DELETE FROM {table} WHERE cluster = ?", (name,))
+            db.execute("DELETE FROM clusters WHERE name = ?", (name,))
+
+    # -- instances ------------------------------------------------------------------
+
+    def add_instance(self, cluster: str, role: str, az: str, tier: int,
+                     instance_id: str | None = None) -> Instance:
+        with self.transaction() as db:
+            if instance_id is None:
+                n = 1
+                taken = {r[0] for r in db.execute("SELECT id FROM instances")}
+                while f"{cluster}-{n}" in taken:
+                    n += 1
+                instance_id = f"{cluster}-{n}"
+            db.execute(
+                "INSERT INTO instances (id, cluster, role, az, tier, port, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (instance_id, cluster, role, az, tier, free_port(), time.time()),
+            )
+        inst = self.instance(instance_id)
+        assert inst is not None
+        return inst
+
+    def instance(self, instance_id: str) -> Instance | None:
+        row = self.db.execute("SELECT * FROM instances WHERE id = ?", (instance_id,)).fetchone()
+        return Instance(**dict(row)) if row else None
+
+    def instances(self, cluster: str) -> list[Instance]:
+        rows = self.db.execute(
+            "SELECT * FROM instances WHERE cluster = ? ORDER BY role DESC, created", (cluster,)
+        ).fetchall()
+        return [Instance(**dict(r)) for r in rows]
+
+    def set_instance(self, instance_id: str, **fields: object) -> None:
+        assignments = ", ".join(f"{k} = ?" for k in fields)
+        self.db.execute(f"UPDATE instances SET {assignments} WHERE id = ?",
+                        (*fields.values(), instance_id))
+
+    def delete_instance(self, instance_id: str) -> None:
+        self.db.execute("DELETE FROM instances WHERE id = ?", (instance_id,))
+
+    # -- storage and volume ------------------------------------------------------------
+
+    def storage_nodes(self, cluster: str) -> list[StorageNodeRow]:
+        rows = self.db.execute(
+            "SELECT * FROM storage_nodes WHERE cluster = ? ORDER BY id", (cluster,)
+        ).fetchall()
+        return [StorageNodeRow(**dict(r)) for r in rows]
+
+    def set_storage_pid(self, cluster: str, node_id: str, pid: int | None) -> None:
+        self.db.execute("UPDATE storage_nodes SET pid = ? WHERE cluster = ? AND id = ?",
+                        (pid, cluster, node_id))
+
+    def volume_client(self, cluster: str) -> tuple[int | None, int] | None:
+        row = self.db.execute("SELECT pid, epoch FROM volume_clients WHERE cluster = ?",
+                              (cluster,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def set_volume_client(self, cluster: str, pid: int | None, epoch: int) -> None:
+        self.db.execute(
+            "INSERT INTO volume_clients (cluster, pid, epoch) VALUES (?, ?, ?) "
+            "ON CONFLICT(cluster) DO UPDATE SET pid = excluded.pid, epoch = excluded.epoch",
+            (cluster, pid, epoch),
+        )
+
+    # -- events ---------------------------------------------------------------------
+
+    def event(self, cluster: str, source: str, message: str) -> None:
+        self.db.execute("INSERT INTO events (cluster, time, source, message) VALUES (?, ?, ?, ?)",
+                        (cluster, time.time(), source, message))
+
+    def events(self, cluster: str, limit: int = 200) -> list[dict[str, object]]:
+        rows = self.db.execute(
+            "SELECT time, source, message FROM events WHERE cluster = ? ORDER BY id DESC LIMIT ?",
+            (cluster, limit),
+        ).fetchall()
+        return [dict(r) for r in reversed(rows)]

@@ -1,0 +1,1 @@
+"""Sans-IO protocol codecs: pure parse/serialize, no sockets, no asyncio."""

@@ -1,0 +1,2 @@
+"""The storage node: WAL segments on disk, appends from the volume client, a WAL sender
+for hot standbys, peer repair and a background scrub."""

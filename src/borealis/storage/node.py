@@ -1,0 +1,535 @@
+"""The storage node process: appends, acks, peer repair, scrub, and WAL for readers.
+
+Who talks to it: the volume client (Hello, Begin, Append, Heartbeat), its peers
+(StatusRequest, Fetch), the control plane (StatusRequest), and PostgreSQL hot standbys
+(the replication protocol, on a second port; see :mod:`borealis.storage.sender`).
+
+Invariants:
+- an append is acked only after ``fdatasync``; the ack carries the durable flush LSN;
+- appends from an epoch older than the node's are refused; the epoch is persisted
+  before anything of the new epoch is acknowledged;
+- an append that would leave a gap is refused, and the node repairs from its peers;
+- readers are never sent WAL past ``min(vdl, flush_lsn)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+from borealis.protocol import volume as vp
+from borealis.storage.peers import PeerAddress, PeerConnection, PeerError, peer_states
+from borealis.storage.store import SegmentStore, StoreError
+from borealis.storage.verify_range import check_replacement, verify_segment
+from borealis.wal.lsn import SEGMENT_SIZE, format_lsn, segment_start
+from borealis.wal.verify import WalCorruption
+
+log = logging.getLogger("borealis.storage")
+
+FETCH_CHUNK = 1024 * 1024
+
+
+@dataclass
+class NodeConfig:
+    node_id: str
+    az: str
+    directory: Path
+    host: str
+    port: int  # volume protocol
+    pg_port: int  # replication protocol for hot standbys
+    secret: str
+    replication_user: str
+    replication_password: str
+    peers: list[PeerAddress] = field(default_factory=list)
+    scrub_interval_s: float = 30.0
+    gossip_interval_s: float = 1.0
+
+    @classmethod
+    def load(cls, path: Path) -> NodeConfig:
+        data = json.loads(path.read_text())
+        data["directory"] = Path(data["directory"])
+        data["peers"] = [PeerAddress(**p) for p in data.get("peers", [])]
+        return cls(**data)
+
+
+@dataclass
+class NodeCounters:
+    appends: int = 0
+    syncs: int = 0
+    refused: int = 0
+    repairs: int = 0
+    fetched_bytes: int = 0
+    scrubbed_bytes: int = 0
+    damaged_ranges: int = 0
+    repaired_ranges: int = 0
+
+
+class StorageNode:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.store = SegmentStore(config.directory, config.node_id)
+        self.recovering = True
+        self.counters = NodeCounters()
+        self._advanced = asyncio.Condition()
+        self._sessions: set[ReaderSessionHandle] = set()
+        self._repair_lock = asyncio.Lock()
+        self._repair_wanted = asyncio.Event()
+        self._last_append = 0.0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- state ---------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        return self.store.manifest.epoch
+
+    @property
+    def vdl(self) -> int:
+        return self.store.manifest.vdl
+
+    def servable_lsn(self) -> int:
+        """How far readers may be served: never past VDL, never past what is on disk."""
+        return min(self.vdl, self.store.flush_lsn)
+
+    def lowest_xmin(self) -> tuple[int, int]:
+        """(xmin, epoch) of the oldest snapshot any connected reader needs, (0, 0) if none."""
+        held = [(s.xmin_epoch << 32 | s.xmin) for s in self._sessions if s.xmin]
+        if not held:
+            return 0, 0
+        low = min(held)
+        return low & 0xFFFFFFFF, low >> 32
+
+    def state_message(self) -> vp.NodeState:
+        m = self.store.manifest
+        xmin, xmin_epoch = self.lowest_xmin()
+        return vp.NodeState(
+            node_id=self.config.node_id, epoch=m.epoch, epoch_start=m.epoch_start,
+            timeline=m.timeline,
+            start_lsn=m.start_lsn, flush_lsn=self.store.flush_lsn, vdl=m.vdl, xmin=xmin,
+            xmin_epoch=xmin_epoch, recovering=self.recovering, system_id=m.system_id,
+        )
+
+    def status(self) -> dict[str, object]:
+        m = self.store.manifest
+        return {
+            "id": self.config.node_id, "az": self.config.az, "pid": os.getpid(),
+            "state": "recovering" if self.recovering else "serving", "epoch": m.epoch,
+            "timeline": m.timeline, "start_lsn": format_lsn(m.start_lsn),
+            "flush_lsn": format_lsn(self.store.flush_lsn), "vdl": format_lsn(m.vdl),
+            "readers": len(self._sessions), "counters": self.counters.__dict__,
+        }
+
+    async def notify_advanced(self) -> None:
+        async with self._advanced:
+            self._advanced.notify_all()
+
+    async def wait_advanced(self, timeout_s: float) -> None:
+        async with self._advanced:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._advanced.wait(), timeout_s)
+
+    def register(self, session: ReaderSessionHandle) -> None:
+        self._sessions.add(session)
+
+    def unregister(self, session: ReaderSessionHandle) -> None:
+        self._sessions.discard(session)
+
+    def _note_vdl(self, epoch: int, vdl: int) -> None:
+        if epoch == self.epoch and vdl > self.store.manifest.vdl:
+            self.store.manifest.vdl = vdl
+
+    # -- the volume client's requests ---------------------------------------------
+
+    def begin(self, msg: vp.Begin) -> vp.NodeState | vp.Refuse:
+        m = self.store.manifest
+        if self.recovering:
+            return self._refuse(vp.RefuseReason.RECOVERING)
+        if msg.epoch < m.epoch:
+            return self._refuse(vp.RefuseReason.STALE_EPOCH)
+        if msg.epoch > m.epoch:
+            if self.store.empty:
+                self.store.begin_at(segment_start(msg.truncate_at))
+            elif self.store.flush_lsn > msg.truncate_at:
+                self.store.truncate(msg.truncate_at)
+                self._drop_sessions_past(msg.truncate_at)
+            m.epoch, m.epoch_start = msg.epoch, msg.truncate_at
+            m.timeline, m.system_id = msg.timeline, msg.system_id
+            m.vdl = min(m.vdl, msg.truncate_at)
+            if msg.history:
+                self.store.add_history(msg.timeline, msg.history.decode())
+            self.store.save_manifest()  # the epoch is durable before we answer
+            log.info("%s: epoch %d begins at %s on timeline %d", self.config.node_id,
+                     msg.epoch, format_lsn(msg.truncate_at), msg.timeline)
+        return self.state_message()
+
+    def append(self, msg: vp.Append) -> vp.Refuse | None:
+        if self.recovering:
+            return self._refuse(vp.RefuseReason.RECOVERING)
+        if msg.epoch < self.epoch:
+            return self._refuse(vp.RefuseReason.STALE_EPOCH)
+        if msg.epoch > self.epoch:
+            return self._refuse(vp.RefuseReason.NO_EPOCH)
+        if msg.start > self.store.write_lsn:
+            self.request_repair()
+            return self._refuse(vp.RefuseReason.GAP)
+        self.store.write(msg.start, msg.data)
+        self._note_vdl(msg.epoch, msg.vdl)
+        self.counters.appends += 1
+        self._last_append = time.monotonic()
+        return None
+
+    def sync(self) -> int:
+        self.counters.syncs += 1
+        return self.store.sync()
+
+    def heartbeat(self, msg: vp.Heartbeat) -> None:
+        self._note_vdl(msg.epoch, msg.vdl)
+
+    def _refuse(self, reason: vp.RefuseReason) -> vp.Refuse:
+        self.counters.refused += 1
+        return vp.Refuse(reason, self.epoch, self.store.flush_lsn)
+
+    def _drop_sessions_past(self, lsn: int) -> None:
+        for session in list(self._sessions):
+            if session.sent_lsn > lsn:
+                session.abort("the volume log was rewritten past this reader's position")
+
+    # -- repair from peers ---------------------------------------------------------
+
+    def request_repair(self) -> None:
+        self._repair_wanted.set()
+
+    async def repair_loop(self) -> None:
+        """Catch up from the most advanced peer whenever asked (and once at start)."""
+        self._repair_wanted.set()
+        while True:
+            await self._repair_wanted.wait()
+            self._repair_wanted.clear()
+            try:
+                await self.catch_up()
+            except Exception:
+                log.exception("%s: repair failed, retrying", self.config.node_id)
+                await asyncio.sleep(0.5)
+                self._repair_wanted.set()
+
+    async def catch_up(self) -> None:
+        async with self._repair_lock:
+            self.recovering = True
+            try:
+                while await self._catch_up_once():
+                    pass
+            finally:
+                self.recovering = False
+            await self.notify_advanced()
+
+    async def _catch_up_once(self) -> bool:
+        """One fetch from the best donor; returns True if it made progress."""
+        states = await peer_states(self.config.peers, self.config.secret)
+        own = self.state_message()
+        position = (own.epoch, own.flush_lsn)
+        donors = [s for s in states if s.start_lsn and (s.epoch, s.flush_lsn) > position]
+        if not donors:
+            # Learn the quorum's VDL even when nothing is missing.
+            for s in states:
+                self._note_vdl(s.epoch, s.vdl)
+            return False
+        donor = max(donors, key=lambda s: (s.epoch, s.flush_lsn))
+        if donor.flush_lsn <= own.flush_lsn and donor.epoch == own.epoch:
+            return False
+        m = self.store.manifest
+        if not self.store.empty and donor.epoch > m.epoch:
+            # Our tail from an older epoch may differ from the donor's past the point
+            # where its epoch began; below it the log is common.
+            cut = min(self.store.flush_lsn, donor.epoch_start)
+            if cut < self.store.flush_lsn:
+                self.store.truncate(cut)
+                self._drop_sessions_past(cut)
+        if self.store.empty:
+            start = donor.start_lsn
+            self.store.begin_at(start)
+        else:
+            start = self.store.flush_lsn
+        if start < donor.start_lsn:
+            log.error("%s: no peer holds WAL from %s", self.config.node_id, format_lsn(start))
+            return False
+        log.info("%s: fetching %s..%s from %s", self.config.node_id, format_lsn(start),
+                 format_lsn(donor.flush_lsn), donor.node_id)
+        peer = next(p for p in self.config.peers if p.node_id == donor.node_id)
+        conn, _ = await PeerConnection.open(peer, self.config.secret)
+        before = self.store.flush_lsn
+        history = b""
+        try:
+            async for msg in conn.fetch(start, donor.flush_lsn):
+                if isinstance(msg, vp.WalChunk):
+                    self.store.write(msg.start, msg.data, msg.timeline)
+                    self.counters.fetched_bytes += len(msg.data)
+                    if self.store.write_lsn - self.store.flush_lsn >= 8 * FETCH_CHUNK:
+                        self.store.sync()
+                else:
+                    history = msg.history
+        finally:
+            conn.close()
+            self.store.sync()
+        if donor.epoch > m.epoch:
+            m.epoch, m.epoch_start = donor.epoch, donor.epoch_start
+        m.timeline, m.system_id = donor.timeline, donor.system_id or m.system_id
+        if history:
+            self.store.add_history(donor.timeline, history.decode())
+        self._note_vdl(donor.epoch, donor.vdl)
+        self.store.save_manifest()
+        self.counters.repairs += 1
+        await self.notify_advanced()
+        return self.store.flush_lsn > before
+
+    async def repair_segment(self, segno: int) -> bool:
+        """Replace a damaged segment range with a verified copy from a peer."""
+        size = self.store.segment_size
+        start = segno * size
+        end = min(start + size, self.store.flush_lsn)
+        self.counters.damaged_ranges += 1
+        for peer in self.config.peers:
+            try:
+                conn, state = await PeerConnection.open(peer, self.config.secret)
+            except PeerError:
+                continue
+            try:
+                if state.start_lsn > start or state.flush_lsn < end or state.start_lsn == 0:
+                    continue
+                parts = [bytes(m.data) async for m in conn.fetch(start, end)
+                         if isinstance(m, vp.WalChunk)]
+            except PeerError:
+                continue
+            finally:
+                conn.close()
+            data = b"".join(parts)
+            if len(data) != end - start:
+                continue
+            try:
+                check_replacement(data, start, size, self.store.manifest.system_id or None)
+            except WalCorruption:
+                continue
+            if data == self.store.read(start, end):
+                log.error("%s: segment %d fails verification but matches %s's copy",
+                          self.config.node_id, segno, peer.node_id)
+                return False
+            self.store.overwrite(start, data)
+            self.counters.repaired_ranges += 1
+            log.warning("%s: segment %d repaired from %s", self.config.node_id, segno,
+                        peer.node_id)
+            return True
+        log.error("%s: no peer had a good copy of segment %d", self.config.node_id, segno)
+        return False
+
+    # -- background work -----------------------------------------------------------
+
+    async def scrub_loop(self) -> None:
+        """Re-verify every held segment each interval; repair damage from peers."""
+        while True:
+            await asyncio.sleep(self.config.scrub_interval_s)
+            await self.scrub_once()
+
+    async def scrub_once(self) -> int:
+        damaged = 0
+        for segno in self.store.segment_numbers():
+            if segno * self.store.segment_size < self.store.manifest.start_lsn:
+                continue
+            if segno * self.store.segment_size >= self.store.flush_lsn:
+                break
+            try:
+                self.counters.scrubbed_bytes += verify_segment(self.store, segno)
+            except WalCorruption as exc:
+                damaged += 1
+                log.warning("%s: scrub: %s", self.config.node_id, exc)
+                await self.repair_segment(exc.lsn // self.store.segment_size)
+            except StoreError:
+                continue
+            await asyncio.sleep(0)  # let appends through between segments
+        return damaged
+
+    async def gossip_loop(self) -> None:
+        """Exchange positions with peers; repair when left behind by the writer's stream."""
+        while True:
+            await asyncio.sleep(self.config.gossip_interval_s)
+            states = await peer_states(self.config.peers, self.config.secret)
+            for s in states:
+                self._note_vdl(s.epoch, s.vdl)
+            position = (self.epoch, self.store.flush_lsn)
+            ahead = [s for s in states if (s.epoch, s.flush_lsn) > position]
+            idle = time.monotonic() - self._last_append > 2 * self.config.gossip_interval_s
+            if ahead and idle and not self._repair_lock.locked():
+                self.request_repair()
+            await self.notify_advanced()
+
+    async def serve_fetch(self, conn: VolumeServerProtocol, msg: vp.Fetch) -> None:
+        end = min(msg.end or self.store.flush_lsn, self.store.flush_lsn)
+        pos = max(msg.start, self.store.manifest.start_lsn)
+        if msg.start < self.store.manifest.start_lsn or self.store.empty:
+            conn.send(self._refuse(vp.RefuseReason.GAP))
+            return
+        while pos < end:
+            take = min(FETCH_CHUNK, end - pos, SEGMENT_SIZE - pos % SEGMENT_SIZE)
+            data = self.store.read(pos, pos + take)
+            tli = self.store.timeline_for(pos // SEGMENT_SIZE) or self.store.manifest.timeline
+            conn.send(vp.WalChunk(tli, pos, data))
+            pos += take
+            await conn.drain()
+        history = (self.store.history(self.store.manifest.timeline) or "").encode()
+        conn.send(vp.FetchEnd(end, history))
+
+
+class ReaderSessionHandle:
+    """What the node needs to know of a reader session (see :mod:`sender`)."""
+
+    sent_lsn: int = 0
+    xmin: int = 0
+    xmin_epoch: int = 0
+
+    def abort(self, reason: str) -> None:
+        raise NotImplementedError
+
+
+class VolumeServerProtocol(asyncio.Protocol):
+    """One volume-protocol connection. A batch of appends costs one fdatasync and one ack."""
+
+    def __init__(self, node: StorageNode) -> None:
+        self.node = node
+        self.frames = vp.FrameReader()
+        self.transport: asyncio.Transport | None = None
+        self.authenticated = False
+        self._paused = False
+        self._drained = asyncio.Event()
+        self._drained.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def send(self, msg: vp.VolumeMessage) -> None:
+        if self.transport and not self.transport.is_closing():
+            self.transport.writelines(vp.encode_parts(msg))
+
+    def pause_writing(self) -> None:
+        self._drained.clear()
+
+    def resume_writing(self) -> None:
+        self._drained.set()
+
+    async def drain(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise PeerError("connection closed")
+        await self._drained.wait()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self.frames.feed(data)
+        except vp.VolumeProtocolError as exc:
+            log.warning("%s: closing a connection: %s", self.node.config.node_id, exc)
+            assert self.transport
+            self.transport.close()
+            return
+        node = self.node
+        appended = refused = False
+        for msg in messages:
+            if not self.authenticated:
+                if not isinstance(msg, vp.Hello) or msg.secret != node.config.secret:
+                    self.send(vp.Refuse(vp.RefuseReason.BAD_SECRET, 0, 0))
+                    assert self.transport
+                    self.transport.close()
+                    return
+                self.authenticated = True
+                self.send(node.state_message())
+                continue
+            match msg:
+                case vp.Append():
+                    if refused:
+                        continue
+                    refusal = node.append(msg)
+                    if refusal is not None:
+                        refused = True
+                        self.send(refusal)
+                    else:
+                        appended = True
+                case vp.Begin():
+                    self.send(node.begin(msg))
+                case vp.Heartbeat():
+                    before = node.vdl
+                    node.heartbeat(msg)
+                    if node.vdl != before:
+                        asyncio.get_running_loop().create_task(node.notify_advanced())
+                    xmin, xmin_epoch = node.lowest_xmin()
+                    self.send(vp.Ack(node.epoch, node.store.flush_lsn, xmin, xmin_epoch))
+                case vp.StatusRequest():
+                    self.send(node.state_message())
+                case vp.Fetch():
+                    asyncio.get_running_loop().create_task(node.serve_fetch(self, msg))
+                case _:
+                    log.warning("%s: unexpected %s", node.config.node_id, type(msg).__name__)
+        if appended:
+            flush = node.sync()
+            xmin, xmin_epoch = node.lowest_xmin()
+            self.send(vp.Ack(node.epoch, flush, xmin, xmin_epoch))
+            asyncio.get_running_loop().create_task(node.notify_advanced())
+
+
+async def run_node(config: NodeConfig) -> None:
+    from borealis.storage.sender import serve_readers
+
+    node = StorageNode(config)
+    config.directory.mkdir(parents=True, exist_ok=True)
+    node.store.open()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: VolumeServerProtocol(node), config.host, config.port)
+    reader_server = await serve_readers(node)
+    status_path = config.directory / "status.json"
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [
+        loop.create_task(node.repair_loop()),
+        loop.create_task(node.scrub_loop()),
+        loop.create_task(node.gossip_loop()),
+        loop.create_task(_write_status(node, status_path)),
+    ]
+    log.info("%s: serving on %d (volume) and %d (readers)", config.node_id, config.port,
+             config.pg_port)
+    await stop.wait()
+    for task in tasks:
+        task.cancel()
+    server.close()
+    reader_server.close()
+    node.store.close()
+
+
+async def _write_status(node: StorageNode, path: Path) -> None:
+    while True:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(node.status()))
+        os.replace(tmp, path)
+        await asyncio.sleep(0.5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Borealis storage node")
+    parser.add_argument("--config", type=Path, required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    config = NodeConfig.load(args.config)
+    try:
+        import uvloop
+
+        uvloop.run(run_node(config))
+    except ImportError:
+        asyncio.run(run_node(config))
+
+
+if __name__ == "__main__":
+    main()

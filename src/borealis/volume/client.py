@@ -1,0 +1,477 @@
+"""The volume client: the writer's only synchronous standby, fanning WAL out to six nodes.
+
+Who talks to it: the writer PostgreSQL (it is a physical replication client of it, as
+``application_name=borealis_volume``), the six storage nodes (volume protocol), and the
+control plane (which starts it with an epoch and reads its status file).
+
+Each process lifetime is one epoch. At start it asks every node where it stands, picks
+the stream start (a segment start no later than what a write quorum holds), opens the
+epoch on each node (``Begin``), and streams from the writer. Every batch of XLogData
+goes to every connected node as one ``Append``; ``VDL = 4th highest acked flush`` is
+reported to the writer as write/flush/apply, so a commit returns only when four nodes
+have it on disk. When the writer's stream ends the process exits; the control plane
+starts the next epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import logging
+import os
+import signal
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from psycopg import pq
+
+from borealis.protocol import replication as rp
+from borealis.protocol import volume as vp
+from borealis.storage.peers import PeerAddress
+from borealis.volume.quorum import VdlTracker, stream_start_point
+from borealis.wal.lsn import format_lsn, parse_lsn, segment_start
+
+log = logging.getLogger("borealis.volume")
+
+APPLICATION_NAME = "borealis_volume"
+SLOT_NAME = "borealis_volume"
+RECONNECT_S = 0.2
+HEARTBEAT_S = 0.01
+STATUS_S = 1.0
+MAX_NODE_BACKLOG = 64 * 1024 * 1024
+_xlogdata = struct.Struct(">qqq")
+
+
+@dataclass
+class VolumeClientConfig:
+    cluster: str
+    epoch: int
+    writer_conninfo: str
+    nodes: list[PeerAddress]
+    secret: str
+    status_path: Path
+    buffer_bytes: int = 256 * 1024 * 1024
+
+    @classmethod
+    def load(cls, path: Path) -> VolumeClientConfig:
+        data = json.loads(path.read_text())
+        data["nodes"] = [PeerAddress(**n) for n in data["nodes"]]
+        data["status_path"] = Path(data["status_path"])
+        return cls(**data)
+
+
+class WalBuffer:
+    """Recent WAL kept in memory so a node back from a short outage is re-fed without a gap."""
+
+    def __init__(self, start: int, limit_bytes: int) -> None:
+        self.start = start  # LSN of the first byte held
+        self.end = start
+        self.limit = limit_bytes
+        self._chunks: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._size = 0
+
+    def add(self, start: int, data: bytes) -> None:
+        assert start == self.end, "the writer's stream is contiguous"
+        self._chunks.append((start, data))
+        self._size += len(data)
+        self.end += len(data)
+
+    def trim(self, keep_from: int) -> None:
+        """Drop what everyone has, but never hold more than the limit."""
+        while self._chunks:
+            start, data = self._chunks[0]
+            end = start + len(data)
+            if end <= keep_from or self._size - len(data) >= self.limit:
+                self._chunks.popleft()
+                self._size -= len(data)
+                self.start = end
+            else:
+                break
+
+    def since(self, lsn: int) -> list[tuple[int, bytes | memoryview]]:
+        if lsn < self.start:
+            raise ValueError("no longer buffered")
+        out: list[tuple[int, bytes | memoryview]] = []
+        for start, data in self._chunks:
+            end = start + len(data)
+            if end <= lsn:
+                continue
+            out.append((max(start, lsn), memoryview(data)[max(0, lsn - start):]))
+        return out
+
+
+@dataclass
+class NodeLink:
+    """The volume client's view of one storage node connection."""
+
+    address: PeerAddress
+    transport: asyncio.Transport | None = None
+    ready: bool = False  # epoch begun, appends may flow
+    next_lsn: int = 0  # next byte to send it
+    flush_lsn: int = 0
+    xmin: int = 0
+    xmin_epoch: int = 0
+    last_state: vp.NodeState | None = None
+    connected_at: float = 0.0
+    reconnects: int = 0
+    frames: vp.FrameReader = field(default_factory=vp.FrameReader)
+
+    def send(self, msg: vp.VolumeMessage) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(vp.encode_parts(msg))
+
+
+class VolumeClient:
+    def __init__(self, config: VolumeClientConfig) -> None:
+        self.config = config
+        self.epoch = config.epoch
+        self.tracker = VdlTracker(config.epoch)
+        self.links = {n.node_id: NodeLink(n) for n in config.nodes}
+        self.conn: pq.abc.PGconn | None = None
+        self.system_id = 0
+        self.timeline = 1
+        self.history = b""
+        self.stream_start = 0
+        self.buffer = WalBuffer(0, config.buffer_bytes)
+        self.writer_flush = 0
+        self.received = 0
+        self.reported_vdl = 0
+        self.done = asyncio.Event()
+        self.exit_reason = ""
+        self._vdl_dirty = False
+        self._begun = asyncio.Event()
+
+    # -- writer side -----------------------------------------------------------------
+
+    def connect_writer(self) -> int:
+        """Replication connection and IDENTIFY_SYSTEM; returns the writer's flush LSN."""
+        conn = pq.PGconn.connect(self.config.writer_conninfo.encode())
+        if conn.status != pq.ConnStatus.OK:
+            raise RuntimeError(f"cannot connect to the writer: {_err(conn)}")
+        self.conn = conn
+        res = self._exec(b"IDENTIFY_SYSTEM", pq.ExecStatus.TUPLES_OK)
+        self.system_id = int(_value(res, 0, 0))
+        self.timeline = int(_value(res, 0, 1))
+        xlogpos = parse_lsn(_value(res, 0, 2))
+        if self.timeline > 1:
+            res = self._exec(f"TIMELINE_HISTORY {self.timeline}".encode(),
+                             pq.ExecStatus.TUPLES_OK)
+            self.history = (res.get_value(0, 1) or b"")
+        res = self._exec(f"READ_REPLICATION_SLOT {SLOT_NAME}".encode(), pq.ExecStatus.TUPLES_OK)
+        if res.get_value(0, 0) is None:
+            self._exec(f"CREATE_REPLICATION_SLOT {SLOT_NAME} PHYSICAL RESERVE_WAL".encode(),
+                       pq.ExecStatus.TUPLES_OK)
+        return xlogpos
+
+    def _exec(self, sql: bytes, expect: pq.ExecStatus) -> pq.abc.PGresult:
+        assert self.conn is not None
+        res = self.conn.exec_(sql)
+        if res.status != expect:
+            raise RuntimeError(f"{sql.decode()}: {_err(self.conn)}")
+        return res
+
+    def start_streaming(self, start: int) -> None:
+        assert self.conn is not None
+        sql = f"START_REPLICATION SLOT {SLOT_NAME} PHYSICAL {format_lsn(start)} " \
+              f"TIMELINE {self.timeline}"
+        self._exec(sql.encode(), pq.ExecStatus.COPY_BOTH)
+        self.conn.nonblocking = 1
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.conn.socket, self._on_writer_readable)
+
+    def _on_writer_readable(self) -> None:
+        conn = self.conn
+        assert conn is not None
+        try:
+            conn.consume_input()
+        except Exception as exc:  # psycopg.OperationalError: the writer went away
+            self._finish(f"writer connection lost: {exc}")
+            return
+        parts: list[bytes] = []
+        batch_start = self.received
+        reply = False
+        while True:
+            nbytes, data = conn.get_copy_data(1)
+            if nbytes == 0:
+                break
+            if nbytes < 0:
+                self._finish(f"writer ended the stream: {_err(conn) or 'end of timeline'}")
+                return
+            kind = data[0]
+            if kind == 0x77:  # 'w'
+                start, wal_end, _ = _xlogdata.unpack_from(data, 1)
+                payload = bytes(data[25:])
+                if start != batch_start + sum(len(p) for p in parts):
+                    self._finish(f"writer stream jumped to {format_lsn(start)}")
+                    return
+                parts.append(payload)
+                self.writer_flush = max(self.writer_flush, wal_end)
+            elif kind == 0x6B:  # 'k'
+                msg = rp.decode(data)
+                assert isinstance(msg, rp.Keepalive)
+                self.writer_flush = max(self.writer_flush, msg.wal_end)
+                reply = reply or msg.reply_requested
+        if parts:
+            blob = b"".join(parts)
+            self.buffer.add(batch_start, blob)
+            self.received = batch_start + len(blob)
+            for link in self.links.values():
+                self._feed(link)
+        if reply:
+            self.send_status()
+
+    def send_status(self) -> None:
+        """Report VDL as write, flush and apply: the writer releases commits up to it."""
+        vdl = self.tracker.vdl
+        msg = rp.StandbyStatus(vdl, vdl, vdl, rp.pg_now_us(), False)
+        self._put(msg.encode())
+        self.reported_vdl = vdl
+
+    def send_feedback(self) -> None:
+        """Forward the lowest reader xmin over all nodes as hot-standby feedback."""
+        held = [(lk.xmin_epoch << 32 | lk.xmin) for lk in self.links.values() if lk.xmin]
+        low = min(held) if held else 0
+        self._put(rp.HotStandbyFeedback(rp.pg_now_us(), low & 0xFFFFFFFF, low >> 32, 0,
+                                        0).encode())
+
+    def _put(self, payload: bytes) -> None:
+        conn = self.conn
+        if conn is None or self.done.is_set():
+            return
+        try:
+            if conn.put_copy_data(payload) < 0 or conn.flush() < 0:
+                self._finish(f"cannot write to the writer: {_err(conn)}")
+        except Exception as exc:
+            self._finish(f"cannot write to the writer: {exc}")
+
+    def _finish(self, reason: str) -> None:
+        if not self.done.is_set():
+            self.exit_reason = reason
+            log.warning("volume client epoch %d stops: %s", self.epoch, reason)
+            self.done.set()
+
+    # -- storage side ---------------------------------------------------------------
+
+    def _feed(self, link: NodeLink) -> None:
+        """Send a ready node everything from its next LSN that the buffer holds."""
+        if not link.ready or link.transport is None or link.next_lsn >= self.received:
+            return
+        if link.transport.get_write_buffer_size() > MAX_NODE_BACKLOG:
+            log.warning("%s is too slow; dropping it", link.address.node_id)
+            link.transport.close()
+            return
+        try:
+            chunks = self.buffer.since(link.next_lsn)
+        except ValueError:
+            # It fell behind what we hold: send from our start so it refuses with a
+            # gap, repairs from its peers and comes back.
+            chunks = self.buffer.since(self.buffer.start)
+        for start, data in chunks:
+            link.send(vp.Append(self.epoch, start, self.tracker.vdl, data))
+        link.next_lsn = self.received
+
+    def on_node_message(self, link: NodeLink, msg: vp.VolumeMessage) -> None:
+        node_id = link.address.node_id
+        match msg:
+            case vp.Ack(epoch, flush, xmin, xmin_epoch):
+                link.flush_lsn = max(link.flush_lsn, flush) if epoch == self.epoch else 0
+                link.xmin, link.xmin_epoch = xmin, xmin_epoch
+                if self.tracker.ack(node_id, epoch, flush):
+                    self.send_status()
+                    self._vdl_dirty = True
+            case vp.NodeState():
+                link.last_state = msg
+                if msg.epoch > self.epoch:
+                    self._finish(f"fenced: {node_id} is in epoch {msg.epoch}")
+                elif not link.ready and msg.epoch == self.epoch and not msg.recovering:
+                    link.ready = True
+                    link.flush_lsn = msg.flush_lsn
+                    link.next_lsn = msg.flush_lsn
+                    self.tracker.ack(node_id, self.epoch, msg.flush_lsn)
+                    self._feed(link)
+                elif not link.ready and msg.epoch < self.epoch and self._begun.is_set():
+                    self._begin(link)
+            case vp.Refuse(reason, epoch, flush):
+                if reason == vp.RefuseReason.STALE_EPOCH:
+                    self._finish(f"fenced: {node_id} is in epoch {epoch}")
+                else:
+                    log.info("%s refused (%s at %s); reconnecting", node_id, reason.name,
+                             format_lsn(flush))
+                if link.transport:
+                    link.transport.close()
+
+    def _begin(self, link: NodeLink) -> None:
+        link.send(vp.Begin(self.epoch, self.timeline, self.stream_start, self.system_id,
+                           self.history))
+
+    async def maintain_link(self, link: NodeLink) -> None:
+        """Keep one node connected; a lost node is reconnected and re-fed."""
+        loop = asyncio.get_running_loop()
+        while not self.done.is_set():
+            closed: asyncio.Future[None] = loop.create_future()
+
+            def protocol(closed: asyncio.Future[None] = closed) -> _NodeProtocol:
+                return _NodeProtocol(self, link, closed)
+
+            try:
+                transport, _ = await asyncio.wait_for(loop.create_connection(
+                    protocol, link.address.host, link.address.port), 2.0)
+            except (OSError, TimeoutError):
+                await asyncio.sleep(RECONNECT_S)
+                continue
+            link.transport = transport
+            link.connected_at = time.monotonic()
+            link.send(vp.Hello(self.config.secret, "volume-client"))
+            await closed
+            link.transport = None
+            link.ready = False
+            link.reconnects += 1
+            self.tracker.forget(link.address.node_id)
+            await asyncio.sleep(RECONNECT_S)
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def run(self) -> str:
+        xlogpos = await asyncio.to_thread(self.connect_writer)
+        tasks = [asyncio.create_task(self.maintain_link(lk)) for lk in self.links.values()]
+        states = await self._initial_states(timeout_s=3.0)
+        flushes = [s.flush_lsn for s in states
+                   if s.system_id in (0, self.system_id) and s.start_lsn]
+        self.stream_start = segment_start(stream_start_point(flushes, xlogpos))
+        log.info("epoch %d: streaming timeline %d from %s (writer at %s, %d nodes answered)",
+                 self.epoch, self.timeline, format_lsn(self.stream_start), format_lsn(xlogpos),
+                 len(states))
+        self.buffer = WalBuffer(self.stream_start, self.config.buffer_bytes)
+        self.received = self.stream_start
+        self._begun.set()
+        for link in self.links.values():
+            if link.transport is not None and link.last_state is not None:
+                self._begin(link)
+        self.start_streaming(self.stream_start)
+        tasks.append(asyncio.create_task(self._periodic()))
+        await self.done.wait()
+        for t in tasks:
+            t.cancel()
+        if self.conn is not None:
+            asyncio.get_running_loop().remove_reader(self.conn.socket)
+            self.conn.finish()
+        self._write_status()
+        return self.exit_reason
+
+    async def _initial_states(self, timeout_s: float) -> list[vp.NodeState]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            states = [lk.last_state for lk in self.links.values() if lk.last_state]
+            if len(states) == len(self.links):
+                break
+            await asyncio.sleep(0.02)
+        return [lk.last_state for lk in self.links.values() if lk.last_state]
+
+    async def _periodic(self) -> None:
+        last_status = 0.0
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            now = time.monotonic()
+            if self._vdl_dirty:
+                self._vdl_dirty = False
+                for link in self.links.values():
+                    if link.ready:
+                        link.send(vp.Heartbeat(self.epoch, self.tracker.vdl))
+            if now - last_status >= STATUS_S:
+                last_status = now
+                self.send_status()
+                self.send_feedback()
+                for link in self.links.values():
+                    if link.ready:
+                        link.send(vp.Heartbeat(self.epoch, self.tracker.vdl))
+                    elif link.transport is not None:
+                        link.send(vp.StatusRequest())
+                acked = [lk.flush_lsn for lk in self.links.values() if lk.ready]
+                self.buffer.trim(min(acked) if len(acked) == len(self.links) else 0)
+                self._write_status()
+
+    def _write_status(self) -> None:
+        status = {
+            "pid": os.getpid(), "cluster": self.config.cluster, "epoch": self.epoch,
+            "timeline": self.timeline, "vdl": format_lsn(self.tracker.vdl),
+            "stream_start": format_lsn(self.stream_start),
+            "received": format_lsn(self.received), "writer_flush": format_lsn(self.writer_flush),
+            "buffer_start": format_lsn(self.buffer.start),
+            "nodes": {
+                nid: {"connected": lk.transport is not None, "ready": lk.ready,
+                      "flush_lsn": format_lsn(lk.flush_lsn), "reconnects": lk.reconnects}
+                for nid, lk in self.links.items()
+            },
+            "stopped": self.exit_reason or None,
+            "updated": time.time(),
+        }
+        path = self.config.status_path
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(status))
+        os.replace(tmp, path)
+
+
+class _NodeProtocol(asyncio.Protocol):
+    def __init__(self, client: VolumeClient, link: NodeLink, closed: asyncio.Future[None]) -> None:
+        self.client = client
+        self.link = link
+        self.closed = closed
+        self.link.frames = vp.FrameReader()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self.link.frames.feed(data)
+        except vp.VolumeProtocolError as exc:
+            log.warning("%s sent bad frames: %s", self.link.address.node_id, exc)
+            if self.link.transport:
+                self.link.transport.close()
+            return
+        for msg in messages:
+            self.client.on_node_message(self.link, msg)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+def _value(res: pq.abc.PGresult, row: int, col: int) -> str:
+    raw = res.get_value(row, col)
+    return raw.decode() if raw is not None else ""
+
+
+def _err(conn: pq.abc.PGconn) -> str:
+    return str(conn.error_message.decode(errors="replace").strip())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Borealis volume client")
+    parser.add_argument("--config", type=Path, required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    config = VolumeClientConfig.load(args.config)
+    client = VolumeClient(config)
+
+    async def run() -> str:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, client._finish, "stopped by signal")
+        return await client.run()
+
+    try:
+        import uvloop
+
+        reason = uvloop.run(run())
+    except ImportError:
+        reason = asyncio.run(run())
+    log.info("exiting: %s", reason)
+    sys.exit(0 if reason == "stopped by signal" else 3)
+
+
+if __name__ == "__main__":
+    main()
