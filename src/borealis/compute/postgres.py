@@ -168,6 +168,9 @@ class ServerSettings:
             "hot_standby_feedback": "on",
             "recovery_target_timeline": "'latest'",
             "wal_retrieve_retry_interval": "'500ms'",
+            # Readers report their oldest snapshot every second (default 10 s), so a
+            # new query is protected from the writer's vacuum within about a second.
+            "wal_receiver_status_interval": "'1s'",
             "logging_collector": "off",
             "log_line_prefix": "'%m [%p] '",
             "log_min_messages": "warning",

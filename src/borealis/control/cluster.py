@@ -54,6 +54,8 @@ class ClusterRuntime:
         self.dir = state.home / "clusters" / name
         self.run_as = pg.RunAs.detect()
         self._bindir: Path | None = None
+        # Nodes the supervisor found unresponsive (alive by PID, but frozen or cut off).
+        self.unhealthy_nodes: set[str] = set()
 
     @property
     def bindir(self) -> Path:
@@ -204,7 +206,8 @@ class ClusterRuntime:
     def storage_node_for(self, inst: Instance) -> StorageNodeRow:
         """The node a reader streams from: a running one in its own AZ if there is one."""
         nodes = self.state.storage_nodes(self.name)
-        running = [n for n in nodes if self.node_alive(n)] or nodes
+        running = [n for n in nodes
+                   if self.node_alive(n) and n.id not in self.unhealthy_nodes] or nodes
         same_az = [n for n in running if n.az == inst.az]
         current = [n for n in (same_az or running) if n.id == inst.storage_node]
         return (current or same_az or running)[0]
@@ -272,7 +275,7 @@ class ClusterRuntime:
         """Move a reader to a live storage node when its node is down (reload, no restart)."""
         nodes = {n.id: n for n in self.state.storage_nodes(self.name)}
         node = nodes.get(reader.storage_node or "")
-        if node is not None and self.node_alive(node):
+        if node is not None and self.node_alive(node) and node.id not in self.unhealthy_nodes:
             return False
         before = reader.storage_node
         pg.write_settings(self.datadir(reader.id), self._settings(reader), self.run_as)

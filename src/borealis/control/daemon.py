@@ -32,6 +32,8 @@ from borealis.wal.lsn import format_lsn, parse_lsn
 log = logging.getLogger("borealis.control")
 
 SUPERVISE_S = 0.5
+NODE_CHECK_TIMEOUT_S = 1.0
+NODE_MISSES = 3
 LSN_SAMPLES = 2400
 
 
@@ -48,6 +50,8 @@ class ControlPlane:
         self.lsn_history: dict[str, collections.deque[tuple[float, int]]] = {}
         self.stopping = asyncio.Event()
         self.failures: dict[str, int] = collections.defaultdict(int)
+        # Consecutive failed status checks per (cluster, storage node).
+        self.node_misses: dict[tuple[str, str], int] = collections.defaultdict(int)
 
     def runtime(self, name: str) -> ClusterRuntime:
         return ClusterRuntime(self.state, name)
@@ -60,8 +64,10 @@ class ControlPlane:
                 if cluster.desired != "up" or self.locks[cluster.name].locked():
                     continue
                 async with self.locks[cluster.name]:
+                    unhealthy = await self._check_nodes(cluster.name)
                     try:
-                        await asyncio.to_thread(self._supervise_cluster, cluster.name)
+                        await asyncio.to_thread(self._supervise_cluster, cluster.name,
+                                                unhealthy)
                     except Exception as exc:
                         self.failures[cluster.name] += 1
                         if self.failures[cluster.name] % 20 == 1:
@@ -70,8 +76,29 @@ class ControlPlane:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), SUPERVISE_S)
 
-    def _supervise_cluster(self, name: str) -> None:
+    async def _check_nodes(self, name: str) -> set[str]:
+        """Storage nodes that failed NODE_MISSES status checks in a row (frozen, cut off)."""
         rt = self.runtime(name)
+        secret = rt.cluster.storage_secret
+
+        async def check(node: Any) -> None:
+            key = (name, node.id)
+            try:
+                conn, _ = await PeerConnection.open(
+                    PeerAddress(node.id, "127.0.0.1", node.port), secret, "control",
+                    timeout_s=NODE_CHECK_TIMEOUT_S)
+                conn.close()
+                self.node_misses[key] = 0
+            except PeerError:
+                self.node_misses[key] += 1
+
+        nodes = self.state.storage_nodes(name)
+        await asyncio.gather(*(check(n) for n in nodes))
+        return {n.id for n in nodes if self.node_misses[(name, n.id)] >= NODE_MISSES}
+
+    def _supervise_cluster(self, name: str, unhealthy: set[str]) -> None:
+        rt = self.runtime(name)
+        rt.unhealthy_nodes = unhealthy
         for node in self.state.storage_nodes(name):
             if rt.ensure_storage_node(node):
                 rt.event("supervisor", f"storage node {node.id} was down; restarted")

@@ -44,6 +44,7 @@ RECONNECT_S = 0.2
 HEARTBEAT_S = 0.01
 STATUS_S = 1.0
 MAX_NODE_BACKLOG = 64 * 1024 * 1024
+XMIN_HOLD_S = 30.0
 _xlogdata = struct.Struct(">qqq")
 
 
@@ -145,6 +146,8 @@ class VolumeClient:
         self.exit_reason = ""
         self._vdl_dirty = False
         self._begun = asyncio.Event()
+        self._last_xmin = 0
+        self._last_xmin_at = 0.0
 
     # -- writer side -----------------------------------------------------------------
 
@@ -233,9 +236,21 @@ class VolumeClient:
         self.reported_vdl = vdl
 
     def send_feedback(self) -> None:
-        """Forward the lowest reader xmin over all nodes as hot-standby feedback."""
+        """Forward the lowest reader xmin over all nodes as hot-standby feedback.
+
+        When no reader reports one (a reader reconnecting to another node has not sent
+        its first feedback yet), the last xmin is held for ``XMIN_HOLD_S`` before it is
+        released: holding it only delays vacuum, releasing it early cancels queries.
+        """
         held = [(lk.xmin_epoch << 32 | lk.xmin) for lk in self.links.values() if lk.xmin]
-        low = min(held) if held else 0
+        now = time.monotonic()
+        if held:
+            low = min(held)
+            self._last_xmin, self._last_xmin_at = low, now
+        elif now - self._last_xmin_at < XMIN_HOLD_S:
+            low = self._last_xmin
+        else:
+            low = 0
         self._put(rp.HotStandbyFeedback(rp.pg_now_us(), low & 0xFFFFFFFF, low >> 32, 0,
                                         0).encode())
 
@@ -280,7 +295,9 @@ class VolumeClient:
         match msg:
             case vp.Ack(epoch, flush, xmin, xmin_epoch):
                 link.flush_lsn = max(link.flush_lsn, flush) if epoch == self.epoch else 0
-                link.xmin, link.xmin_epoch = xmin, xmin_epoch
+                if (xmin, xmin_epoch) != (link.xmin, link.xmin_epoch):
+                    link.xmin, link.xmin_epoch = xmin, xmin_epoch
+                    self.send_feedback()
                 if self.tracker.ack(node_id, epoch, flush):
                     self.send_status()
                     self._vdl_dirty = True

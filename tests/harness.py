@@ -1,0 +1,155 @@
+"""Drives real Borealis clusters for integration and fault tests: the CLI, status, waits.
+
+Everything started is stopped by PID at the end (``Borealis.close``), and the test fails
+if anything it started is still running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg
+
+from borealis.control.processes import alive, cmdline
+from borealis.wal.lsn import parse_lsn
+
+T = TypeVar("T")
+
+TEST_ENV = {
+    "BOREALIS_SHARED_BUFFERS": "8MB",
+    "BOREALIS_MAX_CONNECTIONS": "40",
+    "BOREALIS_SCRUB_INTERVAL_S": "2",
+}
+
+
+def wait_for(what: str, check: Callable[[], T | None], timeout_s: float = 30.0,
+             interval_s: float = 0.05) -> T:
+    """Poll until ``check`` returns something truthy; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception as exc:  # keep polling; report the last error
+            last_exc = exc
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}"
+                         + (f" (last error: {last_exc!r})" if last_exc else ""))
+
+
+class Borealis:
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.env = {**os.environ, **TEST_ENV, "BOREALIS_HOME": str(home)}
+        self.seen_pids: dict[int, str] = {}
+
+    def cli(self, *args: str, timeout_s: float = 600, check: bool = True
+            ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([sys.executable, "-m", "borealis.cli.main", *args], env=self.env,
+                              capture_output=True, text=True, timeout=timeout_s)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"borealis {' '.join(args)} failed ({proc.returncode}):\n"
+                                 f"{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def status(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.cli("status", "--json").stdout)
+        self._remember(data)
+        return data
+
+    def cluster(self, name: str) -> dict[str, Any]:
+        for c in self.status()["clusters"]:
+            if c["name"] == name:
+                return dict(c)
+        raise AssertionError(f"no cluster {name}")
+
+    def _remember(self, status: dict[str, Any]) -> None:
+        if status.get("control"):
+            self.seen_pids[status["control"]["pid"]] = "borealis.control.daemon"
+        for c in status.get("clusters", []):
+            for inst in c["instances"]:
+                if inst["pid"]:
+                    self.seen_pids[inst["pid"]] = "postgres"
+            for node in c["storage_nodes"]:
+                if node["pid"]:
+                    self.seen_pids[node["pid"]] = "borealis.storage.node"
+            vc = c["volume_client"]
+            if vc and vc.get("pid"):
+                self.seen_pids[vc["pid"]] = "borealis.volume.client"
+
+    def close(self) -> list[str]:
+        """``borealis down``, then make sure every process seen is gone (kill leftovers)."""
+        try:
+            self.status()
+            self.cli("down", timeout_s=180, check=False)
+        finally:
+            leftovers = [f"{pid} ({marker})" for pid, marker in self.seen_pids.items()
+                         if alive(pid, marker)]
+            for pid, marker in self.seen_pids.items():
+                if alive(pid, marker):
+                    os.kill(pid, signal.SIGKILL)
+        return leftovers
+
+
+class ClusterView:
+    """One cluster of a :class:`Borealis`, with the helpers tests need."""
+
+    def __init__(self, borealis: Borealis, name: str) -> None:
+        self.b = borealis
+        self.name = name
+
+    def status(self) -> dict[str, Any]:
+        return self.b.cluster(self.name)
+
+    def writer(self) -> dict[str, Any]:
+        return next(i for i in self.status()["instances"] if i["role"] == "writer")
+
+    def readers(self) -> list[dict[str, Any]]:
+        return [i for i in self.status()["instances"] if i["role"] == "reader"]
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return list(self.status()["storage_nodes"])
+
+    def node(self, node_id: str) -> dict[str, Any]:
+        return next(n for n in self.nodes() if n["id"] == node_id)
+
+    def node_dir(self, node_id: str) -> Path:
+        return self.b.home / "clusters" / self.name / "storage" / node_id
+
+    def vdl(self) -> int:
+        return parse_lsn(self.status()["volume_client"]["vdl"])
+
+    def connect(self, inst: dict[str, Any], **kw: Any) -> psycopg.Connection[Any]:
+        return psycopg.connect(inst["dsn"], autocommit=True, connect_timeout=5, **kw)
+
+    def wait_all_serving(self, timeout_s: float = 60) -> None:
+        def ready() -> bool:
+            st = self.status()
+            vc = st["volume_client"]
+            return (vc["state"] == "running" and all(n["state"] == "serving"
+                                                     for n in st["storage_nodes"])
+                    and all(i["state"] == "available" for i in st["instances"]))
+        wait_for("every process of the cluster to be up", ready, timeout_s, 0.2)
+
+    def wait_nodes_caught_up(self, timeout_s: float = 60) -> None:
+        """Every storage node has flushed at least the volume's VDL."""
+        def caught_up() -> bool:
+            st = self.status()
+            vdl = parse_lsn(st["volume_client"]["vdl"])
+            return all(n["flush_lsn"] and parse_lsn(n["flush_lsn"]) >= vdl
+                       for n in st["storage_nodes"])
+        wait_for("storage nodes to catch up to VDL", caught_up, timeout_s, 0.2)
+
+
+def process_marker_alive(pid: int, marker: str) -> bool:
+    return marker in cmdline(pid)
