@@ -36,6 +36,7 @@ def test_reader_streams_from_a_storage_node_not_the_writer(cluster: ClusterView)
 
 
 def test_status_json_shape(cluster: ClusterView) -> None:
+    cluster.wait_all_serving()
     st = cluster.status()
     assert st["name"] == "shared"
     assert len(st["storage_nodes"]) == 6

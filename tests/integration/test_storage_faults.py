@@ -54,9 +54,9 @@ def test_node_with_its_directory_deleted_is_rebuilt_from_peers(cluster: ClusterV
     wait_for("the node to be restarted", lambda: cluster.node("sn-b2")["pid"] not in
              (None, node["pid"]) and cluster.node("sn-b2")["state"] == "serving", 30)
     cluster.wait_nodes_caught_up()
-    peer = cluster.node("sn-a1")
-    rebuilt = cluster.node("sn-b2")
-    assert rebuilt["start_lsn"] == peer["start_lsn"]
+    cluster.wait_all_serving()
+    nodes = {n["id"]: n for n in cluster.nodes()}
+    assert nodes["sn-b2"]["start_lsn"] == nodes["sn-a1"]["start_lsn"]
     # Whole segments are byte-identical with a peer's copy.
     for seg in sorted((cluster.node_dir("sn-a1") / "data" / "wal").glob("0*"))[:-1]:
         assert (data / "wal" / seg.name).read_bytes() == seg.read_bytes(), seg.name

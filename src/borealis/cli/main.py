@@ -69,8 +69,9 @@ def ensure_control_plane() -> dict[str, Any]:
     if info is not None:
         return info
     h = home()
-    h.mkdir(parents=True, exist_ok=True)
-    os.chmod(h, 0o700)
+    if not h.exists():
+        h.mkdir(parents=True)
+        os.chmod(h, 0o700)
     with open(h / "control.log", "ab") as log:
         subprocess.Popen([sys.executable, "-m", "borealis.control.daemon", "--home", str(h)],
                          stdout=log, stderr=log, stdin=subprocess.DEVNULL,

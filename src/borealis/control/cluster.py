@@ -240,6 +240,7 @@ class ClusterRuntime:
         if self.instance_alive(inst):
             return False
         datadir = self.datadir(inst.id)
+        self.run_as.ensure_traversable(self.instance_dir(inst.id))
         pg.write_settings(datadir, self._settings(inst), self.run_as)
         proc = pg.start_server(self.bindir, datadir, self.instance_dir(inst.id) / "postgres.log",
                                self.run_as)

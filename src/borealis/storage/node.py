@@ -29,7 +29,7 @@ from typing import cast
 from borealis.protocol import volume as vp
 from borealis.storage.peers import PeerAddress, PeerConnection, PeerError, peer_states
 from borealis.storage.store import SegmentStore, StoreError
-from borealis.storage.verify_range import check_replacement, verify_segment
+from borealis.storage.verify_range import CHUNK, check_replacement, verify_steps
 from borealis.wal.lsn import SEGMENT_SIZE, format_lsn, segment_start
 from borealis.wal.verify import WalCorruption
 
@@ -51,6 +51,7 @@ class NodeConfig:
     replication_password: str
     peers: list[PeerAddress] = field(default_factory=list)
     scrub_interval_s: float = 30.0
+    scrub_bytes_per_s: int = 8 * 1024 * 1024  # a pass never takes more than its share of CPU
     gossip_interval_s: float = 1.0
 
     @classmethod
@@ -338,21 +339,24 @@ class StorageNode:
             await self.scrub_once()
 
     async def scrub_once(self) -> int:
+        """One pass over every held segment, paced to ``scrub_bytes_per_s``."""
         damaged = 0
+        pace_s = CHUNK / max(1, self.config.scrub_bytes_per_s)
         for segno in self.store.segment_numbers():
             if segno * self.store.segment_size < self.store.manifest.start_lsn:
                 continue
             if segno * self.store.segment_size >= self.store.flush_lsn:
                 break
             try:
-                self.counters.scrubbed_bytes += verify_segment(self.store, segno)
+                for checked in verify_steps(self.store, segno):
+                    self.counters.scrubbed_bytes += checked
+                    await asyncio.sleep(pace_s)  # appends and readers go first
             except WalCorruption as exc:
                 damaged += 1
                 log.warning("%s: scrub: %s", self.config.node_id, exc)
                 await self.repair_segment(exc.lsn // self.store.segment_size)
             except StoreError:
                 continue
-            await asyncio.sleep(0)  # let appends through between segments
         return damaged
 
     async def gossip_loop(self) -> None:

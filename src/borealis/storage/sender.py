@@ -204,17 +204,24 @@ class ReaderSession(ReaderSessionHandle):
             self._end_of_timeline_result(entries, tli, switch)
             return True
         self._send(pw.encode_copy_both_response())
+        self._client_done = asyncio.Event()  # one per CopyBoth: a connection may stream again
         listener = asyncio.get_running_loop().create_task(self._listen())
         try:
             await self._stream(start, tli, switch)
+            # Either the standby ended the copy, or we reached the end of a historic
+            # timeline and sent CopyDone: then its CopyDone follows.
+            await asyncio.wait_for(self._client_done.wait(), STARTUP_TIMEOUT_S)
         finally:
-            if switch is None or not self._client_done.is_set():
-                listener.cancel()
-        await self._client_done.wait()
-        await asyncio.sleep(0)
-        listener.cancel()
-        if switch is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener  # its pending read must end before the next one starts
+        if self._aborted:
+            raise SessionEnded("connection closed during streaming")
+        if switch is not None and self.sent_lsn >= switch:
             self._end_of_timeline_result(entries, tli, switch)
+        else:
+            self._send(pw.encode_copy_done() + pw.encode_command_complete("START_REPLICATION")
+                       + pw.encode_ready_for_query())
         return True
 
     def _end_of_timeline_result(self, entries: list, tli: int, switch: int) -> None:  # type: ignore[type-arg]

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from borealis.storage.store import SegmentStore
 from borealis.wal.verify import WalCorruption, WalVerifier
 
-_CHUNK = 1024 * 1024
+CHUNK = 1024 * 1024
 
 
-def verify_segment(store: SegmentStore, segno: int) -> int:
-    """Verify one segment's records (reading into the next one to finish the last record).
+def verify_steps(store: SegmentStore, segno: int) -> Iterator[int]:
+    """Verify one segment's records (reading into the next one to finish the last record),
+    yielding the bytes checked after each chunk so a caller can pace itself.
 
-    Returns the number of bytes checked; raises :class:`WalCorruption` on damage.
+    Raises :class:`WalCorruption` on damage.
     """
     size = store.segment_size
     seg_start = segno * size
@@ -20,12 +23,12 @@ def verify_segment(store: SegmentStore, segno: int) -> int:
     pos = seg_start
     limit = store.flush_lsn
     while pos < limit and (pos < seg_end or verifier.verified_end < seg_end):
-        end = min(pos + _CHUNK, limit)
+        end = min(pos + CHUNK, limit)
         if segno != pos // size and store.timeline_for(pos // size) is None:
             break
         verifier.feed(store.read(pos, end))
+        yield end - pos
         pos = end
-    return pos - seg_start
 
 
 def check_replacement(data: bytes, start: int, segment_size: int, system_id: int | None) -> None:
@@ -34,4 +37,4 @@ def check_replacement(data: bytes, start: int, segment_size: int, system_id: int
     verifier.feed(data)
 
 
-__all__ = ["WalCorruption", "check_replacement", "verify_segment"]
+__all__ = ["CHUNK", "WalCorruption", "check_replacement", "verify_steps"]
