@@ -87,7 +87,7 @@ class WalBuffer:
         while self._chunks:
             start, data = self._chunks[0]
             end = start + len(data)
-            if end <= keep_from or self._size - len(data) >= self.limit:
+            if end <= keep_from or self._size > self.limit:
                 self._chunks.popleft()
                 self._size -= len(data)
                 self.start = end

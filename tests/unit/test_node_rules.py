@@ -1,0 +1,93 @@
+"""The storage node's append rules, without sockets: epochs, gaps, truncation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from borealis.protocol import volume as vp
+from borealis.storage.node import NodeConfig, StorageNode
+
+SEG = 16 * 1024 * 1024
+
+
+def make_node(tmp_path: Path) -> StorageNode:
+    config = NodeConfig(node_id="sn-a1", az="az-a", directory=tmp_path, host="127.0.0.1",
+                        port=0, pg_port=0, secret="s", replication_user="r",
+                        replication_password="p")
+    node = StorageNode(config)
+    node.store.open()
+    node.recovering = False
+    return node
+
+
+def begin(node: StorageNode, epoch: int, at: int) -> vp.NodeState | vp.Refuse:
+    return node.begin(vp.Begin(epoch, 1, at, 42, b""))
+
+
+def test_epoch_is_persisted_before_it_is_acknowledged(tmp_path: Path) -> None:
+    node = make_node(tmp_path)
+    reply = begin(node, 3, SEG)
+    assert isinstance(reply, vp.NodeState) and reply.epoch == 3
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["epoch"] == 3 and manifest["start_lsn"] == SEG
+
+
+def test_appends_of_an_older_epoch_are_refused(tmp_path: Path) -> None:
+    node = make_node(tmp_path)
+    begin(node, 2, SEG)
+    assert node.append(vp.Append(2, SEG, 0, b"x" * 100)) is None
+    node.sync()
+    refused = node.append(vp.Append(1, SEG + 100, 0, b"y"))
+    assert isinstance(refused, vp.Refuse) and refused.reason == vp.RefuseReason.STALE_EPOCH
+    stale_begin = begin(node, 1, SEG)
+    assert isinstance(stale_begin, vp.Refuse)
+    assert node.store.flush_lsn == SEG + 100
+
+
+def test_an_append_that_leaves_a_gap_is_refused_and_asks_for_repair(tmp_path: Path) -> None:
+    node = make_node(tmp_path)
+    begin(node, 1, SEG)
+    refused = node.append(vp.Append(1, SEG + 10, 0, b"late"))
+    assert isinstance(refused, vp.Refuse) and refused.reason == vp.RefuseReason.GAP
+    assert node._repair_wanted.is_set()
+
+
+def test_appends_of_a_newer_epoch_need_its_begin(tmp_path: Path) -> None:
+    node = make_node(tmp_path)
+    begin(node, 1, SEG)
+    refused = node.append(vp.Append(2, SEG, 0, b"x"))
+    assert isinstance(refused, vp.Refuse) and refused.reason == vp.RefuseReason.NO_EPOCH
+
+
+def test_a_new_epoch_truncates_the_old_tail(tmp_path: Path) -> None:
+    node = make_node(tmp_path)
+    begin(node, 1, SEG)
+    node.append(vp.Append(1, SEG, SEG + 50, b"a" * 300))
+    node.sync()
+    assert node.vdl == SEG + 50
+    begin(node, 2, SEG + 200)
+    assert node.store.flush_lsn == SEG + 200
+    assert node.vdl == SEG + 50
+    assert node.append(vp.Append(2, SEG + 200, 0, b"b" * 10)) is None
+    assert node.sync() == SEG + 210
+    assert node.store.read(SEG + 195, SEG + 210) == b"a" * 5 + b"b" * 10
+
+
+def test_recovering_node_refuses_until_caught_up(tmp_path: Path) -> None:
+    node = make_node(tmp_path)
+    node.recovering = True
+    refused = begin(node, 1, SEG)
+    assert isinstance(refused, vp.Refuse) and refused.reason == vp.RefuseReason.RECOVERING
+
+
+def test_readers_are_served_only_up_to_vdl(tmp_path: Path) -> None:
+    node = make_node(tmp_path)
+    begin(node, 1, SEG)
+    node.append(vp.Append(1, SEG, SEG + 10, b"z" * 100))
+    node.sync()
+    assert node.servable_lsn() == SEG + 10
+    node.heartbeat(vp.Heartbeat(1, SEG + 500))  # VDL past our own flush
+    assert node.servable_lsn() == SEG + 100
+    node.heartbeat(vp.Heartbeat(0, SEG + 900))  # another epoch's VDL means nothing here
+    assert node.vdl == SEG + 500
