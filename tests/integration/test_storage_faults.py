@@ -67,7 +67,9 @@ def test_flipped_byte_is_detected_and_repaired(cluster: ClusterView) -> None:
     node_id = reader["storage_node"]
     wal = cluster.node_dir(node_id) / "data" / "wal"
     first = sorted(wal.glob("0*"))[0]
-    good_copy = (cluster.node_dir("sn-a1") / "data" / "wal" / first.name).read_bytes()
+    peer = next(n["id"] for n in cluster.nodes() if n["id"] != node_id)
+    good_copy = (cluster.node_dir(peer) / "data" / "wal" / first.name).read_bytes()
+    assert first.read_bytes() == good_copy
     offset = 5 * 8192 + 777  # inside records of the first (complete) segment
     with open(first, "r+b") as f:
         f.seek(offset)
@@ -77,10 +79,9 @@ def test_flipped_byte_is_detected_and_repaired(cluster: ClusterView) -> None:
     assert first.read_bytes() != good_copy
 
     def repaired() -> bool:
-        return first.read_bytes() == good_copy
-    wait_for("the scrub to repair the segment", repaired, 30, 0.2)
-    log = (cluster.node_dir(node_id) / "node.log").read_text()
-    assert "repaired from" in log
+        log = (cluster.node_dir(node_id) / "node.log").read_text()
+        return "repaired from" in log and first.read_bytes() == good_copy
+    wait_for("the scrub to detect and repair the segment", repaired, 30, 0.2)
     with cluster.connect(cluster.writer()) as w, cluster.connect(reader) as r:
         w.execute("CREATE TABLE IF NOT EXISTS after_repair (id int)")
         w.execute("INSERT INTO after_repair VALUES (42)")

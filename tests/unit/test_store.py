@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 
 from borealis.storage.store import SegmentStore, StoreError
+
+from .walgen import WalBuilder
 
 SEG = 1024 * 1024
 
@@ -15,19 +18,41 @@ def open_store(path: Path) -> SegmentStore:
     return s
 
 
+def wal(start: int, until: int) -> WalBuilder:
+    b = WalBuilder(start, SEG)
+    while b.pos < until:
+        b.record(bytes(range(256)) * 7)
+    return b
+
+
 def test_append_across_segments_and_reopen(tmp_path: Path) -> None:
     s = open_store(tmp_path)
     s.begin_at(SEG * 5)
-    data = bytes(range(256)) * 6000  # 1.5 segments
+    b = wal(SEG * 5, SEG * 6 + SEG // 2)  # 1.5 segments
+    data = bytes(b.out)
     s.write(SEG * 5, data)
     assert s.sync() == SEG * 5 + len(data)
     s.save_manifest()
     s.close()
     names = sorted(p.name for p in (tmp_path / "wal").iterdir())
     assert names == ["000000010000000000000005", "000000010000000000000006"]
+    # Segment files are preallocated; the end of WAL is found by walking the records.
+    assert (tmp_path / "wal" / names[1]).stat().st_size == SEG
     again = open_store(tmp_path)
-    assert again.flush_lsn == SEG * 5 + len(data)
+    assert again.flush_lsn == b.record_ends[-1]
     assert again.read(SEG * 5 + 10, SEG * 6 + 10) == data[10 : SEG + 10]
+
+
+def test_a_torn_record_at_the_end_is_not_recovered(tmp_path: Path) -> None:
+    s = open_store(tmp_path)
+    s.begin_at(SEG)
+    b = wal(SEG, SEG + 50_000)
+    cut = b.record_ends[-1] - 5 - SEG  # the last record lost its tail
+    s.write(SEG, bytes(b.out[:cut]))
+    s.sync()
+    s.save_manifest()
+    s.close()
+    assert open_store(tmp_path).flush_lsn == b.record_ends[-2]
 
 
 def test_overlap_is_skipped_and_gap_refused(tmp_path: Path) -> None:
@@ -44,18 +69,24 @@ def test_overlap_is_skipped_and_gap_refused(tmp_path: Path) -> None:
 def test_truncate_drops_the_tail(tmp_path: Path) -> None:
     s = open_store(tmp_path)
     s.begin_at(SEG)
-    s.write(SEG, b"x" * (SEG + 500))
+    old = wal(SEG, SEG + 20_000)
+    new = copy.deepcopy(old)
+    cut = old.record_ends[-1]
+    while old.pos < 2 * SEG + 500:
+        old.record(b"old epoch" * 100)
+    new.record(b"new epoch" * 30)
+    s.write(SEG, bytes(old.out))
     s.sync()
-    s.truncate(SEG + 300)
-    assert s.flush_lsn == SEG + 300
+    s.truncate(cut)
+    assert s.flush_lsn == cut
     assert sorted(p.name for p in (tmp_path / "wal").iterdir()) == ["000000010000000000000001"]
-    s.write(SEG + 300, b"y" * 10)
+    s.write(cut, bytes(new.out[cut - SEG :]))
     s.sync()
     s.save_manifest()
     s.close()
     again = open_store(tmp_path)
-    assert again.flush_lsn == SEG + 310
-    assert again.read(SEG + 295, SEG + 310) == b"x" * 5 + b"y" * 10
+    assert again.flush_lsn == new.record_ends[-1]
+    assert again.read(SEG, new.record_ends[-1]) == bytes(new.out[: new.record_ends[-1] - SEG])
 
 
 def test_timeline_switch_inside_a_segment_copies_the_prefix(tmp_path: Path) -> None:

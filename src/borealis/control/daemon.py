@@ -48,6 +48,7 @@ class ControlPlane:
         self.locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         # (monotonic time, writer LSN) samples per cluster, for replica lag.
         self.lsn_history: dict[str, collections.deque[tuple[float, int]]] = {}
+        self.samplers: dict[str, psycopg.AsyncConnection[Any]] = {}
         self.stopping = asyncio.Event()
         self.failures: dict[str, int] = collections.defaultdict(int)
         # Consecutive failed status checks per (cluster, storage node).
@@ -136,16 +137,24 @@ class ControlPlane:
                     pass
 
     async def _sample_writer(self, name: str) -> None:
+        """Record the writer's WAL position; one connection kept open per cluster."""
         rt = self.runtime(name)
         writer = rt.writer()
+        conn = self.samplers.get(name)
         if writer is None or writer.state != "available":
+            if conn is not None:
+                await conn.close()
+                del self.samplers[name]
             return
         try:
-            async with await psycopg.AsyncConnection.connect(rt.dsn(writer),
-                                                             connect_timeout=1) as conn:
-                cur = await conn.execute("SELECT pg_current_wal_lsn()::text")
-                row = await cur.fetchone()
+            if conn is None or conn.closed or conn.info.port != writer.port:
+                conn = await psycopg.AsyncConnection.connect(rt.dsn(writer), connect_timeout=1,
+                                                             autocommit=True)
+                self.samplers[name] = conn
+            cur = await conn.execute("SELECT pg_current_wal_lsn()::text")
+            row = await cur.fetchone()
         except psycopg.Error:
+            self.samplers.pop(name, None)
             return
         if row:
             history = self.lsn_history.setdefault(name, collections.deque(maxlen=LSN_SAMPLES))
@@ -254,11 +263,17 @@ class ControlPlane:
         return await self.cluster_status(name)
 
     async def down_all(self) -> None:
+        for conn in self.samplers.values():
+            await conn.close()
+        self.samplers.clear()
         for cluster in self.state.clusters():
             async with self.locks[cluster.name]:
                 await asyncio.to_thread(self.runtime(cluster.name).down)
 
     async def destroy(self, name: str) -> None:
+        sampler = self.samplers.pop(name, None)
+        if sampler is not None:
+            await sampler.close()
         async with self.locks[name]:
             await asyncio.to_thread(self.runtime(name).destroy)
 

@@ -51,7 +51,7 @@ class NodeConfig:
     replication_password: str
     peers: list[PeerAddress] = field(default_factory=list)
     scrub_interval_s: float = 30.0
-    scrub_bytes_per_s: int = 8 * 1024 * 1024  # a pass never takes more than its share of CPU
+    scrub_bytes_per_s: int = 2 * 1024 * 1024  # a pass never takes more than its share of CPU
     gossip_interval_s: float = 1.0
 
     @classmethod
@@ -80,12 +80,11 @@ class StorageNode:
         self.store = SegmentStore(config.directory, config.node_id)
         self.recovering = True
         self.counters = NodeCounters()
-        self._advanced = asyncio.Condition()
+        self._advanced = asyncio.Event()  # replaced on every notification (a broadcast)
         self._sessions: set[ReaderSessionHandle] = set()
         self._repair_lock = asyncio.Lock()
         self._repair_wanted = asyncio.Event()
         self._last_append = 0.0
-        self._tasks: list[asyncio.Task[None]] = []
 
     # -- state ---------------------------------------------------------------------
 
@@ -129,14 +128,19 @@ class StorageNode:
             "readers": len(self._sessions), "counters": self.counters.__dict__,
         }
 
+    def wake_readers(self) -> None:
+        """Tell reader sessions that VDL or the flush LSN moved."""
+        if self._sessions:
+            self._advanced.set()
+            self._advanced = asyncio.Event()
+
     async def notify_advanced(self) -> None:
-        async with self._advanced:
-            self._advanced.notify_all()
+        self.wake_readers()
 
     async def wait_advanced(self, timeout_s: float) -> None:
-        async with self._advanced:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._advanced.wait(), timeout_s)
+        event = self._advanced
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout_s)
 
     def register(self, session: ReaderSessionHandle) -> None:
         self._sessions.add(session)
@@ -359,6 +363,12 @@ class StorageNode:
                 continue
         return damaged
 
+    async def spare_loop(self) -> None:
+        """Keep a zero-filled segment ready, so appends never wait for one."""
+        while True:
+            await asyncio.to_thread(self.store.prepare_spare)
+            await asyncio.sleep(0.5)
+
     async def gossip_loop(self) -> None:
         """Exchange positions with peers; repair when left behind by the writer's stream."""
         while True:
@@ -409,7 +419,7 @@ class VolumeServerProtocol(asyncio.Protocol):
         self.frames = vp.FrameReader()
         self.transport: asyncio.Transport | None = None
         self.authenticated = False
-        self._paused = False
+        self.reported_xmin = (0, 0)
         self._drained = asyncio.Event()
         self._drained.set()
 
@@ -467,9 +477,12 @@ class VolumeServerProtocol(asyncio.Protocol):
                     before = node.vdl
                     node.heartbeat(msg)
                     if node.vdl != before:
-                        asyncio.get_running_loop().create_task(node.notify_advanced())
-                    xmin, xmin_epoch = node.lowest_xmin()
-                    self.send(vp.Ack(node.epoch, node.store.flush_lsn, xmin, xmin_epoch))
+                        node.wake_readers()
+                    # Answer only when readers' xmin moved: appends' acks carry it too.
+                    xmin = node.lowest_xmin()
+                    if xmin != self.reported_xmin:
+                        self.reported_xmin = xmin
+                        self.send(vp.Ack(node.epoch, node.store.flush_lsn, *xmin))
                 case vp.StatusRequest():
                     self.send(node.state_message())
                 case vp.Fetch():
@@ -478,9 +491,9 @@ class VolumeServerProtocol(asyncio.Protocol):
                     log.warning("%s: unexpected %s", node.config.node_id, type(msg).__name__)
         if appended:
             flush = node.sync()
-            xmin, xmin_epoch = node.lowest_xmin()
-            self.send(vp.Ack(node.epoch, flush, xmin, xmin_epoch))
-            asyncio.get_running_loop().create_task(node.notify_advanced())
+            self.reported_xmin = node.lowest_xmin()
+            self.send(vp.Ack(node.epoch, flush, *self.reported_xmin))
+            node.wake_readers()
 
 
 async def run_node(config: NodeConfig) -> None:
@@ -500,6 +513,7 @@ async def run_node(config: NodeConfig) -> None:
         loop.create_task(node.repair_loop()),
         loop.create_task(node.scrub_loop()),
         loop.create_task(node.gossip_loop()),
+        loop.create_task(node.spare_loop()),
         loop.create_task(_write_status(node, status_path)),
     ]
     log.info("%s: serving on %d (volume) and %d (readers)", config.node_id, config.port,

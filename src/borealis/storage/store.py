@@ -6,9 +6,11 @@ Layout under the node directory::
     wal/TTTTTTTTXXXXXXXXYYYYYYYY   16 MiB segments, named as PostgreSQL names them
     wal/TTTTTTTT.history          timeline histories
 
-Segment files only grow by appends, so the durable flush LSN is the end of the last
-file after ``fdatasync`` (which also makes the new size durable): no separate
-"flushed up to" record to keep in step.
+New segment files are zero-filled ahead of time (a spare kept beside ``wal/``), so an
+append's ``fdatasync`` flushes data only, never a size change: about half the cost on
+ext4. After a restart the durable end of WAL is found as PostgreSQL finds it: walk the
+last segment's records and stop at the first that is incomplete or invalid. Bytes past
+that point were never part of a complete record, so no acknowledged commit is in them.
 
 Invariants: bytes below ``flush_lsn`` are contiguous from ``start_lsn``; ``flush_lsn``
 only goes down through :meth:`truncate` (at an epoch change); the manifest's epoch is
@@ -17,6 +19,7 @@ on disk before any reply that depends on it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -24,8 +27,11 @@ from pathlib import Path
 
 from borealis.wal.lsn import SEGMENT_SIZE, history_name, parse_segment_name, segment_name
 from borealis.wal.timeline import parse_history
+from borealis.wal.verify import WalCorruption, WalVerifier
 
 _OPEN_FILES = 16
+SPARE = "spare.seg"
+_ZEROS = bytes(1024 * 1024)
 
 
 @dataclass
@@ -61,6 +67,7 @@ class SegmentStore:
 
     def open(self) -> None:
         self.wal_dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / (SPARE + ".tmp")).unlink(missing_ok=True)
         path = self.dir / "manifest.json"
         if path.exists():
             data = json.loads(path.read_text())
@@ -83,14 +90,27 @@ class SegmentStore:
         if not start:
             return 0
         segno = start // self.segment_size
-        end = start
+        last = None
         while segno in self._segments:
-            size = os.path.getsize(self._path(self._segments[segno][-1], segno))
-            end = segno * self.segment_size + size
-            if size < self.segment_size:
+            last = segno
+            if os.path.getsize(self._path(self._segments[segno][-1], segno)) < self.segment_size:
                 break
             segno += 1
-        return max(end, start)
+        if last is None:
+            return start
+        return max(start, self._end_of_wal(last))
+
+    def _end_of_wal(self, segno: int) -> int:
+        """The end of the last complete, valid record in a segment (zeros follow it)."""
+        tli = self._segments[segno][-1]
+        seg_start = segno * self.segment_size
+        size = os.path.getsize(self._path(tli, segno))
+        verifier = WalVerifier(seg_start, self.segment_size, self.manifest.system_id or None)
+        with contextlib.suppress(WalCorruption):
+            for offset in range(0, size, len(_ZEROS)):
+                verifier.feed(self.read_segment(tli, segno, offset,
+                                                min(len(_ZEROS), size - offset)))
+        return min(verifier.verified_end, seg_start + size)
 
     # -- manifest ------------------------------------------------------------------
 
@@ -172,20 +192,44 @@ class SegmentStore:
         tlis = self._segments.get(segno, [])
         if tli not in tlis:
             path = self._path(tli, segno)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._take_spare(path)
+            fd = os.open(path, os.O_RDWR, 0o600)
             older = [t for t in tlis if t < tli]
             if offset and older:
                 # A timeline switch inside a segment: the new file starts with the old
                 # file's prefix, as PostgreSQL's promotion does.
                 prefix = self.read_segment(older[-1], segno, 0, offset)
                 os.pwrite(fd, prefix, 0)
-            os.ftruncate(fd, offset)
             self._segments.setdefault(segno, []).append(tli)
             self._segments[segno].sort()
             self._dir_dirty = True
             self._remember_fd((tli, segno), fd)
             return fd
         return self._fd(tli, segno)
+
+    def prepare_spare(self) -> bool:
+        """Zero-fill the next segment file ahead of need (run off the event loop)."""
+        spare = self.dir / SPARE
+        if spare.exists():
+            return False
+        tmp = self.dir / (SPARE + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            for _ in range(0, self.segment_size, len(_ZEROS)):
+                os.write(fd, _ZEROS[: min(len(_ZEROS), self.segment_size)])
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, spare)
+        return True
+
+    def _take_spare(self, path: Path) -> None:
+        try:
+            os.rename(self.dir / SPARE, path)
+        except FileNotFoundError:
+            self.prepare_spare()
+            os.rename(self.dir / SPARE, path)
+        self._dir_dirty = True
 
     def truncate(self, lsn: int) -> None:
         """Drop every byte at or past ``lsn`` (an epoch change rewrites the tail)."""
