@@ -88,7 +88,7 @@ volume_messages = st.one_of(
     st.builds(vp.Hello, st.text(max_size=30), st.sampled_from(["volume-client", "peer"])),
     st.builds(vp.NodeState, st.text(max_size=10), u64, u64, u32, u64, u64, u64, u32, u32,
               st.booleans(), u64),
-    st.builds(vp.Begin, u64, u32, u64, u64, st.binary(max_size=100)),
+    st.builds(vp.Begin, u64, u32, u64, u64, u64, st.binary(max_size=100)),
     st.builds(vp.Heartbeat, u64, u64),
     st.builds(vp.Ack, u64, u64, u32, u32),
     st.builds(vp.Refuse, st.sampled_from(list(vp.RefuseReason)), u64, u64),

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from borealis.protocol import volume as vp
-from borealis.storage.node import NodeConfig, StorageNode
+from borealis.storage.node import NodeConfig, StorageNode, first_difference
 
 SEG = 16 * 1024 * 1024
 
@@ -22,7 +22,8 @@ def make_node(tmp_path: Path) -> StorageNode:
 
 
 def begin(node: StorageNode, epoch: int, at: int) -> vp.NodeState | vp.Refuse:
-    return node.begin(vp.Begin(epoch, 1, at, 42, b""))
+    """Open an epoch whose writer is at ``at``, streaming from that segment's start."""
+    return node.begin(vp.Begin(epoch, 1, at, at - at % SEG, 42, b""))
 
 
 def test_epoch_is_persisted_before_it_is_acknowledged(tmp_path: Path) -> None:
@@ -60,18 +61,41 @@ def test_appends_of_a_newer_epoch_need_its_begin(tmp_path: Path) -> None:
     assert isinstance(refused, vp.Refuse) and refused.reason == vp.RefuseReason.NO_EPOCH
 
 
-def test_a_new_epoch_truncates_the_old_tail(tmp_path: Path) -> None:
+def test_a_new_epoch_drops_what_the_writer_does_not_have(tmp_path: Path) -> None:
     node = make_node(tmp_path)
     begin(node, 1, SEG)
     node.append(vp.Append(1, SEG, SEG + 50, b"a" * 300))
     node.sync()
     assert node.vdl == SEG + 50
-    begin(node, 2, SEG + 200)
+    begin(node, 2, SEG + 200)  # the restarted writer's WAL ends at +200
     assert node.store.flush_lsn == SEG + 200
     assert node.vdl == SEG + 50
     assert node.append(vp.Append(2, SEG + 200, 0, b"b" * 10)) is None
     assert node.sync() == SEG + 210
     assert node.store.read(SEG + 195, SEG + 210) == b"a" * 5 + b"b" * 10
+
+
+def test_a_new_epoch_keeps_matching_bytes_and_cuts_where_they_differ(tmp_path: Path) -> None:
+    node = make_node(tmp_path)
+    begin(node, 1, SEG)
+    node.append(vp.Append(1, SEG, 0, b"a" * 50_000))
+    node.sync()
+    begin(node, 2, SEG + 50_000)
+    assert node.store.flush_lsn == SEG + 50_000  # nothing dropped at Begin
+    # The new epoch streams from the segment start: the same bytes, then a rewrite.
+    same = node.append(vp.Append(2, SEG, 0, b"a" * 20_000))
+    assert same is None and node.sync() == SEG + 50_000
+    rewritten = b"a" * 30_000 + b"b" * 100
+    assert node.append(vp.Append(2, SEG, 0, rewritten)) is None
+    assert node.sync() == SEG + 30_100
+    assert node.store.read(SEG + 29_999, SEG + 30_001) == b"ab"
+
+
+def test_first_difference() -> None:
+    a = bytes(100_000)
+    b = bytearray(a)
+    b[77_777] = 1
+    assert first_difference(a, bytes(b)) == 77_777
 
 
 def test_recovering_node_refuses_until_caught_up(tmp_path: Path) -> None:

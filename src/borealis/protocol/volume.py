@@ -58,7 +58,8 @@ class NodeState:
 class Begin:
     epoch: int
     timeline: int
-    truncate_at: int
+    truncate_at: int  # the writer's flush LSN: nothing past it can be the writer's WAL
+    stream_start: int  # where this epoch's stream starts (a segment start)
     system_id: int
     history: bytes  # the timeline's history file content, empty for timeline 1
 
@@ -122,7 +123,7 @@ VolumeMessage = (
 )
 
 _node_state = struct.Struct(">QQIQQQIIBQ")
-_begin = struct.Struct(">QIQQ")
+_begin = struct.Struct(">QIQQQ")
 _append = struct.Struct(">QQQ")
 _qq = struct.Struct(">QQ")
 _ack = struct.Struct(">QQII")
@@ -167,8 +168,8 @@ def encode_parts(msg: VolumeMessage) -> list[bytes | memoryview]:
                     msg.vdl, msg.xmin, msg.xmin_epoch, int(msg.recovering), msg.system_id,
                 )
             ]
-        case Begin(epoch, timeline, truncate_at, system_id, history):
-            body = [_begin.pack(epoch, timeline, truncate_at, system_id), history]
+        case Begin(epoch, timeline, truncate_at, stream_start, system_id, history):
+            body = [_begin.pack(epoch, timeline, truncate_at, stream_start, system_id), history]
         case Append(epoch, start, vdl, data):
             body = [_append.pack(epoch, start, vdl), data]
         case Heartbeat(epoch, vdl):
@@ -207,8 +208,8 @@ def _decode_body(kind: int, body: memoryview) -> VolumeMessage:
         return NodeState(node_id, f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], bool(f[8]),
                          f[9])
     if kind == 3:
-        epoch, tli, trunc, sysid = _begin.unpack_from(body, 0)
-        return Begin(epoch, tli, trunc, sysid, bytes(body[_begin.size :]))
+        epoch, tli, trunc, stream_start, sysid = _begin.unpack_from(body, 0)
+        return Begin(epoch, tli, trunc, stream_start, sysid, bytes(body[_begin.size :]))
     if kind == 4:
         epoch, start, vdl = _append.unpack_from(body, 0)
         return Append(epoch, start, vdl, body[_append.size :])

@@ -30,7 +30,7 @@ from borealis.protocol import volume as vp
 from borealis.storage.peers import PeerAddress, PeerConnection, PeerError, peer_states
 from borealis.storage.store import SegmentStore, StoreError
 from borealis.storage.verify_range import CHUNK, check_replacement, verify_steps
-from borealis.wal.lsn import SEGMENT_SIZE, format_lsn, segment_start
+from borealis.wal.lsn import SEGMENT_SIZE, format_lsn
 from borealis.wal.verify import WalCorruption
 
 log = logging.getLogger("borealis.storage")
@@ -161,12 +161,14 @@ class StorageNode:
         if msg.epoch < m.epoch:
             return self._refuse(vp.RefuseReason.STALE_EPOCH)
         if msg.epoch > m.epoch:
+            # Nothing past the writer's flush LSN is its WAL. Below it our bytes are
+            # kept (they may be acknowledged commits): the new stream is compared with
+            # them as it arrives, and the log is cut only where it really differs.
             if self.store.empty:
-                self.store.begin_at(segment_start(msg.truncate_at))
+                self.store.begin_at(msg.stream_start)
             elif self.store.flush_lsn > msg.truncate_at:
-                self.store.truncate(msg.truncate_at)
-                self._drop_sessions_past(msg.truncate_at)
-            m.epoch, m.epoch_start = msg.epoch, msg.truncate_at
+                self._cut(msg.truncate_at)
+            m.epoch, m.epoch_start = msg.epoch, msg.stream_start
             m.timeline, m.system_id = msg.timeline, msg.system_id
             m.vdl = min(m.vdl, msg.truncate_at)
             if msg.history:
@@ -186,11 +188,32 @@ class StorageNode:
         if msg.start > self.store.write_lsn:
             self.request_repair()
             return self._refuse(vp.RefuseReason.GAP)
+        if msg.start < self.store.write_lsn:
+            self._compare_overlap(msg.start, msg.data)
         self.store.write(msg.start, msg.data)
         self._note_vdl(msg.epoch, msg.vdl)
         self.counters.appends += 1
         self._last_append = time.monotonic()
         return None
+
+    def _compare_overlap(self, start: int, data: bytes | memoryview) -> None:
+        """Appended bytes we already hold must match; where they do not, our tail was
+        never the writer's log (a partial record before a writer restart): cut it there."""
+        begin = max(start, self.store.manifest.start_lsn)
+        end = min(start + len(data), self.store.write_lsn)
+        if begin >= end:
+            return
+        held = self.store.read(begin, end)
+        fresh = bytes(memoryview(data)[begin - start : end - start])
+        if held != fresh:
+            first = first_difference(held, fresh)
+            log.warning("%s: the log differs from the writer's at %s; cutting it there",
+                        self.config.node_id, format_lsn(begin + first))
+            self._cut(begin + first)
+
+    def _cut(self, lsn: int) -> None:
+        self.store.truncate(lsn)
+        self._drop_sessions_past(lsn)
 
     def sync(self) -> int:
         self.counters.syncs += 1
@@ -398,6 +421,15 @@ class StorageNode:
             await conn.drain()
         history = (self.store.history(self.store.manifest.timeline) or "").encode()
         conn.send(vp.FetchEnd(end, history))
+
+
+def first_difference(a: bytes, b: bytes, chunk: int = 8192) -> int:
+    """Index of the first byte where two equal-length buffers differ (C-speed compares)."""
+    for off in range(0, len(a), chunk):
+        if a[off : off + chunk] != b[off : off + chunk]:
+            return off + next(i for i, (x, y) in enumerate(
+                zip(a[off : off + chunk], b[off : off + chunk], strict=True)) if x != y)
+    raise ValueError("buffers are equal")
 
 
 class ReaderSessionHandle:

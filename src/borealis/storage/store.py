@@ -280,8 +280,9 @@ class SegmentStore:
         return tlis[-1] if tlis else None
 
     def read(self, start: int, end: int, timeline: int | None = None) -> bytes:
-        """Bytes [start, end) as seen on ``timeline`` (default: the newest)."""
-        if start < self.manifest.start_lsn or end > self.flush_lsn:
+        """Bytes [start, end) as seen on ``timeline`` (default: the newest); written bytes
+        not yet synced are readable too (callers serving others bound ``end`` themselves)."""
+        if start < self.manifest.start_lsn or end > self.write_lsn:
             raise StoreError(f"read [{start:#x},{end:#x}) outside what is held")
         parts: list[bytes] = []
         pos = start

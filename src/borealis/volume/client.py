@@ -138,6 +138,7 @@ class VolumeClient:
         self.timeline = 1
         self.history = b""
         self.stream_start = 0
+        self.writer_start = 0
         self.buffer = WalBuffer(0, config.buffer_bytes)
         self.writer_flush = 0
         self.received = 0
@@ -330,8 +331,8 @@ class VolumeClient:
                     link.transport.close()
 
     def _begin(self, link: NodeLink) -> None:
-        link.send(vp.Begin(self.epoch, self.timeline, self.stream_start, self.system_id,
-                           self.history))
+        link.send(vp.Begin(self.epoch, self.timeline, self.writer_start, self.stream_start,
+                           self.system_id, self.history))
 
     async def maintain_link(self, link: NodeLink) -> None:
         """Keep one node connected; a lost node is reconnected and re-fed."""
@@ -366,6 +367,7 @@ class VolumeClient:
         states = await self._initial_states(timeout_s=3.0)
         flushes = [s.flush_lsn for s in states
                    if s.system_id in (0, self.system_id) and s.start_lsn]
+        self.writer_start = xlogpos
         self.stream_start = segment_start(stream_start_point(flushes, xlogpos))
         log.info("epoch %d: streaming timeline %d from %s (writer at %s, %d nodes answered)",
                  self.epoch, self.timeline, format_lsn(self.stream_start), format_lsn(xlogpos),
