@@ -254,23 +254,29 @@ class ClusterRuntime:
                        kill_group=True)
         self.state.set_instance(inst.id, pid=None, state="stopped")
 
+    def accepts_connections(self, inst: Instance, timeout_s: int = 1) -> bool:
+        """Mark the instance available once it accepts connections."""
+        try:
+            with psycopg.connect(self.dsn(inst), connect_timeout=timeout_s) as conn:
+                conn.execute("SELECT 1")
+        except psycopg.Error:
+            return False
+        self.state.set_instance(inst.id, state="available")
+        return True
+
     def wait_ready(self, inst: Instance, timeout_s: float | None = None) -> None:
-        deadline = time.monotonic() + (timeout_s or self.settings.ready_timeout_s)
-        last_error = ""
+        timeout_s = timeout_s or self.settings.ready_timeout_s
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             current = self.state.instance(inst.id)
             if current is None or not self.instance_alive(current):
                 raise ClusterError(f"{inst.id} exited while starting; see "
                                    f"{self.instance_dir(inst.id) / 'postgres.log'}")
-            try:
-                with psycopg.connect(self.dsn(inst), connect_timeout=2) as conn:
-                    conn.execute("SELECT 1")
-                self.state.set_instance(inst.id, state="available")
+            if self.accepts_connections(inst, timeout_s=2):
                 return
-            except psycopg.Error as exc:
-                last_error = str(exc).strip()
             time.sleep(0.1)
-        raise ClusterError(f"{inst.id} not ready after {timeout_s}s: {last_error}")
+        raise ClusterError(f"{inst.id} not ready after {timeout_s}s; "
+                           f"see {self.instance_dir(inst.id) / 'postgres.log'}")
 
     def repoint_reader(self, reader: Instance) -> bool:
         """Move a reader to a live storage node when its node is down (reload, no restart)."""

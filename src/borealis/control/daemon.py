@@ -111,13 +111,8 @@ class ControlPlane:
                 rt.event("supervisor", f"writer {writer.id} is down; restarting it")
             rt.start_instance(writer)
             return
-        if writer.state != "available":
-            try:
-                with psycopg.connect(rt.dsn(writer), connect_timeout=1) as conn:
-                    conn.execute("SELECT 1")
-                self.state.set_instance(writer.id, state="available")
-            except psycopg.Error:
-                return
+        if writer.state != "available" and not rt.accepts_connections(writer):
+            return
         if rt.ensure_volume_client(writer):
             return
         for reader in rt.readers():
@@ -129,12 +124,7 @@ class ControlPlane:
                 continue
             rt.repoint_reader(reader)
             if reader.state == "starting":
-                try:
-                    with psycopg.connect(rt.dsn(reader), connect_timeout=1) as conn:
-                        conn.execute("SELECT 1")
-                    self.state.set_instance(reader.id, state="available")
-                except psycopg.Error:
-                    pass
+                rt.accepts_connections(reader)
 
     async def _sample_writer(self, name: str) -> None:
         """Record the writer's WAL position; one connection kept open per cluster."""

@@ -14,7 +14,6 @@ Invariants:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
+from borealis import entrypoint
 from borealis.protocol import volume as vp
 from borealis.storage.peers import PeerAddress, PeerConnection, PeerError, peer_states
 from borealis.storage.store import SegmentStore, StoreError
@@ -567,18 +567,8 @@ async def _write_status(node: StorageNode, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Borealis storage node")
-    parser.add_argument("--config", type=Path, required=True)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    config = NodeConfig.load(args.config)
-    try:
-        import uvloop
-
-        uvloop.run(run_node(config))
-    except ImportError:
-        asyncio.run(run_node(config))
+    config = NodeConfig.load(entrypoint.config_path("Borealis storage node"))
+    entrypoint.run(lambda: run_node(config))
 
 
 if __name__ == "__main__":

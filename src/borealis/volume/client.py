@@ -15,7 +15,6 @@ starts the next epoch.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import json
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from psycopg import pq
 
+from borealis import entrypoint
 from borealis.protocol import replication as rp
 from borealis.protocol import volume as vp
 from borealis.storage.peers import PeerAddress
@@ -475,12 +475,7 @@ def _err(conn: pq.abc.PGconn) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Borealis volume client")
-    parser.add_argument("--config", type=Path, required=True)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    config = VolumeClientConfig.load(args.config)
+    config = VolumeClientConfig.load(entrypoint.config_path("Borealis volume client"))
     client = VolumeClient(config)
 
     async def run() -> str:
@@ -489,12 +484,7 @@ def main() -> None:
             loop.add_signal_handler(sig, client._finish, "stopped by signal")
         return await client.run()
 
-    try:
-        import uvloop
-
-        reason = uvloop.run(run())
-    except ImportError:
-        reason = asyncio.run(run())
+    reason = entrypoint.run(run)
     log.info("exiting: %s", reason)
     sys.exit(0 if reason == "stopped by signal" else 3)
 
