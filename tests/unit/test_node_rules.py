@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+import pytest
 
 from borealis.protocol import volume as vp
 from borealis.storage.node import NodeConfig, StorageNode, first_difference
@@ -71,7 +74,7 @@ def test_a_new_epoch_drops_what_the_writer_does_not_have(tmp_path: Path) -> None
     assert node.store.flush_lsn == SEG + 200
     assert node.vdl == SEG + 50
     assert node.append(vp.Append(2, SEG + 200, 0, b"b" * 10)) is None
-    assert node.sync() == SEG + 210
+    assert node.store.sync() == SEG + 210
     assert node.store.read(SEG + 195, SEG + 210) == b"a" * 5 + b"b" * 10
 
 
@@ -84,10 +87,10 @@ def test_a_new_epoch_keeps_matching_bytes_and_cuts_where_they_differ(tmp_path: P
     assert node.store.flush_lsn == SEG + 50_000  # nothing dropped at Begin
     # The new epoch streams from the segment start: the same bytes, then a rewrite.
     same = node.append(vp.Append(2, SEG, 0, b"a" * 20_000))
-    assert same is None and node.sync() == SEG + 50_000
+    assert same is None and node.store.sync() == SEG + 50_000
     rewritten = b"a" * 30_000 + b"b" * 100
     assert node.append(vp.Append(2, SEG, 0, rewritten)) is None
-    assert node.sync() == SEG + 30_100
+    assert node.store.sync() == SEG + 30_100
     assert node.store.read(SEG + 29_999, SEG + 30_001) == b"ab"
 
 
@@ -115,3 +118,33 @@ def test_readers_are_served_only_up_to_vdl(tmp_path: Path) -> None:
     assert node.servable_lsn() == SEG + 100
     node.heartbeat(vp.Heartbeat(0, SEG + 900))  # another epoch's VDL means nothing here
     assert node.vdl == SEG + 500
+
+
+def test_wal_of_another_system_is_refused(tmp_path: Path) -> None:
+    node = make_node(tmp_path)
+    begin(node, 1, SEG)
+    node.append(vp.Append(1, SEG, 0, b"x" * 10))
+    node.sync()
+    other = node.begin(vp.Begin(2, 1, SEG, SEG, 43, b""))
+    assert isinstance(other, vp.Refuse) and other.reason == vp.RefuseReason.OTHER_SYSTEM
+    assert node.epoch == 1
+
+
+def test_a_failed_sync_is_refused_not_acked(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    node = make_node(tmp_path)
+    begin(node, 1, SEG)
+    node.append(vp.Append(1, SEG, 0, b"x" * 10))
+    assert node.sync() == SEG + 10
+    node.append(vp.Append(1, SEG + 10, 0, b"y" * 10))
+
+    def no_space(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(os, "fdatasync", no_space)
+        refused = node.sync()
+    assert isinstance(refused, vp.Refuse) and refused.reason == vp.RefuseReason.DISK_ERROR
+    assert node.store.flush_lsn == SEG + 10 and node.store.write_lsn == SEG + 10
+    assert node.append(vp.Append(1, SEG + 10, 0, b"y" * 10)) is None  # re-sent later
+    assert node.sync() == SEG + 20

@@ -31,6 +31,8 @@ class RefuseReason(IntEnum):
     RECOVERING = 3  # the node is fetching WAL from peers; retry later
     BAD_SECRET = 4
     NO_EPOCH = 5  # append before Begin for this epoch
+    OTHER_SYSTEM = 6  # the node holds WAL of another database system
+    DISK_ERROR = 7  # the node could not write or sync (full disk, I/O error): not acked
 
 
 @dataclass(frozen=True)

@@ -160,6 +160,10 @@ class StorageNode:
             return self._refuse(vp.RefuseReason.RECOVERING)
         if msg.epoch < m.epoch:
             return self._refuse(vp.RefuseReason.STALE_EPOCH)
+        if m.system_id and msg.system_id != m.system_id and not self.store.empty:
+            log.error("%s: refusing WAL of system %d; this node holds system %d",
+                      self.config.node_id, msg.system_id, m.system_id)
+            return self._refuse(vp.RefuseReason.OTHER_SYSTEM)
         if msg.epoch > m.epoch:
             # Nothing past the writer's flush LSN is its WAL. Below it our bytes are
             # kept (they may be acknowledged commits): the new stream is compared with
@@ -188,9 +192,12 @@ class StorageNode:
         if msg.start > self.store.write_lsn:
             self.request_repair()
             return self._refuse(vp.RefuseReason.GAP)
-        if msg.start < self.store.write_lsn:
-            self._compare_overlap(msg.start, msg.data)
-        self.store.write(msg.start, msg.data)
+        try:
+            if msg.start < self.store.write_lsn:
+                self._compare_overlap(msg.start, msg.data)
+            self.store.write(msg.start, msg.data)
+        except OSError as exc:
+            return self._disk_error(exc)
         self._note_vdl(msg.epoch, msg.vdl)
         self.counters.appends += 1
         self._last_append = time.monotonic()
@@ -215,9 +222,20 @@ class StorageNode:
         self.store.truncate(lsn)
         self._drop_sessions_past(lsn)
 
-    def sync(self) -> int:
+    def sync(self) -> int | vp.Refuse:
+        """Make appended WAL durable; the flush LSN to ack, or a refusal (nothing acked)."""
         self.counters.syncs += 1
-        return self.store.sync()
+        try:
+            return self.store.sync()
+        except OSError as exc:
+            return self._disk_error(exc)
+
+    def _disk_error(self, exc: OSError) -> vp.Refuse:
+        # What was written but not synced is not acknowledged; the node drops it so the
+        # writer's stream is re-sent from its durable end once the disk recovers.
+        log.error("%s: disk error, refusing appends: %s", self.config.node_id, exc)
+        self.store.write_lsn = self.store.flush_lsn
+        return self._refuse(vp.RefuseReason.DISK_ERROR)
 
     def heartbeat(self, msg: vp.Heartbeat) -> None:
         self._note_vdl(msg.epoch, msg.vdl)
@@ -523,6 +541,9 @@ class VolumeServerProtocol(asyncio.Protocol):
                     log.warning("%s: unexpected %s", node.config.node_id, type(msg).__name__)
         if appended:
             flush = node.sync()
+            if isinstance(flush, vp.Refuse):
+                self.send(flush)
+                return
             self.reported_xmin = node.lowest_xmin()
             self.send(vp.Ack(node.epoch, flush, *self.reported_xmin))
             node.wake_readers()
