@@ -23,7 +23,6 @@ from typing import Any
 import psycopg
 from aiohttp import web
 
-from borealis.control import processes
 from borealis.control.cluster import ClusterError, ClusterRuntime
 from borealis.control.state import AZS, State
 from borealis.storage.peers import PeerAddress, PeerConnection, PeerError
@@ -390,7 +389,7 @@ async def serve(home: Path, port: int) -> None:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
-    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    bound = runner.addresses[0][1]
     info = {"pid": os.getpid(), "port": bound, "url": f"http://127.0.0.1:{bound}"}
     tmp = home / "control.json.tmp"
     tmp.write_text(json.dumps(info))
@@ -423,5 +422,3 @@ def main() -> None:
 if __name__ == "__main__":
     main()
 
-
-__all__ = ["ControlPlane", "default_home", "main", "processes"]

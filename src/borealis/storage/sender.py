@@ -24,7 +24,7 @@ from borealis.protocol import replication as rp
 from borealis.storage.node import ReaderSessionHandle, StorageNode
 from borealis.storage.store import StoreError
 from borealis.wal.lsn import SEGMENT_SIZE, format_lsn, history_name, parse_lsn, segment_start
-from borealis.wal.timeline import switchpoint_of
+from borealis.wal.timeline import TimelineEntry, switchpoint_of
 from borealis.wal.verify import WalCorruption, WalVerifier
 
 log = logging.getLogger("borealis.sender")
@@ -224,7 +224,8 @@ class ReaderSession(ReaderSessionHandle):
                        + pw.encode_ready_for_query())
         return True
 
-    def _end_of_timeline_result(self, entries: list, tli: int, switch: int) -> None:  # type: ignore[type-arg]
+    def _end_of_timeline_result(self, entries: list[TimelineEntry], tli: int,
+                                switch: int) -> None:
         next_tli = next(e.timeline for e in entries if e.timeline > tli)
         self._send(
             pw.encode_row_description([("next_tli", pw.INT8_OID),

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from borealis.wal.lsn import SEGMENT_SIZE, history_name, parse_segment_name, segment_name
-from borealis.wal.timeline import parse_history
+from borealis.wal.timeline import TimelineEntry, parse_history
 from borealis.wal.verify import WalCorruption, WalVerifier
 
 _OPEN_FILES = 16
@@ -138,7 +138,7 @@ class SegmentStore:
             hist = self.wal_dir / history_name(timeline)
             hist.write_text(content)
 
-    def timeline_entries(self) -> list:  # type: ignore[type-arg]
+    def timeline_entries(self) -> list[TimelineEntry]:
         return parse_history(self.manifest.timeline, self.history(self.manifest.timeline) or "")
 
     # -- writing ------------------------------------------------------------------
