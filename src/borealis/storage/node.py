@@ -134,9 +134,6 @@ class StorageNode:
             self._advanced.set()
             self._advanced = asyncio.Event()
 
-    async def notify_advanced(self) -> None:
-        self.wake_readers()
-
     async def wait_advanced(self, timeout_s: float) -> None:
         event = self._advanced
         with contextlib.suppress(TimeoutError):
@@ -275,7 +272,7 @@ class StorageNode:
                     pass
             finally:
                 self.recovering = False
-            await self.notify_advanced()
+            self.wake_readers()
 
     async def _catch_up_once(self) -> bool:
         """One fetch from the best donor; returns True if it made progress."""
@@ -333,7 +330,7 @@ class StorageNode:
         self._note_vdl(donor.epoch, donor.vdl)
         self.store.save_manifest()
         self.counters.repairs += 1
-        await self.notify_advanced()
+        self.wake_readers()
         return self.store.flush_lsn > before
 
     async def repair_segment(self, segno: int) -> bool:
@@ -422,7 +419,7 @@ class StorageNode:
             idle = time.monotonic() - self._last_append > 2 * self.config.gossip_interval_s
             if ahead and idle and not self._repair_lock.locked():
                 self.request_repair()
-            await self.notify_advanced()
+            self.wake_readers()
 
     async def serve_fetch(self, conn: VolumeServerProtocol, msg: vp.Fetch) -> None:
         end = min(msg.end or self.store.flush_lsn, self.store.flush_lsn)
