@@ -291,9 +291,9 @@ class VolumeClient:
         try:
             chunks = self.buffer.since(link.next_lsn)
         except ValueError:
-            # It fell behind what we hold: send from our start so it refuses with a
-            # gap, repairs from its peers and comes back.
-            chunks = self.buffer.since(self.buffer.start)
+            # It fell behind what we hold: one append from our start makes it refuse
+            # with a gap, repair from its peers and come back.
+            chunks = self.buffer.since(self.buffer.start)[:1]
         for start, data in chunks:
             link.send(vp.Append(self.epoch, start, self.tracker.vdl, data))
         link.next_lsn = self.received
