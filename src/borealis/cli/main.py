@@ -97,6 +97,10 @@ def cmd_up(args: argparse.Namespace) -> None:
     with console.status(f"bringing up cluster [bold]{args.cluster}[/]..."):
         status = request("POST", f"/v1/clusters/{args.cluster}/up", {"readers": args.readers})
     console.print(f"cluster [bold]{status['name']}[/] is {status['status']}")
+    for ep in status.get("endpoints", []):
+        if ep["type"] in ("WRITER", "READER"):
+            console.print(f"  {ep['type'].lower():<6} endpoint {ep['name']:<14} "
+                          f"psql \"{ep['dsn']}\"", soft_wrap=True)
     for inst in status["instances"]:
         console.print(f"  {inst['role']:<6} {inst['id']:<14} psql \"{inst['dsn']}\"",
                       soft_wrap=True)
@@ -158,6 +162,25 @@ def cmd_instance_remove(args: argparse.Namespace) -> None:
     console.print(f"instance {args.id} removed")
 
 
+def cmd_endpoint_create(args: argparse.Namespace) -> None:
+    ep = request("POST", f"/v1/clusters/{args.cluster}/endpoints",
+                 {"name": args.name, "type": args.type, "static": args.static,
+                  "excluded": args.excluded})
+    console.print(f"endpoint {ep['name']} ({args.type}) members {ep['members']}: "
+                  f"psql \"{ep['dsn']}\"", soft_wrap=True)
+
+
+def cmd_endpoint_modify(args: argparse.Namespace) -> None:
+    ep = request("PATCH", f"/v1/endpoints/{args.name}",
+                 {"type": args.type, "static": args.static, "excluded": args.excluded})
+    console.print(f"endpoint {ep['name']} members {ep['members']}")
+
+
+def cmd_endpoint_delete(args: argparse.Namespace) -> None:
+    request("DELETE", f"/v1/endpoints/{args.name}")
+    console.print(f"endpoint {args.name} deleted")
+
+
 def cmd_events(args: argparse.Namespace) -> None:
     events = request("GET", f"/v1/clusters/{args.cluster}/events")["events"]
     for e in events:
@@ -194,6 +217,22 @@ def parser() -> argparse.ArgumentParser:
     rm = isub.add_parser("remove", help="remove a reader")
     rm.add_argument("id")
     rm.set_defaults(func=cmd_instance_remove)
+    ep = sub.add_parser("endpoint", help="custom endpoints")
+    esub = ep.add_subparsers(dest="endpoint_command", required=True)
+    for verb, func in (("create", cmd_endpoint_create), ("modify", cmd_endpoint_modify)):
+        e = esub.add_parser(verb, help=f"{verb} a custom endpoint")
+        e.add_argument("name")
+        if verb == "create":
+            e.add_argument("--cluster", required=True)
+        e.add_argument("--type", choices=["READER", "ANY"],
+                       default="ANY" if verb == "create" else None)
+        members = e.add_mutually_exclusive_group()
+        members.add_argument("--static", nargs="+", metavar="ID", default=None)
+        members.add_argument("--excluded", nargs="+", metavar="ID", default=None)
+        e.set_defaults(func=func)
+    de = esub.add_parser("delete", help="delete a custom endpoint")
+    de.add_argument("name")
+    de.set_defaults(func=cmd_endpoint_delete)
     return p
 
 

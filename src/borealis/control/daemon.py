@@ -24,6 +24,7 @@ import psycopg
 from aiohttp import web
 
 from borealis.control.cluster import ClusterError, ClusterRuntime
+from borealis.control.endpoints import ClusterEndpoints
 from borealis.control.state import AZS, State
 from borealis.storage.peers import PeerAddress, PeerConnection, PeerError
 from borealis.wal.lsn import format_lsn, parse_lsn
@@ -48,6 +49,7 @@ class ControlPlane:
         # (monotonic time, writer LSN) samples per cluster, for replica lag.
         self.lsn_history: dict[str, collections.deque[tuple[float, int]]] = {}
         self.samplers: dict[str, psycopg.AsyncConnection[Any]] = {}
+        self.reader_lag: dict[str, dict[str, int | None]] = {}
         self.stopping = asyncio.Event()
         self.failures: dict[str, int] = collections.defaultdict(int)
         # Consecutive failed status checks per (cluster, storage node).
@@ -73,6 +75,11 @@ class ControlPlane:
                         if self.failures[cluster.name] % 20 == 1:
                             log.exception("supervising %s: %s", cluster.name, exc)
                     await self._sample_writer(cluster.name)
+                    await self._sample_readers(cluster.name)
+                    try:
+                        await asyncio.to_thread(self._keep_endpoints, cluster.name)
+                    except Exception as exc:
+                        log.exception("endpoints of %s: %s", cluster.name, exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), SUPERVISE_S)
 
@@ -149,6 +156,37 @@ class ControlPlane:
             history = self.lsn_history.setdefault(name, collections.deque(maxlen=LSN_SAMPLES))
             history.append((time.monotonic(), parse_lsn(row[0])))
 
+    async def _sample_readers(self, name: str) -> None:
+        """Each reader's replay position, as lag, for the reader endpoint's lag bound."""
+        rt = self.runtime(name)
+        lags = self.reader_lag.setdefault(name, {})
+        for reader in rt.readers():
+            conn = self.samplers.get(reader.id)
+            if reader.state != "available":
+                lags.pop(reader.id, None)
+                if conn is not None:
+                    await conn.close()
+                    del self.samplers[reader.id]
+                continue
+            try:
+                if conn is None or conn.closed:
+                    conn = await psycopg.AsyncConnection.connect(
+                        rt.dsn(reader), connect_timeout=1, autocommit=True)
+                    self.samplers[reader.id] = conn
+                cur = await conn.execute("SELECT pg_last_wal_replay_lsn()::text")
+                row = await cur.fetchone()
+            except psycopg.Error:
+                self.samplers.pop(reader.id, None)
+                lags[reader.id] = None
+                continue
+            lags[reader.id] = self.lag_ms(name, parse_lsn(row[0])) if row and row[0] else None
+
+    def _keep_endpoints(self, name: str) -> None:
+        eps = ClusterEndpoints(self.runtime(name))
+        eps.ensure_rows()
+        eps.write_config(self.reader_lag.get(name, {}))
+        eps.ensure_proxy()
+
     def lag_ms(self, name: str, replay_lsn: int) -> int | None:
         """How long ago the writer first had WAL that this reader has not replayed."""
         history = self.lsn_history.get(name)
@@ -189,6 +227,8 @@ class ControlPlane:
             },
             "instances": list(instances),
             "storage_nodes": list(nodes),
+            "endpoints": await asyncio.to_thread(ClusterEndpoints(rt).describe,
+                                                 self.reader_lag.get(name, {})),
         }
 
     async def _instance_status(self, rt: ClusterRuntime, inst: Any) -> dict[str, Any]:
@@ -236,6 +276,11 @@ class ControlPlane:
                    start_lsn=format_lsn(st.start_lsn), timeline=st.timeline)
         return out
 
+    async def endpoint_status(self, cluster: str, endpoint: str) -> dict[str, Any]:
+        described = await asyncio.to_thread(ClusterEndpoints(self.runtime(cluster)).describe,
+                                            self.reader_lag.get(cluster, {}))
+        return next(e for e in described if e["name"] == endpoint)
+
     async def status(self) -> dict[str, Any]:
         clusters = [await self.cluster_status(c.name) for c in self.state.clusters()]
         return {"control": {"pid": os.getpid(), "home": str(self.home)}, "clusters": clusters}
@@ -249,6 +294,7 @@ class ControlPlane:
             readers = 1 if readers is None else readers
         async with self.locks[name]:
             await asyncio.to_thread(self.runtime(name).up, readers)
+            await asyncio.to_thread(self._keep_endpoints, name)
         return await self.cluster_status(name)
 
     async def down_all(self) -> None:
@@ -257,14 +303,18 @@ class ControlPlane:
         self.samplers.clear()
         for cluster in self.state.clusters():
             async with self.locks[cluster.name]:
-                await asyncio.to_thread(self.runtime(cluster.name).down)
+                rt = self.runtime(cluster.name)
+                await asyncio.to_thread(ClusterEndpoints(rt).stop_proxy)
+                await asyncio.to_thread(rt.down)
 
     async def destroy(self, name: str) -> None:
         sampler = self.samplers.pop(name, None)
         if sampler is not None:
             await sampler.close()
         async with self.locks[name]:
-            await asyncio.to_thread(self.runtime(name).destroy)
+            rt = self.runtime(name)
+            await asyncio.to_thread(ClusterEndpoints(rt).stop_proxy)
+            await asyncio.to_thread(rt.destroy)
 
     async def add_instance(self, name: str, az: str | None, tier: int,
                            instance_id: str | None) -> dict[str, Any]:
@@ -274,6 +324,7 @@ class ControlPlane:
             raise ClusterError("promotion tier must be between 0 and 15")
         async with self.locks[name]:
             inst = await asyncio.to_thread(self.runtime(name).add_reader, az, tier, instance_id)
+            await asyncio.to_thread(self._keep_endpoints, name)
         return await self._instance_status(self.runtime(name), inst)
 
     async def remove_instance(self, instance_id: str) -> None:
@@ -282,6 +333,8 @@ class ControlPlane:
             raise ClusterError(f"instance {instance_id!r} not found")
         async with self.locks[inst.cluster]:
             await asyncio.to_thread(self.runtime(inst.cluster).remove_instance, instance_id)
+            # At once, so the proxy closes what went to it without waiting for a tick.
+            await asyncio.to_thread(self._keep_endpoints, inst.cluster)
 
 
 def build_app(cp: ControlPlane) -> web.Application:
@@ -346,6 +399,52 @@ def build_app(cp: ControlPlane) -> web.Application:
     async def remove_instance(request: web.Request) -> web.Response:
         await cp.remove_instance(request.match_info["id"])
         return web.json_response({"removed": request.match_info["id"]})
+
+    def endpoint_body(body: dict[str, Any]) -> tuple[Any, Any, Any]:
+        static, excluded = body.get("static"), body.get("excluded")
+        for value in (static, excluded):
+            if value is not None and not (isinstance(value, list)
+                                          and all(isinstance(v, str) for v in value)):
+                raise ClusterError("static and excluded are lists of instance ids")
+        return body.get("type"), static, excluded
+
+    @routes.post("/v1/clusters/{name}/endpoints")
+    async def create_endpoint(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        need_cluster(name)
+        body = await request.json()
+        endpoint = body.get("name", "")
+        if not isinstance(endpoint, str) or not _valid_name(endpoint):
+            return _error(400, "endpoint names are 1-63 letters, digits or hyphens, "
+                               "starting with a letter")
+        type_, static, excluded = endpoint_body(body)
+        async with cp.locks[name]:
+            await asyncio.to_thread(ClusterEndpoints(cp.runtime(name)).create, endpoint,
+                                    type_ or "ANY", static or [], excluded or [])
+            await asyncio.to_thread(cp._keep_endpoints, name)
+        return web.json_response(await cp.endpoint_status(name, endpoint))
+
+    @routes.patch("/v1/endpoints/{endpoint}")
+    async def modify_endpoint(request: web.Request) -> web.Response:
+        row = cp.state.endpoint(request.match_info["endpoint"])
+        if row is None:
+            return _error(404, f"endpoint {request.match_info['endpoint']!r} not found")
+        type_, static, excluded = endpoint_body(await request.json())
+        async with cp.locks[row.cluster]:
+            await asyncio.to_thread(ClusterEndpoints(cp.runtime(row.cluster)).modify, row.name,
+                                    type_, static, excluded)
+            await asyncio.to_thread(cp._keep_endpoints, row.cluster)
+        return web.json_response(await cp.endpoint_status(row.cluster, row.name))
+
+    @routes.delete("/v1/endpoints/{endpoint}")
+    async def delete_endpoint(request: web.Request) -> web.Response:
+        row = cp.state.endpoint(request.match_info["endpoint"])
+        if row is None:
+            return _error(404, f"endpoint {request.match_info['endpoint']!r} not found")
+        async with cp.locks[row.cluster]:
+            await asyncio.to_thread(ClusterEndpoints(cp.runtime(row.cluster)).delete, row.name)
+            await asyncio.to_thread(cp._keep_endpoints, row.cluster)
+        return web.json_response({"deleted": row.name})
 
     @routes.post("/v1/down")
     async def down(_: web.Request) -> web.Response:

@@ -7,6 +7,7 @@ Ports are chosen once, when a thing is created, and kept.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import socket
@@ -56,6 +57,20 @@ CREATE TABLE IF NOT EXISTS volume_clients (
     pid INTEGER,
     epoch INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS endpoints (
+    name TEXT PRIMARY KEY,
+    cluster TEXT NOT NULL REFERENCES clusters(name),
+    type TEXT NOT NULL,
+    custom_type TEXT,
+    port INTEGER NOT NULL,
+    static TEXT NOT NULL DEFAULT '[]',
+    excluded TEXT NOT NULL DEFAULT '[]',
+    instance TEXT
+);
+CREATE TABLE IF NOT EXISTS endpoint_proxies (
+    cluster TEXT PRIMARY KEY REFERENCES clusters(name),
+    pid INTEGER
+);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     cluster TEXT NOT NULL,
@@ -103,6 +118,25 @@ class StorageNodeRow:
     port: int
     pg_port: int
     pid: int | None
+
+
+@dataclass
+class EndpointRow:
+    name: str
+    cluster: str
+    type: str
+    custom_type: str | None
+    port: int
+    static: list[str]
+    excluded: list[str]
+    instance: str | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> EndpointRow:
+        data = dict(row)
+        data["static"] = json.loads(data["static"])
+        data["excluded"] = json.loads(data["excluded"])
+        return cls(**data)
 
 
 def free_port() -> int:
@@ -183,7 +217,8 @@ class State:
 
     def delete_cluster(self, name: str) -> None:
         with self.transaction() as db:
-            for table in ("instances", "storage_nodes", "volume_clients", "events"):
+            for table in ("instances", "storage_nodes", "volume_clients", "events", "endpoints",
+                          "endpoint_proxies"):
                 db.execute(f"DELETE FROM {table} WHERE cluster = ?", (name,))
             db.execute("DELETE FROM clusters WHERE name = ?", (name,))
 
@@ -248,6 +283,48 @@ class State:
             "ON CONFLICT(cluster) DO UPDATE SET pid = excluded.pid, epoch = excluded.epoch",
             (cluster, pid, epoch),
         )
+
+    # -- endpoints ------------------------------------------------------------------
+
+    def endpoints(self, cluster: str) -> list[EndpointRow]:
+        rows = self.db.execute("SELECT * FROM endpoints WHERE cluster = ? ORDER BY rowid",
+                               (cluster,)).fetchall()
+        return [EndpointRow.from_row(r) for r in rows]
+
+    def endpoint(self, name: str) -> EndpointRow | None:
+        row = self.db.execute("SELECT * FROM endpoints WHERE name = ?", (name,)).fetchone()
+        return EndpointRow.from_row(row) if row else None
+
+    def add_endpoint(self, name: str, cluster: str, type_: str, custom_type: str | None = None,
+                     static: list[str] | None = None, excluded: list[str] | None = None,
+                     instance: str | None = None) -> None:
+        self.db.execute(
+            "INSERT INTO endpoints (name, cluster, type, custom_type, port, static, excluded, "
+            "instance) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (name, cluster, type_, custom_type, free_port(), json.dumps(static or []),
+             json.dumps(excluded or []), instance))
+
+    def modify_endpoint(self, name: str, custom_type: str | None, static: list[str] | None,
+                        excluded: list[str] | None) -> None:
+        if custom_type is not None:
+            self.db.execute("UPDATE endpoints SET custom_type = ? WHERE name = ?",
+                            (custom_type, name))
+        if static is not None or excluded is not None:
+            self.db.execute("UPDATE endpoints SET static = ?, excluded = ? WHERE name = ?",
+                            (json.dumps(static or []), json.dumps(excluded or []), name))
+
+    def delete_endpoint(self, name: str) -> None:
+        self.db.execute("DELETE FROM endpoints WHERE name = ?", (name,))
+
+    def proxy_pid(self, cluster: str) -> int | None:
+        row = self.db.execute("SELECT pid FROM endpoint_proxies WHERE cluster = ?",
+                              (cluster,)).fetchone()
+        return int(row[0]) if row and row[0] else None
+
+    def set_proxy_pid(self, cluster: str, pid: int | None) -> None:
+        self.db.execute(
+            "INSERT INTO endpoint_proxies (cluster, pid) VALUES (?, ?) "
+            "ON CONFLICT(cluster) DO UPDATE SET pid = excluded.pid", (cluster, pid))
 
     # -- events ---------------------------------------------------------------------
 

@@ -1,0 +1,68 @@
+"""pgbench through the endpoint proxy versus straight to the instance, in one run.
+
+    .venv/bin/python bench/endpoint_compare.py [--seconds 15]
+
+Starts a Borealis cluster (one reader), then runs select-only (`-S`, 8 clients) against
+the reader directly and through the reader endpoint, and tpcb-like (8 clients) against
+the writer directly and through the cluster endpoint. Prints TPS and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from borealis.compute import postgres as pg
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pgbench_compare import pgbench, sql  # noqa: E402
+
+
+def tps(bindir: Path, dsn: str, args: list[str]) -> float:
+    out = pgbench(bindir, dsn, args)
+    line = next(x for x in out.splitlines() if x.startswith("tps = "))
+    return float(line.split()[2])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=int, default=15)
+    args = parser.parse_args()
+    bindir = pg.find_bindir()
+    home = Path(tempfile.mkdtemp(prefix="borealis-bench-ep-", dir="/tmp"))
+    env = {**os.environ, "BOREALIS_HOME": str(home), "BOREALIS_SHARED_BUFFERS": "128MB"}
+    cli = [sys.executable, "-m", "borealis.cli.main"]
+    subprocess.run([*cli, "up", "--cluster", "bench", "--readers", "1"], env=env, check=True,
+                   capture_output=True, timeout=600)
+    try:
+        status = json.loads(subprocess.run([*cli, "status", "--json"], env=env, check=True,
+                                           capture_output=True, text=True).stdout)
+        c = status["clusters"][0]
+        writer = next(i for i in c["instances"] if i["role"] == "writer")
+        reader = next(i for i in c["instances"] if i["role"] == "reader")
+        eps = {e["type"]: e for e in c["endpoints"]}
+        pgbench(bindir, writer["dsn"], ["-i", "-s", "10", "-q"])
+        sql(writer["dsn"], "CHECKPOINT")
+        secs = ["-T", str(args.seconds)]
+        rows = []
+        for name, direct, proxied, wl in (
+            ("select-only c8", reader["dsn"], eps["READER"]["dsn"], ["-S", "-c", "8", "-j", "2"]),
+            ("tpcb-like c8", writer["dsn"], eps["WRITER"]["dsn"], ["-c", "8", "-j", "2"]),
+        ):
+            d = tps(bindir, direct, [*wl, *secs])
+            p = tps(bindir, proxied, [*wl, *secs])
+            rows.append((name, d, p))
+            print(f"{name:<15} direct {d:8.0f} TPS   endpoint {p:8.0f} TPS   ratio {p / d:.2f}",
+                  flush=True)
+    finally:
+        subprocess.run([*cli, "down"], env=env, capture_output=True, timeout=300)
+        subprocess.run(["rm", "-rf", str(home)], check=False)
+
+
+if __name__ == "__main__":
+    main()

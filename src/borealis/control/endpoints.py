@@ -1,0 +1,180 @@
+"""A cluster's endpoints as the control plane keeps them: rows in SQLite, the proxy
+process, and the config file the proxy watches.
+
+Every cluster has a WRITER endpoint (named like the cluster), a READER endpoint
+(``<cluster>-ro``) and one INSTANCE endpoint per instance; up to five CUSTOM endpoints
+are created, modified and deleted by users.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from borealis.control import processes
+from borealis.control.cluster import ClusterError, ClusterRuntime, _write_private
+from borealis.control.state import EndpointRow
+from borealis.endpoints.routing import Backend, EndpointSpec, members
+
+MAX_CUSTOM = 5
+HOLD_TIMEOUT_S = float(os.environ.get("BOREALIS_ENDPOINT_HOLD_S", "30"))
+MAX_READER_LAG_MS = int(os.environ.get("BOREALIS_ENDPOINT_MAX_LAG_MS", "30000"))
+
+
+class ClusterEndpoints:
+    def __init__(self, rt: ClusterRuntime) -> None:
+        self.rt = rt
+        self.state = rt.state
+        self.dir = rt.dir / "endpoints"
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / "config.json"
+
+    # -- rows ----------------------------------------------------------------------------------
+
+    def ensure_rows(self) -> None:
+        """The built-in endpoints exist; instance endpoints follow the instances."""
+        name = self.rt.name
+        have = {e.name: e for e in self.state.endpoints(name)}
+        if name not in have:
+            self.state.add_endpoint(name, name, "WRITER")
+        if f"{name}-ro" not in have:
+            self.state.add_endpoint(f"{name}-ro", name, "READER")
+        instances = {i.id for i in self.state.instances(name)}
+        for inst in instances - {e.instance for e in have.values() if e.type == "INSTANCE"}:
+            if self.state.endpoint(inst) is None:
+                self.state.add_endpoint(inst, name, "INSTANCE", instance=inst)
+        for e in have.values():
+            if e.type == "INSTANCE" and e.instance not in instances:
+                self.state.delete_endpoint(e.name)
+
+    def create(self, endpoint: str, custom_type: str, static: list[str],
+               excluded: list[str]) -> EndpointRow:
+        self._check_custom(custom_type, static, excluded)
+        if self.state.endpoint(endpoint) is not None or self.state.cluster(endpoint):
+            raise ClusterError(f"an endpoint named {endpoint!r} already exists")
+        custom = [e for e in self.state.endpoints(self.rt.name) if e.type == "CUSTOM"]
+        if len(custom) >= MAX_CUSTOM:
+            raise ClusterError(f"a cluster has at most {MAX_CUSTOM} custom endpoints")
+        self.state.add_endpoint(endpoint, self.rt.name, "CUSTOM", custom_type, static, excluded)
+        self.rt.event("endpoint", f"custom endpoint {endpoint} created ({custom_type})")
+        row = self.state.endpoint(endpoint)
+        assert row is not None
+        return row
+
+    def modify(self, endpoint: str, custom_type: str | None, static: list[str] | None,
+               excluded: list[str] | None) -> EndpointRow:
+        row = self._custom(endpoint)
+        self._check_custom(custom_type or row.custom_type or "ANY", static or [],
+                           excluded or [])
+        self.state.modify_endpoint(endpoint, custom_type, static, excluded)
+        self.rt.event("endpoint", f"custom endpoint {endpoint} modified")
+        fresh = self.state.endpoint(endpoint)
+        assert fresh is not None
+        return fresh
+
+    def delete(self, endpoint: str) -> None:
+        self._custom(endpoint)
+        self.state.delete_endpoint(endpoint)
+        self.rt.event("endpoint", f"custom endpoint {endpoint} deleted")
+
+    def _custom(self, endpoint: str) -> EndpointRow:
+        row = self.state.endpoint(endpoint)
+        if row is None or row.cluster != self.rt.name:
+            raise ClusterError(f"endpoint {endpoint!r} not found")
+        if row.type != "CUSTOM":
+            raise ClusterError(f"{endpoint} is a {row.type} endpoint; only custom endpoints "
+                               "can be changed")
+        return row
+
+    def _check_custom(self, custom_type: str, static: list[str], excluded: list[str]) -> None:
+        if custom_type not in ("READER", "ANY"):
+            raise ClusterError("a custom endpoint's type is READER or ANY")
+        if static and excluded:
+            raise ClusterError("give either a static member list or an exclusion list")
+        known = {i.id for i in self.state.instances(self.rt.name)}
+        unknown = sorted((set(static) | set(excluded)) - known)
+        if unknown:
+            raise ClusterError(f"not instances of {self.rt.name}: {', '.join(unknown)}")
+
+    # -- what the proxy sees ------------------------------------------------------------------
+
+    def backends(self, lag_ms: dict[str, int | None]) -> list[Backend]:
+        out = []
+        for inst in self.state.instances(self.rt.name):
+            available = inst.state == "available" and self.rt.instance_alive(inst)
+            out.append(Backend(inst.id, "127.0.0.1", inst.port, inst.role, available,
+                               lag_ms.get(inst.id, 0) if inst.role == "reader" else 0))
+        return out
+
+    def specs(self) -> list[EndpointSpec]:
+        return [EndpointSpec(e.name, e.type, e.port, e.custom_type, tuple(e.static),
+                             tuple(e.excluded), e.instance, MAX_READER_LAG_MS)
+                for e in self.state.endpoints(self.rt.name)]
+
+    def write_config(self, lag_ms: dict[str, int | None]) -> bool:
+        """Write the proxy's config if it changed; returns True when it did."""
+        config = {
+            "cluster": self.rt.name, "host": "127.0.0.1", "hold_timeout_s": HOLD_TIMEOUT_S,
+            "client_timeout_s": 10.0,
+            "endpoints": [{"name": s.name, "type": s.type, "port": s.port,
+                           "custom_type": s.custom_type, "static": list(s.static),
+                           "excluded": list(s.excluded), "instance": s.instance,
+                           "max_lag_ms": s.max_lag_ms} for s in self.specs()],
+            "backends": [b.__dict__ for b in self.backends(lag_ms)],
+        }
+        text = json.dumps(config, indent=1, sort_keys=True)
+        try:
+            if self.config_path.read_text() == text:
+                return False
+        except FileNotFoundError:
+            pass
+        _write_private(self.config_path, text)
+        return True
+
+    def describe(self, lag_ms: dict[str, int | None]) -> list[dict[str, Any]]:
+        c = self.rt.cluster
+        backends = self.backends(lag_ms)
+        try:
+            metrics = json.loads((self.dir / "status.json").read_text())["endpoints"]
+        except (OSError, ValueError, KeyError):
+            metrics = {}
+        out = []
+        for spec, row in zip(self.specs(), self.state.endpoints(self.rt.name), strict=True):
+            m = metrics.get(spec.name, {})
+            out.append({
+                "name": spec.name, "type": spec.type, "host": "127.0.0.1", "port": spec.port,
+                "members": [b.id for b in members(spec, backends)],
+                "dsn": (f"host=127.0.0.1 port={spec.port} user={c.master_user} "
+                        f"password={c.master_password} dbname=postgres"),
+                "custom_type": row.custom_type, "static": row.static,
+                "excluded": row.excluded,
+                "metrics": {k: m.get(k, 0) for k in ("active", "total", "bytes_in",
+                                                     "bytes_out", "held", "timed_out")},
+            })
+        return out
+
+    # -- the proxy process ------------------------------------------------------------------------
+
+    def proxy_alive(self) -> bool:
+        return processes.alive(self.state.proxy_pid(self.rt.name), str(self.config_path))
+
+    def ensure_proxy(self) -> bool:
+        if self.proxy_alive():
+            return False
+        self.dir.mkdir(parents=True, exist_ok=True)
+        pid = processes.spawn_python("borealis.endpoints.proxy",
+                                     ["--config", str(self.config_path)],
+                                     self.dir / "proxy.log")
+        self.state.set_proxy_pid(self.rt.name, pid)
+        self.rt.event("endpoint", f"endpoint proxy started (pid {pid})")
+        return True
+
+    def stop_proxy(self) -> None:
+        processes.stop(self.state.proxy_pid(self.rt.name), str(self.config_path),
+                       signal.SIGTERM, timeout_s=10)
+        self.state.set_proxy_pid(self.rt.name, None)

@@ -1,0 +1,1 @@
+"""Endpoints: the proxy process and the routing rules (who gets a new connection)."""

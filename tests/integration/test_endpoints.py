@@ -1,0 +1,164 @@
+"""Endpoints: the cluster endpoint follows the writer, the reader endpoint spreads over
+readers, custom and instance endpoints, removal and holding."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.harness import Borealis, ClusterView, wait_for
+
+
+@pytest.fixture(scope="module")
+def ep(borealis: Borealis) -> Iterator[ClusterView]:
+    borealis.cli("up", "--cluster", "ep", "--readers", "2", timeout_s=300)
+    view = ClusterView(borealis, "ep")
+    view.wait_all_serving()
+    yield view
+    borealis.cli("destroy", "ep", check=False, timeout_s=300)
+
+
+def endpoint(view: ClusterView, name: str) -> dict[str, Any]:
+    return next(e for e in view.status()["endpoints"] if e["name"] == name)
+
+
+def server_port(dsn: str) -> int:
+    with psycopg.connect(dsn, connect_timeout=10) as conn:
+        row = conn.execute("SELECT inet_server_port()").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def test_cluster_endpoint_writes_reader_endpoint_reads(ep: ClusterView) -> None:
+    with psycopg.connect(endpoint(ep, "ep")["dsn"], autocommit=True) as w:
+        w.execute("CREATE TABLE through_proxy (id int)")
+        w.execute("INSERT INTO through_proxy VALUES (1)")
+        assert w.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)
+    with psycopg.connect(endpoint(ep, "ep-ro")["dsn"]) as r:
+        assert r.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+    types = {e["type"] for e in ep.status()["endpoints"]}
+    assert types == {"WRITER", "READER", "INSTANCE"}
+    for e in ep.status()["endpoints"]:
+        assert {"name", "type", "host", "port", "members", "dsn"} <= e.keys()
+
+
+def test_100_reader_connections_spread_evenly(ep: ClusterView) -> None:
+    ports = {r["port"]: r["id"] for r in ep.readers()}
+    dsn = endpoint(ep, "ep-ro")["dsn"]
+    landed = collections.Counter(ports[server_port(dsn)] for _ in range(100))
+    assert sorted(landed) == sorted(ports.values())
+    assert all(40 <= n <= 60 for n in landed.values()), landed
+    wait_for("the proxy's counters", lambda: endpoint(ep, "ep-ro")["metrics"]["total"] >= 100,
+             5)
+    metrics = endpoint(ep, "ep-ro")["metrics"]
+    assert metrics["bytes_in"] > 0 and metrics["bytes_out"] > 0 and metrics["active"] == 0
+
+
+def test_custom_endpoints(borealis: Borealis, ep: ClusterView) -> None:
+    writer, (r1, r2) = ep.writer(), ep.readers()
+    borealis.cli("endpoint", "create", "ep-static", "--cluster", "ep", "--type", "ANY",
+                 "--static", writer["id"], r1["id"])
+    borealis.cli("endpoint", "create", "ep-excl", "--cluster", "ep", "--type", "READER",
+                 "--excluded", r1["id"])
+    static = endpoint(ep, "ep-static")
+    assert sorted(static["members"]) == sorted([writer["id"], r1["id"]])
+    seen = {server_port(static["dsn"]) for _ in range(10)}
+    assert seen == {writer["port"], r1["port"]}
+    excl = endpoint(ep, "ep-excl")
+    assert excl["members"] == [r2["id"]]
+    bad = borealis.cli("endpoint", "create", "ep-bad", "--cluster", "ep", "--static", "nope",
+                       check=False)
+    assert bad.returncode != 0 and "not instances" in bad.stderr
+    # A reader added later joins the exclusion-list endpoint without a modify.
+    out = borealis.cli("instance", "add", "ep", "--az", "az-a").stdout
+    assert "reader" in out
+    new_id = next(r["id"] for r in ep.readers() if r["id"] not in (r1["id"], r2["id"]))
+    wait_for("the new reader in ep-excl", lambda: sorted(endpoint(ep, "ep-excl")["members"])
+             == sorted([r2["id"], new_id]), 20)
+    borealis.cli("endpoint", "modify", "ep-static", "--static", r2["id"])
+    assert endpoint(ep, "ep-static")["members"] == [r2["id"]]
+    borealis.cli("endpoint", "delete", "ep-static")
+    borealis.cli("endpoint", "delete", "ep-excl")
+    assert {e["type"] for e in ep.status()["endpoints"]} == {"WRITER", "READER", "INSTANCE"}
+
+
+def test_removed_reader_loses_its_connections(borealis: Borealis, ep: ClusterView) -> None:
+    victim = ep.readers()[-1]
+    dsn = endpoint(ep, "ep-ro")["dsn"]
+    conns = [psycopg.connect(dsn, autocommit=True) for _ in range(6)]
+    try:
+        on_victim = [c for c in conns if c.execute(
+            "SELECT inet_server_port()").fetchone() == (victim["port"],)]
+        assert on_victim
+        borealis.cli("instance", "remove", victim["id"])
+        removed = time.monotonic()
+
+        def closed(c: psycopg.Connection[Any]) -> bool:
+            try:
+                c.execute("SELECT 1")
+                return False
+            except psycopg.Error:
+                return True
+        wait_for("connections to the removed reader to close",
+                 lambda: all(closed(c) for c in on_victim), 2.0, 0.05)
+        assert time.monotonic() - removed <= 2.0
+        assert victim["id"] not in endpoint(ep, "ep-ro")["members"]
+        for _ in range(10):
+            assert server_port(dsn) != victim["port"]
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_reader_endpoint_reaches_the_writer_without_readers(borealis: Borealis,
+                                                            ep: ClusterView) -> None:
+    for r in ep.readers():
+        borealis.cli("instance", "remove", r["id"])
+    assert endpoint(ep, "ep-ro")["members"] == [ep.writer()["id"]]
+    with psycopg.connect(endpoint(ep, "ep-ro")["dsn"]) as conn:
+        assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)
+
+
+def test_connection_made_while_the_writer_is_down_is_held(ep: ClusterView) -> None:
+    writer = ep.writer()
+    dsn = endpoint(ep, "ep")["dsn"]
+    os.killpg(writer["pid"], signal.SIGKILL)
+    result: list[object] = []
+
+    def connect() -> None:
+        started = time.monotonic()
+        try:
+            with psycopg.connect(dsn, connect_timeout=40, autocommit=True) as conn:
+                conn.execute("INSERT INTO through_proxy VALUES (2)")
+                result.append(time.monotonic() - started)
+        except psycopg.Error as exc:
+            result.append(exc)
+
+    t = threading.Thread(target=connect)
+    t.start()
+    t.join(60)
+    assert result and isinstance(result[0], float), result
+    print(f"held connection succeeded after {result[0]:.2f}s")
+    assert endpoint(ep, "ep")["metrics"]["held"] >= 1
+
+
+def test_silent_and_garbage_clients_do_not_disturb_others(ep: ClusterView) -> None:
+    port = endpoint(ep, "ep")["port"]
+    silent = socket.create_connection(("127.0.0.1", port))
+    garbage = socket.create_connection(("127.0.0.1", port))
+    garbage.sendall(b"\x00\x00\x00\x10this is not pg!" * 3)
+    garbage.close()
+    with psycopg.connect(endpoint(ep, "ep")["dsn"]) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    silent.settimeout(15)
+    assert silent.recv(10) == b""  # dropped after the client timeout (10 s)
+    silent.close()
