@@ -86,6 +86,9 @@ class Borealis:
             vc = c["volume_client"]
             if vc and vc.get("pid"):
                 self.seen_pids[vc["pid"]] = "borealis.volume.client"
+            proxy = c.get("endpoint_proxy") or {}
+            if proxy.get("pid"):
+                self.seen_pids[proxy["pid"]] = "borealis.endpoints.proxy"
 
     def close(self) -> list[str]:
         """``borealis down``, then make sure every process seen is gone (kill leftovers)."""

@@ -229,6 +229,8 @@ class ControlPlane:
             "storage_nodes": list(nodes),
             "endpoints": await asyncio.to_thread(ClusterEndpoints(rt).describe,
                                                  self.reader_lag.get(name, {})),
+            "endpoint_proxy": {"pid": self.state.proxy_pid(name) if await asyncio.to_thread(
+                ClusterEndpoints(rt).proxy_alive) else None},
         }
 
     async def _instance_status(self, rt: ClusterRuntime, inst: Any) -> dict[str, Any]:
