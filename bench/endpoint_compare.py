@@ -10,9 +10,7 @@ the writer directly and through the cluster endpoint. Prints TPS and the ratios.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -20,7 +18,7 @@ from pathlib import Path
 from borealis.compute import postgres as pg
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pgbench_compare import pgbench, sql  # noqa: E402
+from pgbench_compare import borealis_cluster, pgbench, sql  # noqa: E402
 
 
 def tps(bindir: Path, dsn: str, args: list[str]) -> float:
@@ -35,33 +33,25 @@ def main() -> None:
     args = parser.parse_args()
     bindir = pg.find_bindir()
     home = Path(tempfile.mkdtemp(prefix="borealis-bench-ep-", dir="/tmp"))
-    env = {**os.environ, "BOREALIS_HOME": str(home), "BOREALIS_SHARED_BUFFERS": "128MB"}
-    cli = [sys.executable, "-m", "borealis.cli.main"]
-    subprocess.run([*cli, "up", "--cluster", "bench", "--readers", "1"], env=env, check=True,
-                   capture_output=True, timeout=600)
     try:
-        status = json.loads(subprocess.run([*cli, "status", "--json"], env=env, check=True,
-                                           capture_output=True, text=True).stdout)
-        c = status["clusters"][0]
-        writer = next(i for i in c["instances"] if i["role"] == "writer")
-        reader = next(i for i in c["instances"] if i["role"] == "reader")
-        eps = {e["type"]: e for e in c["endpoints"]}
-        pgbench(bindir, writer["dsn"], ["-i", "-s", "10", "-q"])
-        sql(writer["dsn"], "CHECKPOINT")
-        secs = ["-T", str(args.seconds)]
-        rows = []
-        for name, direct, proxied, wl in (
-            ("select-only c8", reader["dsn"], eps["READER"]["dsn"], ["-S", "-c", "8", "-j", "2"]),
-            ("tpcb-like c8", writer["dsn"], eps["WRITER"]["dsn"], ["-c", "8", "-j", "2"]),
-        ):
-            d = tps(bindir, direct, [*wl, *secs])
-            p = tps(bindir, proxied, [*wl, *secs])
-            rows.append((name, d, p))
-            print(f"{name:<15} direct {d:8.0f} TPS   endpoint {p:8.0f} TPS   ratio {p / d:.2f}",
-                  flush=True)
+        with borealis_cluster(home) as c:
+            writer = next(i for i in c["instances"] if i["role"] == "writer")
+            reader = next(i for i in c["instances"] if i["role"] == "reader")
+            eps = {e["type"]: e for e in c["endpoints"]}
+            pgbench(bindir, writer["dsn"], ["-i", "-s", "10", "-q"])
+            sql(writer["dsn"], "CHECKPOINT")
+            secs = ["-T", str(args.seconds)]
+            for name, direct, proxied, wl in (
+                ("select-only c8", reader["dsn"], eps["READER"]["dsn"],
+                 ["-S", "-c", "8", "-j", "2"]),
+                ("tpcb-like c8", writer["dsn"], eps["WRITER"]["dsn"], ["-c", "8", "-j", "2"]),
+            ):
+                d = tps(bindir, direct, [*wl, *secs])
+                p = tps(bindir, proxied, [*wl, *secs])
+                print(f"{name:<15} direct {d:8.0f} TPS   endpoint {p:8.0f} TPS   "
+                      f"ratio {p / d:.2f}", flush=True)
     finally:
-        subprocess.run([*cli, "down"], env=env, capture_output=True, timeout=300)
-        subprocess.run(["rm", "-rf", str(home)], check=False)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 if __name__ == "__main__":

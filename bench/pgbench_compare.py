@@ -16,6 +16,7 @@ Every process started is stopped by PID at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -24,7 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -156,8 +159,9 @@ def bench_pair(root: Path, run_as: pg.RunAs, bindir: Path, seconds: int, scale: 
         primary.stop()
 
 
-def bench_borealis(root: Path, bindir: Path, seconds: int, scale: int) -> dict:  # type: ignore[type-arg]
-    home = root / "borealis-home"
+@contextlib.contextmanager
+def borealis_cluster(home: Path) -> Iterator[dict[str, Any]]:
+    """A Borealis cluster with one reader, as ``status --json`` describes it; down after."""
     env = {**os.environ, "BOREALIS_HOME": str(home), "BOREALIS_SHARED_BUFFERS": SHARED_BUFFERS}
     cli = [sys.executable, "-m", "borealis.cli.main"]
     subprocess.run([*cli, "up", "--cluster", "bench", "--readers", "1"], env=env, check=True,
@@ -165,10 +169,15 @@ def bench_borealis(root: Path, bindir: Path, seconds: int, scale: int) -> dict: 
     try:
         status = json.loads(subprocess.run([*cli, "status", "--json"], env=env, check=True,
                                            capture_output=True, text=True).stdout)
-        writer = next(i for i in status["clusters"][0]["instances"] if i["role"] == "writer")
-        return run_workloads(bindir, writer["dsn"], seconds, scale)
+        yield dict(status["clusters"][0])
     finally:
         subprocess.run([*cli, "down"], env=env, capture_output=True, timeout=300)
+
+
+def bench_borealis(root: Path, bindir: Path, seconds: int, scale: int) -> dict:  # type: ignore[type-arg]
+    with borealis_cluster(root / "borealis-home") as cluster:
+        writer = next(i for i in cluster["instances"] if i["role"] == "writer")
+        return run_workloads(bindir, writer["dsn"], seconds, scale)
 
 
 def main() -> None:
