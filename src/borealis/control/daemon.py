@@ -48,6 +48,7 @@ class ControlPlane:
         self.locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         # (monotonic time, writer LSN) samples per cluster, for replica lag.
         self.lsn_history: dict[str, collections.deque[tuple[float, int]]] = {}
+        # Open connections for LSN sampling, by instance id.
         self.samplers: dict[str, psycopg.AsyncConnection[Any]] = {}
         self.reader_lag: dict[str, dict[str, int | None]] = {}
         self.stopping = asyncio.Event()
@@ -132,54 +133,54 @@ class ControlPlane:
             if reader.state == "starting":
                 rt.accepts_connections(reader)
 
-    async def _sample_writer(self, name: str) -> None:
-        """Record the writer's WAL position; one connection kept open per cluster."""
-        rt = self.runtime(name)
-        writer = rt.writer()
-        conn = self.samplers.get(name)
-        if writer is None or writer.state != "available":
+    async def _sampled_lsn(self, rt: ClusterRuntime, inst: Any, sql: str) -> int | None:
+        """Run an LSN query on an instance over a connection kept open between ticks
+        (one per instance, dropped when the instance is not available)."""
+        conn = self.samplers.get(inst.id)
+        if inst.state != "available":
             if conn is not None:
+                del self.samplers[inst.id]
                 await conn.close()
-                del self.samplers[name]
-            return
+            return None
         try:
-            if conn is None or conn.closed or conn.info.port != writer.port:
-                conn = await psycopg.AsyncConnection.connect(rt.dsn(writer), connect_timeout=1,
+            if conn is None or conn.closed or conn.info.port != inst.port:
+                conn = await psycopg.AsyncConnection.connect(rt.dsn(inst), connect_timeout=1,
                                                              autocommit=True)
-                self.samplers[name] = conn
-            cur = await conn.execute("SELECT pg_current_wal_lsn()::text")
+                self.samplers[inst.id] = conn
+            cur = await conn.execute(sql)
             row = await cur.fetchone()
         except psycopg.Error:
-            self.samplers.pop(name, None)
+            self.samplers.pop(inst.id, None)
+            return None
+        return parse_lsn(row[0]) if row and row[0] else None
+
+    async def _sample_writer(self, name: str) -> None:
+        """Record the writer's WAL position, for replica lag."""
+        rt = self.runtime(name)
+        writer = rt.writer()
+        if writer is None:
             return
-        if row:
+        lsn = await self._sampled_lsn(rt, writer, "SELECT pg_current_wal_lsn()::text")
+        if lsn is not None:
             history = self.lsn_history.setdefault(name, collections.deque(maxlen=LSN_SAMPLES))
-            history.append((time.monotonic(), parse_lsn(row[0])))
+            history.append((time.monotonic(), lsn))
 
     async def _sample_readers(self, name: str) -> None:
         """Each reader's replay position, as lag, for the reader endpoint's lag bound."""
         rt = self.runtime(name)
+        readers = rt.readers()
         lags = self.reader_lag.setdefault(name, {})
-        for reader in rt.readers():
-            conn = self.samplers.get(reader.id)
+        for gone in set(lags) - {r.id for r in readers}:
+            del lags[gone]
+            conn = self.samplers.pop(gone, None)
+            if conn is not None:
+                await conn.close()
+        for reader in readers:
+            lsn = await self._sampled_lsn(rt, reader, "SELECT pg_last_wal_replay_lsn()::text")
             if reader.state != "available":
                 lags.pop(reader.id, None)
-                if conn is not None:
-                    await conn.close()
-                    del self.samplers[reader.id]
-                continue
-            try:
-                if conn is None or conn.closed:
-                    conn = await psycopg.AsyncConnection.connect(
-                        rt.dsn(reader), connect_timeout=1, autocommit=True)
-                    self.samplers[reader.id] = conn
-                cur = await conn.execute("SELECT pg_last_wal_replay_lsn()::text")
-                row = await cur.fetchone()
-            except psycopg.Error:
-                self.samplers.pop(reader.id, None)
-                lags[reader.id] = None
-                continue
-            lags[reader.id] = self.lag_ms(name, parse_lsn(row[0])) if row and row[0] else None
+            else:
+                lags[reader.id] = None if lsn is None else self.lag_ms(name, lsn)
 
     def _keep_endpoints(self, name: str) -> None:
         eps = ClusterEndpoints(self.runtime(name))
@@ -310,9 +311,10 @@ class ControlPlane:
                 await asyncio.to_thread(rt.down)
 
     async def destroy(self, name: str) -> None:
-        sampler = self.samplers.pop(name, None)
-        if sampler is not None:
-            await sampler.close()
+        for inst in self.state.instances(name):
+            sampler = self.samplers.pop(inst.id, None)
+            if sampler is not None:
+                await sampler.close()
         async with self.locks[name]:
             rt = self.runtime(name)
             await asyncio.to_thread(ClusterEndpoints(rt).stop_proxy)

@@ -112,9 +112,7 @@ class ClusterEndpoints:
         return out
 
     def specs(self) -> list[EndpointSpec]:
-        return [EndpointSpec(e.name, e.type, e.port, e.custom_type, tuple(e.static),
-                             tuple(e.excluded), e.instance, MAX_READER_LAG_MS)
-                for e in self.state.endpoints(self.rt.name)]
+        return [_spec(e) for e in self.state.endpoints(self.rt.name)]
 
     def write_config(self, lag_ms: dict[str, int | None]) -> bool:
         """Write the proxy's config if it changed; returns True when it did."""
@@ -144,7 +142,8 @@ class ClusterEndpoints:
         except (OSError, ValueError, KeyError):
             metrics = {}
         out = []
-        for spec, row in zip(self.specs(), self.state.endpoints(self.rt.name), strict=True):
+        for row in self.state.endpoints(self.rt.name):
+            spec = _spec(row)
             m = metrics.get(spec.name, {})
             out.append({
                 "name": spec.name, "type": spec.type, "host": "127.0.0.1", "port": spec.port,
@@ -178,3 +177,8 @@ class ClusterEndpoints:
         processes.stop(self.state.proxy_pid(self.rt.name), str(self.config_path),
                        signal.SIGTERM, timeout_s=10)
         self.state.set_proxy_pid(self.rt.name, None)
+
+
+def _spec(row: EndpointRow) -> EndpointSpec:
+    return EndpointSpec(row.name, row.type, row.port, row.custom_type, tuple(row.static),
+                        tuple(row.excluded), row.instance, MAX_READER_LAG_MS)
