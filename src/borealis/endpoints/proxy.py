@@ -118,21 +118,14 @@ async def splice(client_reader: asyncio.StreamReader, client: asyncio.StreamWrit
     done: asyncio.Future[None] = loop.create_future()
     c_transport = cast(asyncio.Transport, client.transport)
     s_transport = cast(asyncio.Transport, server.transport)
-    # Bytes the stream readers already took in go first.
-    for reader, peer, inbound in ((client_reader, s_transport, True),
-                                  (server_reader, c_transport, False)):
-        # Nothing else reads these streams once spliced; take what they buffered.
-        buffered: bytearray = reader._buffer  # type: ignore[attr-defined]
-        pending = bytes(buffered)
-        buffered.clear()
-        if pending:
-            peer.write(pending)
-            if inbound:
-                counters.bytes_in += len(pending)
-            else:
-                counters.bytes_out += len(pending)
     c_pipe = _Pipe(s_transport, counters, True, done)
     s_pipe = _Pipe(c_transport, counters, False, done)
+    # Bytes the stream readers already took in go first; nothing else reads them now.
+    for reader, pipe in ((client_reader, c_pipe), (server_reader, s_pipe)):
+        buffered: bytearray = reader._buffer  # type: ignore[attr-defined]
+        if buffered:
+            pipe.data_received(bytes(buffered))
+            buffered.clear()
     c_transport.set_protocol(c_pipe)
     s_transport.set_protocol(s_pipe)
     if c_transport.is_closing() or s_transport.is_closing():
