@@ -33,6 +33,7 @@ log = logging.getLogger("borealis.endpoints")
 
 CHUNK = 256 * 1024
 WATCH_S = 0.1
+SUSPECT_S = 10.0
 
 
 @dataclass
@@ -145,6 +146,10 @@ class Proxy:
         self.backends: list[Backend] = []
         self.endpoints: dict[str, Endpoint] = {}
         self._mtime = 0.0
+        # Members a connection failed to reach although the config listed them as up.
+        # They get no new connections until the config shows them down (a restarted
+        # server is listed as up only once it accepts connections) or SUSPECT_S passes.
+        self.suspects: dict[str, float] = {}
         self.changed = asyncio.Event()
 
     # -- configuration --------------------------------------------------------------------
@@ -169,6 +174,11 @@ class Proxy:
         self.hold_timeout_s = float(config.get("hold_timeout_s", 30.0))  # type: ignore[arg-type]
         self.client_timeout_s = float(config.get("client_timeout_s", 10.0))  # type: ignore[arg-type]
         self.backends = [Backend(**b) for b in config.get("backends", [])]  # type: ignore[attr-defined]
+        for b in self.backends:
+            if not b.available:
+                # The control plane has seen it go: when it is listed as available
+                # again it is a new server, ready for connections.
+                self.suspects.pop(b.id, None)
         specs = {}
         for raw in config.get("endpoints", []):  # type: ignore[attr-defined]
             raw = dict(raw)
@@ -243,9 +253,8 @@ class Proxy:
                 server_reader, server_writer, answer = opened
                 break
             # Listed but gone (killed before the control plane noticed): nothing reached
-            # the client yet, so hold on until the membership changes and choose again.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), 0.5)
+            # the client yet, so choose again, holding if it was the only member.
+            self.suspects[backend.id] = time.monotonic()
         link = Link(ep.spec.name, backend.id, writer, server_writer)
         ep.links.add(link)
         try:
@@ -280,11 +289,19 @@ class Proxy:
             return None
         return reader, writer, answer
 
+    def _forget_suspects(self) -> None:
+        now = time.monotonic()
+        for backend_id, since in list(self.suspects.items()):
+            if now - since > SUSPECT_S:
+                del self.suspects[backend_id]
+
     async def _pick(self, ep: Endpoint, deadline: float) -> Backend | None:
         """A member for a new connection; with none, wait (hold) until the deadline."""
         held = False
         while True:
-            backend = choose(members(ep.spec, self.backends), ep.active_by_backend(), ep.turn)
+            self._forget_suspects()
+            candidates = [b for b in members(ep.spec, self.backends) if b.id not in self.suspects]
+            backend = choose(candidates, ep.active_by_backend(), ep.turn)
             if backend is not None:
                 ep.turn += 1
                 return backend
