@@ -136,13 +136,20 @@ class ClusterView:
         return psycopg.connect(inst["dsn"], autocommit=True, connect_timeout=5, **kw)
 
     def wait_all_serving(self, timeout_s: float = 60) -> None:
+        waiting: list[str] = []
+
         def ready() -> bool:
             st = self.status()
-            vc = st["volume_client"]
-            return (vc["state"] == "running" and all(n["state"] == "serving"
-                                                     for n in st["storage_nodes"])
-                    and all(i["state"] == "available" for i in st["instances"]))
-        wait_for("every process of the cluster to be up", ready, timeout_s, 0.2)
+            waiting[:] = ([] if st["volume_client"]["state"] == "running" else ["volume client"])
+            waiting.extend(f"{n['id']}: {n['state']}" for n in st["storage_nodes"]
+                           if n["state"] != "serving")
+            waiting.extend(f"{i['id']}: {i['state']}" for i in st["instances"]
+                           if i["state"] != "available")
+            return not waiting
+        try:
+            wait_for("every process of the cluster to be up", ready, timeout_s, 0.2)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; still waiting for {waiting}") from None
 
     def wait_nodes_caught_up(self, timeout_s: float = 60) -> None:
         """Every storage node has flushed at least the volume's VDL."""
