@@ -139,8 +139,22 @@ class EndpointRow:
         return cls(**data)
 
 
+# Kept ports come from below the kernel's ephemeral range (32768-60999 by default), so
+# a client connection's local port can never take a stopped cluster's port.
+KEPT_PORTS = range(20000, 32768)
+
+
+def bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
-    """A port nothing listens on now (the kernel's pick)."""
+    """A port nothing listens on now (the kernel's pick), for short-lived servers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -165,6 +179,18 @@ class State:
             self._local.conn = conn
         return conn
 
+    def allocate_port(self, also_taken: int = 0) -> int:
+        """A port for something that keeps it across restarts: not recorded for anything
+        else (a stopped cluster's ports are not bound, but they are taken) and free now."""
+        taken = {int(r[0]) for r in self.db.execute(
+            "SELECT port FROM storage_nodes UNION SELECT pg_port FROM storage_nodes "
+            "UNION SELECT port FROM instances UNION SELECT port FROM endpoints")}
+        for _ in range(1000):
+            port = secrets.choice(KEPT_PORTS)
+            if port not in taken and port != also_taken and bindable(port):
+                return port
+        raise RuntimeError("no free port left in the range Borealis keeps ports in")
+
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         self.db.execute("BEGIN IMMEDIATE")
@@ -187,10 +213,11 @@ class State:
             )
             for az in AZS:
                 for i in (1, 2):
+                    port = self.allocate_port()
                     db.execute(
                         "INSERT INTO storage_nodes (id, cluster, az, port, pg_port) "
                         "VALUES (?, ?, ?, ?, ?)",
-                        (f"sn-{az[-1]}{i}", name, az, free_port(), free_port()),
+                        (f"sn-{az[-1]}{i}", name, az, port, self.allocate_port(port)),
                     )
         cluster = self.cluster(name)
         assert cluster is not None
@@ -236,7 +263,7 @@ class State:
             db.execute(
                 "INSERT INTO instances (id, cluster, role, az, tier, port, created) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (instance_id, cluster, role, az, tier, free_port(), time.time()),
+                (instance_id, cluster, role, az, tier, self.allocate_port(), time.time()),
             )
         inst = self.instance(instance_id)
         assert inst is not None
@@ -301,7 +328,7 @@ class State:
         self.db.execute(
             "INSERT INTO endpoints (name, cluster, type, custom_type, port, static, excluded, "
             "instance) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (name, cluster, type_, custom_type, free_port(), json.dumps(static or []),
+            (name, cluster, type_, custom_type, self.allocate_port(), json.dumps(static or []),
              json.dumps(excluded or []), instance))
 
     def modify_endpoint(self, name: str, custom_type: str | None, static: list[str] | None,
