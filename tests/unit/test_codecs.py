@@ -87,7 +87,7 @@ def test_md5_password_matches_libpq() -> None:
 volume_messages = st.one_of(
     st.builds(vp.Hello, st.text(max_size=30), st.sampled_from(["volume-client", "peer"])),
     st.builds(vp.NodeState, st.text(max_size=10), u64, u64, u32, u64, u64, u64, u32, u32,
-              st.booleans(), u64),
+              st.booleans(), u64, st.booleans()),
     st.builds(vp.Begin, u64, u32, u64, u64, u64, st.binary(max_size=100)),
     st.builds(vp.Heartbeat, u64, u64),
     st.builds(vp.Ack, u64, u64, u32, u32),
@@ -95,6 +95,8 @@ volume_messages = st.one_of(
     st.builds(vp.StatusRequest),
     st.builds(vp.Fetch, u64, u64),
     st.builds(vp.FetchEnd, u64, st.binary(max_size=50)),
+    st.builds(vp.Fence, u64),
+    st.builds(vp.Seal, u64, u64, st.text(max_size=10)),
 )
 
 

@@ -64,7 +64,7 @@ def test_a_flipped_byte_is_detected(data: st.DataObject) -> None:
     raw = bytearray(b.out)
     # Flip a byte inside some record (not in alignment padding, which nothing checks).
     idx = data.draw(st.integers(0, len(b.record_starts) - 1))
-    lo, hi = b.record_starts[idx] - b.start, b.record_ends[idx] - b.start
+    lo, hi = b.record_starts[idx] - b.start, b.record_data_ends[idx] - b.start
     off = data.draw(st.integers(lo, hi - 1))
     raw[off] ^= 1 << data.draw(st.integers(0, 7))
     v = WalVerifier(b.start, SEG)
@@ -100,3 +100,16 @@ def test_starts_after_a_continuation_from_the_previous_segment() -> None:
     v = WalVerifier(SEG, SEG)
     assert v.feed(bytes(b.out[SEG:])) == after
     assert v.records == 1
+
+
+def test_switch_padding_fed_later_counts_up_to_the_next_segment() -> None:
+    # A timeline may end right after an XLOG_SWITCH: the switchpoint is then the next
+    # segment's start, and a sender must be able to send up to it.
+    b = WalBuilder(SEG * 3, SEG)
+    b.record(b"x" * 100)
+    end = b.switch()
+    v = WalVerifier(b.start, SEG)
+    v.feed(bytes(b.out[: end - b.start]))
+    assert v.verified_end == end
+    v.feed(bytes(b.out[end - b.start :]))
+    assert v.verified_end == SEG * 4

@@ -27,6 +27,7 @@ class WalBuilder:
         self.prev = 0
         self.record_starts: list[int] = []
         self.record_ends: list[int] = []
+        self.record_data_ends: list[int] = []  # without the alignment padding
 
     @property
     def pos(self) -> int:
@@ -60,10 +61,11 @@ class WalBuilder:
         header = struct.pack("<IIQBBxx", tot_len, 1, self.prev, info, rmid)
         crc = record_crc(header + b"\0\0\0\0" + body)
         self._put(header + struct.pack("<I", crc) + body)
+        # PostgreSQL's record end (EndRecPtr, the flush LSN after it) includes the
+        # alignment padding: it is where the next record starts.
+        self.record_data_ends.append(self.pos)
+        self.out += bytes(maxalign(self.pos) - self.pos)
         end = self.pos
-        self.out += bytes(maxalign(end) - end)
-        if self.pos % PAGE == 0 and self.pos % self.segment_size:
-            pass  # the next record writes the next page's header
         self.prev = start
         self.record_starts.append(start)
         self.record_ends.append(end)

@@ -157,6 +157,15 @@ def cmd_instance_add(args: argparse.Namespace) -> None:
                   soft_wrap=True)
 
 
+def cmd_failover(args: argparse.Namespace) -> None:
+    with console.status(f"failing over {args.cluster}..."):
+        status = request("POST", f"/v1/clusters/{args.cluster}/failover",
+                         {"target": args.target})
+    writer = next(i for i in status["instances"] if i["role"] == "writer")
+    console.print(f"{args.cluster}: {writer['id']} is the writer (epoch {status['epoch']}); "
+                  f"`borealis events {args.cluster}` shows each step")
+
+
 def cmd_instance_remove(args: argparse.Namespace) -> None:
     request("DELETE", f"/v1/instances/{args.id}")
     console.print(f"instance {args.id} removed")
@@ -206,6 +215,11 @@ def parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("events", help="what happened to a cluster, and when")
     ev.add_argument("cluster")
     ev.set_defaults(func=cmd_events)
+    fo = sub.add_parser("failover", help="promote a reader to writer now (fences the old one)")
+    fo.add_argument("cluster")
+    fo.add_argument("--target", default=None, help="the reader to promote (default: by "
+                    "promotion tier, then replay position)")
+    fo.set_defaults(func=cmd_failover)
     inst = sub.add_parser("instance", help="add or remove instances")
     isub = inst.add_subparsers(dest="instance_command", required=True)
     add = isub.add_parser("add", help="add a reader to a cluster")

@@ -189,15 +189,20 @@ class ServerSettings:
         return "# Written by Borealis; edits are replaced.\n" + body
 
 
-def write_settings(datadir: Path, settings: ServerSettings, run_as: RunAs) -> None:
+def write_conf(datadir: Path, settings: ServerSettings, run_as: RunAs) -> None:
+    """Only the settings file (a promotion removes ``standby.signal`` itself)."""
     path = datadir / CONF_NAME
     path.write_text(settings.render())
+    run_as.own(path)
+
+
+def write_settings(datadir: Path, settings: ServerSettings, run_as: RunAs) -> None:
+    write_conf(datadir, settings, run_as)
     standby_signal = datadir / "standby.signal"
     if settings.role == "reader":
         standby_signal.touch()
     else:
         standby_signal.unlink(missing_ok=True)
-    run_as.own(path)
     if standby_signal.exists():
         run_as.own(standby_signal)
 

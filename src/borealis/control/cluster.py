@@ -56,6 +56,8 @@ class ClusterRuntime:
         self._bindir: Path | None = None
         # Nodes the supervisor found unresponsive (alive by PID, but frozen or cut off).
         self.unhealthy_nodes: set[str] = set()
+        # During a failover: the nodes that hold the sealed log (readers must use them).
+        self.preferred_nodes: set[str] = set()
 
     @property
     def bindir(self) -> Path:
@@ -188,7 +190,7 @@ class ClusterRuntime:
         return (f"host=127.0.0.1 port={inst.port} user={c.master_user} "
                 f"password={c.master_password} dbname={dbname}")
 
-    def _settings(self, inst: Instance) -> pg.ServerSettings:
+    def server_settings(self, inst: Instance) -> pg.ServerSettings:
         s = pg.ServerSettings(port=inst.port, role=inst.role,
                               shared_buffers=self.settings.shared_buffers,
                               max_connections=self.settings.max_connections,
@@ -208,6 +210,8 @@ class ClusterRuntime:
         nodes = self.state.storage_nodes(self.name)
         running = [n for n in nodes
                    if self.node_alive(n) and n.id not in self.unhealthy_nodes] or nodes
+        if self.preferred_nodes:
+            running = [n for n in running if n.id in self.preferred_nodes] or running
         same_az = [n for n in running if n.az == inst.az]
         current = [n for n in (same_az or running) if n.id == inst.storage_node]
         return (current or same_az or running)[0]
@@ -220,7 +224,7 @@ class ClusterRuntime:
         self.instance_dir(writer.id).mkdir(parents=True, exist_ok=True)
         self.run_as.ensure_traversable(self.instance_dir(writer.id))
         pg.initdb(self.bindir, datadir, c.master_user, c.master_password, self.run_as)
-        pg.write_settings(datadir, self._settings(writer), self.run_as)
+        pg.write_settings(datadir, self.server_settings(writer), self.run_as)
         self.event("compute", f"initialized writer {writer.id}")
 
     def ensure_reader_data(self, reader: Instance, writer: Instance) -> None:
@@ -232,7 +236,7 @@ class ClusterRuntime:
         self.run_as.ensure_traversable(self.instance_dir(reader.id))
         pg.base_copy(self.bindir, writer.port, c.master_user, c.master_password, datadir,
                      self.run_as)
-        pg.write_settings(datadir, self._settings(reader), self.run_as)
+        pg.write_settings(datadir, self.server_settings(reader), self.run_as)
         self.run_as.own(datadir)
         self.event("compute", f"reader {reader.id} copied from a base backup")
 
@@ -241,7 +245,7 @@ class ClusterRuntime:
             return False
         datadir = self.datadir(inst.id)
         self.run_as.ensure_traversable(self.instance_dir(inst.id))
-        pg.write_settings(datadir, self._settings(inst), self.run_as)
+        pg.write_settings(datadir, self.server_settings(inst), self.run_as)
         proc = pg.start_server(self.bindir, datadir, self.instance_dir(inst.id) / "postgres.log",
                                self.run_as)
         self.state.set_instance(inst.id, pid=proc.pid, state="starting")
@@ -282,10 +286,11 @@ class ClusterRuntime:
         """Move a reader to a live storage node when its node is down (reload, no restart)."""
         nodes = {n.id: n for n in self.state.storage_nodes(self.name)}
         node = nodes.get(reader.storage_node or "")
-        if node is not None and self.node_alive(node) and node.id not in self.unhealthy_nodes:
+        if (node is not None and self.node_alive(node) and node.id not in self.unhealthy_nodes
+                and (not self.preferred_nodes or node.id in self.preferred_nodes)):
             return False
         before = reader.storage_node
-        pg.write_settings(self.datadir(reader.id), self._settings(reader), self.run_as)
+        pg.write_settings(self.datadir(reader.id), self.server_settings(reader), self.run_as)
         if reader.pid:
             os.kill(reader.pid, signal.SIGHUP)
         after = self.state.instance(reader.id)

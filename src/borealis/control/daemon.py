@@ -23,8 +23,10 @@ from typing import Any
 import psycopg
 from aiohttp import web
 
+from borealis.control import failover
 from borealis.control.cluster import ClusterError, ClusterRuntime
 from borealis.control.endpoints import ClusterEndpoints
+from borealis.control.failover_rules import FailoverRefused
 from borealis.control.state import AZS, State
 from borealis.storage.peers import PeerAddress, PeerConnection, PeerError
 from borealis.wal.lsn import format_lsn, parse_lsn
@@ -34,6 +36,9 @@ log = logging.getLogger("borealis.control")
 SUPERVISE_S = 0.5
 NODE_CHECK_TIMEOUT_S = 1.0
 NODE_MISSES = 3
+WRITER_CHECK_S = 0.5
+WRITER_CHECK_TIMEOUT_S = 1.0
+WRITER_MISSES = 3  # failed checks in a row before a failover
 LSN_SAMPLES = 2400
 
 
@@ -55,6 +60,8 @@ class ControlPlane:
         self.failures: dict[str, int] = collections.defaultdict(int)
         # Consecutive failed status checks per (cluster, storage node).
         self.node_misses: dict[tuple[str, str], int] = collections.defaultdict(int)
+        # Consecutive failed writer checks per cluster.
+        self.writer_misses: dict[str, int] = collections.defaultdict(int)
 
     def runtime(self, name: str) -> ClusterRuntime:
         return ClusterRuntime(self.state, name)
@@ -70,7 +77,8 @@ class ControlPlane:
                     unhealthy = await self._check_nodes(cluster.name)
                     try:
                         await asyncio.to_thread(self._supervise_cluster, cluster.name,
-                                                unhealthy)
+                                                unhealthy,
+                                                self.writer_misses[cluster.name] >= WRITER_MISSES)
                     except Exception as exc:
                         self.failures[cluster.name] += 1
                         if self.failures[cluster.name] % 20 == 1:
@@ -83,6 +91,37 @@ class ControlPlane:
                         log.exception("endpoints of %s: %s", cluster.name, exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), SUPERVISE_S)
+
+    async def watch_writers(self) -> None:
+        """Check every writer every WRITER_CHECK_S, apart from the supervisor's tick (a
+        slow tick must not slow down detection)."""
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            names = [c.name for c in self.state.clusters() if c.desired == "up"]
+            await asyncio.gather(*(self._check_writer(n) for n in names))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(),
+                                       max(0.0, WRITER_CHECK_S - (time.monotonic() - started)))
+
+    async def _check_writer(self, name: str) -> None:
+        """A new connection and ``SELECT 1``: a frozen postmaster accepts no connection."""
+        rt = self.runtime(name)
+        writer = rt.writer()
+        if writer is None or writer.state != "available":
+            self.writer_misses[name] = 0
+            return
+        try:
+            async with asyncio.timeout(WRITER_CHECK_TIMEOUT_S):
+                conn = await psycopg.AsyncConnection.connect(
+                    rt.dsn(writer), connect_timeout=2, autocommit=True)
+                async with conn:
+                    await conn.execute("SELECT 1")
+            self.writer_misses[name] = 0
+        except (psycopg.Error, OSError, TimeoutError):
+            self.writer_misses[name] += 1
+            if self.writer_misses[name] == WRITER_MISSES:
+                rt.event("supervisor", f"writer {writer.id} failed {WRITER_MISSES} checks "
+                                       "in a row")
 
     async def _check_nodes(self, name: str) -> set[str]:
         """Storage nodes that failed NODE_MISSES status checks in a row (frozen, cut off)."""
@@ -104,7 +143,7 @@ class ControlPlane:
         await asyncio.gather(*(check(n) for n in nodes))
         return {n.id for n in nodes if self.node_misses[(name, n.id)] >= NODE_MISSES}
 
-    def _supervise_cluster(self, name: str, unhealthy: set[str]) -> None:
+    def _supervise_cluster(self, name: str, unhealthy: set[str], writer_suspect: bool) -> None:
         rt = self.runtime(name)
         rt.unhealthy_nodes = unhealthy
         for node in self.state.storage_nodes(name):
@@ -113,16 +152,19 @@ class ControlPlane:
         writer = rt.writer()
         if writer is None:
             return
-        if not rt.instance_alive(writer):
-            if writer.state in ("available", "starting"):
-                rt.event("supervisor", f"writer {writer.id} is down; restarting it")
-            rt.start_instance(writer)
+        alive = rt.instance_alive(writer)
+        if not alive or writer_suspect:
+            self._writer_lost(rt, writer, "its process is gone" if not alive
+                              else "it does not answer")
             return
         if writer.state != "available" and not rt.accepts_connections(writer):
             return
         if rt.ensure_volume_client(writer):
             return
         for reader in rt.readers():
+            if reader.state == "rebuilding":
+                failover.rebuild_reader(rt, reader)
+                continue
             if reader.state in ("creating", "failed"):
                 continue
             if not rt.instance_alive(reader):
@@ -132,6 +174,25 @@ class ControlPlane:
             rt.repoint_reader(reader)
             if reader.state == "starting":
                 rt.accepts_connections(reader)
+
+    def _writer_lost(self, rt: ClusterRuntime, writer: Any, why: str) -> None:
+        """Fail over to a reader; with none to promote, restart the writer in place."""
+        self.writer_misses[rt.name] = 0
+        promotable = [r for r in rt.readers()
+                      if r.state == "available" and rt.instance_alive(r)]
+        if promotable and writer.state in ("available", "stopped"):
+            try:
+                failover.fail_over(rt, f"writer {writer.id}: {why}",
+                                   switch_endpoints=lambda: self._keep_endpoints(rt.name))
+                return
+            except FailoverRefused as exc:
+                rt.event("failover", f"stopped: {exc}")
+                return
+        if rt.instance_alive(writer):  # frozen, and no reader to take over: restart it
+            failover.stop_old_writer(rt, writer)
+        if writer.state in ("available", "starting"):
+            rt.event("supervisor", f"writer {writer.id}: {why}; restarting it in place")
+        rt.start_instance(writer)
 
     async def _sampled_lsn(self, rt: ClusterRuntime, inst: Any, sql: str) -> int | None:
         """Run an LSN query on an instance over a connection kept open between ticks
@@ -331,6 +392,19 @@ class ControlPlane:
             await asyncio.to_thread(self._keep_endpoints, name)
         return await self._instance_status(self.runtime(name), inst)
 
+    async def failover(self, name: str, target: str | None) -> dict[str, Any]:
+        async with self.locks[name]:
+            rt = self.runtime(name)
+            try:
+                await asyncio.to_thread(failover.fail_over, rt, "requested", target,
+                                        lambda: self._keep_endpoints(name))
+            except FailoverRefused as exc:
+                rt.event("failover", f"stopped: {exc}")
+                raise ClusterError(str(exc)) from None
+            finally:
+                self.writer_misses[name] = 0
+        return await self.cluster_status(name)
+
     async def remove_instance(self, instance_id: str) -> None:
         inst = self.state.instance(instance_id)
         if inst is None:
@@ -398,6 +472,16 @@ def build_app(cp: ControlPlane) -> web.Application:
             return _error(400, "tier must be an integer")
         return web.json_response(await cp.add_instance(name, body.get("az"), tier,
                                                        body.get("id")))
+
+    @routes.post("/v1/clusters/{name}/failover")
+    async def failover_cluster(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        need_cluster(name)
+        body = await request.json() if request.can_read_body else {}
+        target = body.get("target")
+        if target is not None and not isinstance(target, str):
+            return _error(400, "target is an instance id")
+        return web.json_response(await cp.failover(name, target))
 
     @routes.delete("/v1/instances/{id}")
     async def remove_instance(request: web.Request) -> web.Response:
@@ -502,8 +586,10 @@ async def serve(home: Path, port: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, cp.stopping.set)
     supervisor = asyncio.create_task(cp.supervise())
+    watcher = asyncio.create_task(cp.watch_writers())
     await cp.stopping.wait()
     supervisor.cancel()
+    watcher.cancel()
     await asyncio.sleep(0.2)  # let the last response go out
     await runner.cleanup()
     with contextlib.suppress(FileNotFoundError):

@@ -9,6 +9,8 @@ Append (epoch-tagged WAL at a start LSN, with the current VDL), Heartbeat (VDL o
 Node -> volume client: NodeState, Ack (flush LSN and lowest reader xmin), Refuse.
 Peer -> node: Hello, StatusRequest, Fetch (a WAL range); node -> peer: NodeState,
 WalChunk, FetchEnd.
+Control plane -> node (failover): Fence (move to a newer epoch, follow no writer), Seal
+(the fenced epoch's end of log and a donor that holds it); the node answers NodeState.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class NodeState:
     xmin_epoch: int
     recovering: bool
     system_id: int
+    # False between Fence and Seal: the node follows no writer and is no repair donor.
+    sealed: bool = True
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,18 @@ class Refuse:
 
 
 @dataclass(frozen=True)
+class Fence:
+    epoch: int  # the failover's epoch; the node refuses every older writer from now on
+
+
+@dataclass(frozen=True)
+class Seal:
+    epoch: int
+    end_lsn: int  # end of log: every acknowledged commit is at or below it
+    donor_id: str  # a fenced node that holds the log up to end_lsn
+
+
+@dataclass(frozen=True)
 class StatusRequest:
     pass
 
@@ -121,7 +137,7 @@ class FetchEnd:
 
 VolumeMessage = (
     Hello | NodeState | Begin | Append | Heartbeat | Ack | Refuse | StatusRequest | Fetch
-    | WalChunk | FetchEnd
+    | WalChunk | FetchEnd | Fence | Seal
 )
 
 _node_state = struct.Struct(">QQIQQQIIBQ")
@@ -135,8 +151,9 @@ _q = struct.Struct(">Q")
 
 _TYPE = {
     Hello: 1, NodeState: 2, Begin: 3, Append: 4, Heartbeat: 5, Ack: 6, Refuse: 7,
-    StatusRequest: 8, Fetch: 9, WalChunk: 10, FetchEnd: 11,
+    StatusRequest: 8, Fetch: 9, WalChunk: 10, FetchEnd: 11, Fence: 12, Seal: 13,
 }
+_RECOVERING, _UNSEALED = 1, 2  # NodeState flag bits
 
 
 def _str(s: str) -> bytes:
@@ -167,7 +184,9 @@ def encode_parts(msg: VolumeMessage) -> list[bytes | memoryview]:
                 _str(msg.node_id)
                 + _node_state.pack(
                     msg.epoch, msg.epoch_start, msg.timeline, msg.start_lsn, msg.flush_lsn,
-                    msg.vdl, msg.xmin, msg.xmin_epoch, int(msg.recovering), msg.system_id,
+                    msg.vdl, msg.xmin, msg.xmin_epoch,
+                    (_RECOVERING if msg.recovering else 0) | (0 if msg.sealed else _UNSEALED),
+                    msg.system_id,
                 )
             ]
         case Begin(epoch, timeline, truncate_at, stream_start, system_id, history):
@@ -188,6 +207,10 @@ def encode_parts(msg: VolumeMessage) -> list[bytes | memoryview]:
             body = [_chunk.pack(timeline, start), data]
         case FetchEnd(end, history):
             body = [_q.pack(end), history]
+        case Fence(epoch):
+            body = [_q.pack(epoch)]
+        case Seal(epoch, end_lsn, donor_id):
+            body = [_qq.pack(epoch, end_lsn) + _str(donor_id)]
     size = sum(len(b) for b in body)
     return [_frame.pack(_TYPE[type(msg)], size), *body]
 
@@ -207,8 +230,8 @@ def _decode_body(kind: int, body: memoryview) -> VolumeMessage:
     if kind == 2:
         node_id, off = _read_str(body, 0)
         f = _node_state.unpack_from(body, off)
-        return NodeState(node_id, f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], bool(f[8]),
-                         f[9])
+        return NodeState(node_id, f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7],
+                         bool(f[8] & _RECOVERING), f[9], not f[8] & _UNSEALED)
     if kind == 3:
         epoch, tli, trunc, stream_start, sysid = _begin.unpack_from(body, 0)
         return Begin(epoch, tli, trunc, stream_start, sysid, bytes(body[_begin.size :]))
@@ -232,6 +255,12 @@ def _decode_body(kind: int, body: memoryview) -> VolumeMessage:
     if kind == 11:
         (end,) = _q.unpack_from(body, 0)
         return FetchEnd(end, bytes(body[_q.size :]))
+    if kind == 12:
+        return Fence(*_q.unpack_from(body, 0))
+    if kind == 13:
+        epoch, end_lsn = _qq.unpack_from(body, 0)
+        donor_id, _ = _read_str(body, _qq.size)
+        return Seal(epoch, end_lsn, donor_id)
     raise VolumeProtocolError(f"unknown frame type {kind}")
 
 

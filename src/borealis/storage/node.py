@@ -9,7 +9,9 @@ Invariants:
 - appends from an epoch older than the node's are refused; the epoch is persisted
   before anything of the new epoch is acknowledged;
 - an append that would leave a gap is refused, and the node repairs from its peers;
-- readers are never sent WAL past ``min(vdl, flush_lsn)``.
+- readers are never sent WAL past ``min(vdl, flush_lsn)``;
+- a fenced node (failover Fence, epoch persisted) accepts nothing of any writer until
+  its Seal: then it holds exactly the log up to the failover's end of log.
 """
 
 from __future__ import annotations
@@ -116,13 +118,15 @@ class StorageNode:
             timeline=m.timeline,
             start_lsn=m.start_lsn, flush_lsn=self.store.flush_lsn, vdl=m.vdl, xmin=xmin,
             xmin_epoch=xmin_epoch, recovering=self.recovering, system_id=m.system_id,
+            sealed=m.sealed,
         )
 
     def status(self) -> dict[str, object]:
         m = self.store.manifest
         return {
             "id": self.config.node_id, "az": self.config.az, "pid": os.getpid(),
-            "state": "recovering" if self.recovering else "serving", "epoch": m.epoch,
+            "state": ("fenced" if not m.sealed else
+                      "recovering" if self.recovering else "serving"), "epoch": m.epoch,
             "timeline": m.timeline, "start_lsn": format_lsn(m.start_lsn),
             "flush_lsn": format_lsn(self.store.flush_lsn), "vdl": format_lsn(m.vdl),
             "readers": len(self._sessions), "counters": self.counters.__dict__,
@@ -157,6 +161,8 @@ class StorageNode:
             return self._refuse(vp.RefuseReason.RECOVERING)
         if msg.epoch < m.epoch:
             return self._refuse(vp.RefuseReason.STALE_EPOCH)
+        if msg.epoch == m.epoch and not m.sealed:
+            return self._refuse(vp.RefuseReason.NO_EPOCH)
         if m.system_id and msg.system_id != m.system_id and not self.store.empty:
             log.error("%s: refusing WAL of system %d; this node holds system %d",
                       self.config.node_id, msg.system_id, m.system_id)
@@ -172,6 +178,7 @@ class StorageNode:
             m.epoch, m.epoch_start = msg.epoch, msg.stream_start
             m.timeline, m.system_id = msg.timeline, msg.system_id
             m.vdl = min(m.vdl, msg.truncate_at)
+            m.sealed = True
             if msg.history:
                 self.store.add_history(msg.timeline, msg.history.decode())
             self.store.save_manifest()  # the epoch is durable before we answer
@@ -184,7 +191,7 @@ class StorageNode:
             return self._refuse(vp.RefuseReason.RECOVERING)
         if msg.epoch < self.epoch:
             return self._refuse(vp.RefuseReason.STALE_EPOCH)
-        if msg.epoch > self.epoch:
+        if msg.epoch > self.epoch or not self.store.manifest.sealed:
             return self._refuse(vp.RefuseReason.NO_EPOCH)
         if msg.start > self.store.write_lsn:
             self.request_repair()
@@ -234,6 +241,82 @@ class StorageNode:
         self.store.write_lsn = self.store.flush_lsn
         return self._refuse(vp.RefuseReason.DISK_ERROR)
 
+    # -- failover: fence and seal -------------------------------------------------
+
+    def fence(self, msg: vp.Fence) -> vp.NodeState | vp.Refuse:
+        """Move to the failover's epoch before answering: from then on no older writer's
+        append is accepted here, so a writer that 3 nodes fenced can never commit."""
+        m = self.store.manifest
+        if msg.epoch < m.epoch or (msg.epoch == m.epoch and m.sealed):
+            return self._refuse(vp.RefuseReason.STALE_EPOCH)
+        if msg.epoch > m.epoch:
+            m.epoch, m.sealed = msg.epoch, False
+            self.store.write_lsn = self.store.flush_lsn  # an unsynced batch is never acked
+            self.store.save_manifest()
+            log.info("%s: fenced in epoch %d at %s", self.config.node_id, msg.epoch,
+                     format_lsn(self.store.flush_lsn))
+        return self.state_message()
+
+    async def seal(self, msg: vp.Seal) -> vp.NodeState | vp.Refuse:
+        """Hold exactly the log up to the failover's end: fetch what is missing from the
+        donor, cut what lies past it (never acknowledged: every acknowledged commit is on
+        4 nodes, so on one of the 3 fenced ones the end was taken from)."""
+        m = self.store.manifest
+        if msg.epoch != m.epoch:
+            return self._refuse(vp.RefuseReason.STALE_EPOCH if msg.epoch < m.epoch
+                                else vp.RefuseReason.NO_EPOCH)
+        if m.sealed:
+            return self.state_message()
+        async with self._repair_lock:
+            if msg.donor_id != self.config.node_id:
+                try:
+                    await self._fetch_from(msg.donor_id, msg.end_lsn)
+                except (PeerError, OSError, StoreError) as exc:
+                    log.error("%s: seal: %s", self.config.node_id, exc)
+                    return self._refuse(vp.RefuseReason.GAP)
+            if self.store.flush_lsn > msg.end_lsn:
+                self._cut(msg.end_lsn)
+            if self.store.flush_lsn != msg.end_lsn:
+                return self._refuse(vp.RefuseReason.GAP)
+            m.vdl = m.epoch_start = msg.end_lsn
+            m.sealed = True
+            self.store.save_manifest()
+        log.info("%s: sealed epoch %d at %s", self.config.node_id, m.epoch,
+                 format_lsn(msg.end_lsn))
+        self.wake_readers()
+        return self.state_message()
+
+    async def _fetch_from(self, donor_id: str, end: int) -> None:
+        """Make our log equal the donor's up to ``end``. Where our stream differs from the
+        donor's (another timeline or epoch), bytes from the donor's epoch start on are
+        fetched again and compared, and the log is cut where it really differs."""
+        peer = next(p for p in self.config.peers if p.node_id == donor_id)
+        conn, donor = await PeerConnection.open(peer, self.config.secret)
+        m = self.store.manifest
+        try:
+            if self.store.empty:
+                self.store.begin_at(donor.start_lsn)
+            start = self.store.flush_lsn
+            if (donor.timeline, donor.epoch_start) != (m.timeline, m.epoch_start):
+                start = max(m.start_lsn, min(start, donor.epoch_start))
+            if start >= end:
+                return
+            history = b""
+            async for chunk in conn.fetch(start, end):
+                if isinstance(chunk, vp.WalChunk):
+                    if chunk.start < self.store.write_lsn:
+                        self._compare_overlap(chunk.start, chunk.data)
+                    self.store.write(chunk.start, chunk.data, chunk.timeline)
+                    self.counters.fetched_bytes += len(chunk.data)
+                else:
+                    history = chunk.history
+        finally:
+            conn.close()
+            self.store.sync()
+        m.timeline, m.system_id = donor.timeline, donor.system_id or m.system_id
+        if history:
+            self.store.add_history(donor.timeline, history.decode())
+
     def heartbeat(self, msg: vp.Heartbeat) -> None:
         self._note_vdl(msg.epoch, msg.vdl)
 
@@ -278,8 +361,11 @@ class StorageNode:
         """One fetch from the best donor; returns True if it made progress."""
         states = await peer_states(self.config.peers, self.config.secret)
         own = self.state_message()
+        if not own.sealed:
+            return False  # a fenced node waits for its Seal: its end of log is not known yet
         position = (own.epoch, own.flush_lsn)
-        donors = [s for s in states if s.start_lsn and (s.epoch, s.flush_lsn) > position]
+        donors = [s for s in states
+                  if s.start_lsn and s.sealed and (s.epoch, s.flush_lsn) > position]
         if not donors:
             # Learn the quorum's VDL even when nothing is missing.
             for s in states:
@@ -415,7 +501,7 @@ class StorageNode:
             for s in states:
                 self._note_vdl(s.epoch, s.vdl)
             position = (self.epoch, self.store.flush_lsn)
-            ahead = [s for s in states if (s.epoch, s.flush_lsn) > position]
+            ahead = [s for s in states if s.sealed and (s.epoch, s.flush_lsn) > position]
             idle = time.monotonic() - self._last_append > 2 * self.config.gossip_interval_s
             if ahead and idle and not self._repair_lock.locked():
                 self.request_repair()
@@ -488,6 +574,9 @@ class VolumeServerProtocol(asyncio.Protocol):
             raise PeerError("connection closed")
         await self._drained.wait()
 
+    async def _seal(self, msg: vp.Seal) -> None:
+        self.send(await self.node.seal(msg))
+
     def data_received(self, data: bytes) -> None:
         try:
             messages = self.frames.feed(data)
@@ -532,6 +621,10 @@ class VolumeServerProtocol(asyncio.Protocol):
                         self.send(vp.Ack(node.epoch, node.store.flush_lsn, *xmin))
                 case vp.StatusRequest():
                     self.send(node.state_message())
+                case vp.Fence():
+                    self.send(node.fence(msg))
+                case vp.Seal():
+                    asyncio.get_running_loop().create_task(self._seal(msg))
                 case vp.Fetch():
                     asyncio.get_running_loop().create_task(node.serve_fetch(self, msg))
                 case _:

@@ -207,7 +207,7 @@ class ReaderSession(ReaderSessionHandle):
         self._client_done = asyncio.Event()  # one per CopyBoth: a connection may stream again
         listener = asyncio.get_running_loop().create_task(self._listen())
         try:
-            await self._stream(start, tli, switch)
+            switch = await self._stream(start, tli, switch)
             # Either the standby ended the copy, or we reached the end of a historic
             # timeline and sent CopyDone: then its CopyDone follows.
             await asyncio.wait_for(self._client_done.wait(), STARTUP_TIMEOUT_S)
@@ -218,7 +218,7 @@ class ReaderSession(ReaderSessionHandle):
         if self._aborted:
             raise SessionEnded("connection closed during streaming")
         if switch is not None and self.sent_lsn >= switch:
-            self._end_of_timeline_result(entries, tli, switch)
+            self._end_of_timeline_result(store.timeline_entries(), tli, switch)
         else:
             self._send(pw.encode_copy_done() + pw.encode_command_complete("START_REPLICATION")
                        + pw.encode_ready_for_query())
@@ -236,8 +236,10 @@ class ReaderSession(ReaderSessionHandle):
             + pw.encode_ready_for_query()
         )
 
-    async def _stream(self, start: int, tli: int, switch: int | None) -> None:
-        """Send verified WAL from ``start`` up to the servable point (or the switchpoint)."""
+    async def _stream(self, start: int, tli: int, switch: int | None) -> int | None:
+        """Send verified WAL from ``start`` up to the servable point, or to the switchpoint
+        if the timeline ends (also while streaming: a failover ends the current one);
+        returns the switchpoint, None if the standby ended the copy first."""
         store = self.node.store
         self.sent_lsn = start
         verifier, read_pos = self._new_verifier(start)
@@ -245,6 +247,8 @@ class ReaderSession(ReaderSessionHandle):
         last_send = time.monotonic()
         last_reply_request = 0.0
         while not self._client_done.is_set():
+            if switch is None and store.manifest.timeline != tli:
+                switch = switchpoint_of(store.timeline_entries(), tli)
             limit = self.node.servable_lsn()
             if switch is not None:
                 limit = min(limit, switch)
@@ -279,7 +283,7 @@ class ReaderSession(ReaderSessionHandle):
                 progressed = True
             if switch is not None and self.sent_lsn >= switch:
                 self._send(pw.encode_copy_done())
-                return
+                return switch
             if progressed:
                 await self.writer.drain()
                 continue
@@ -292,6 +296,7 @@ class ReaderSession(ReaderSessionHandle):
                 if ask:
                     last_reply_request = now
             await self.node.wait_advanced(KEEPALIVE_S)
+        return switch
 
     def _new_verifier(self, position: int) -> tuple[WalVerifier, int]:
         seg = segment_start(position)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,8 @@ class Manifest:
     timeline: int = 1
     start_lsn: int = 0  # first LSN held; 0 with an empty store
     vdl: int = 0
+    # False from a failover's Fence until its Seal: the node follows no writer meanwhile.
+    sealed: bool = True
     histories: dict[str, str] = field(default_factory=dict)  # "tli" -> history file content
 
 
@@ -62,6 +65,7 @@ class SegmentStore:
         self._fds: dict[tuple[int, int], int] = {}
         self._dirty: set[int] = set()
         self._dir_dirty = False
+        self._spare_lock = threading.Lock()
 
     # -- opening -------------------------------------------------------------------
 
@@ -209,6 +213,10 @@ class SegmentStore:
 
     def prepare_spare(self) -> bool:
         """Zero-fill the next segment file ahead of need (run off the event loop)."""
+        with self._spare_lock:
+            return self._prepare_spare()
+
+    def _prepare_spare(self) -> bool:
         spare = self.dir / SPARE
         if spare.exists():
             return False
@@ -224,10 +232,9 @@ class SegmentStore:
         return True
 
     def _take_spare(self, path: Path) -> None:
-        try:
-            os.rename(self.dir / SPARE, path)
-        except FileNotFoundError:
-            self.prepare_spare()
+        # The lock: the spare may be half made by the background thread right now.
+        with self._spare_lock:
+            self._prepare_spare()
             os.rename(self.dir / SPARE, path)
         self._dir_dirty = True
 

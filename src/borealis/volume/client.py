@@ -35,6 +35,7 @@ from borealis.protocol import volume as vp
 from borealis.storage.peers import PeerAddress
 from borealis.volume.quorum import VdlTracker, stream_start_point
 from borealis.wal.lsn import format_lsn, parse_lsn, segment_start
+from borealis.wal.timeline import parse_history
 
 log = logging.getLogger("borealis.volume")
 
@@ -369,6 +370,11 @@ class VolumeClient:
                    if s.system_id in (0, self.system_id) and s.start_lsn]
         self.writer_start = xlogpos
         self.stream_start = segment_start(stream_start_point(flushes, xlogpos))
+        if self.history:
+            # A promoted writer has this timeline's WAL only from the segment holding the
+            # switchpoint on; nodes behind that catch up from their peers.
+            entries = parse_history(self.timeline, self.history.decode())
+            self.stream_start = max(self.stream_start, segment_start(entries[-1].begin))
         log.info("epoch %d: streaming timeline %d from %s (writer at %s, %d nodes answered)",
                  self.epoch, self.timeline, format_lsn(self.stream_start), format_lsn(xlogpos),
                  len(states))

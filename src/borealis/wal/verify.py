@@ -106,6 +106,9 @@ class WalVerifier:
         """Add the bytes that follow ``fed_end``; returns the new ``verified_end``."""
         self._buf += data
         self._walk()
+        # The cursor only ever stands after verified records and their padding (also the
+        # zeros after an XLOG_SWITCH): whatever of that was fed is as good as verified.
+        self.verified_end = max(self.verified_end, min(self._cursor, self.fed_end))
         self._trim()
         return self.verified_end
 
@@ -152,7 +155,9 @@ class WalVerifier:
             if record_crc(body) != crc:
                 raise WalCorruption(rec, "record CRC mismatch")
             self.records += 1
-            self.verified_end = end
+            # The alignment padding after a record belongs with it: PostgreSQL's positions
+            # (flush, switchpoints) are the padded end, the next record's start.
+            self.verified_end = maxalign(end) if self.fed_end >= maxalign(end) else end
             if rmid == RM_XLOG_ID and info & 0xF0 == XLOG_SWITCH:
                 nxt = end - end % self.segment_size + self.segment_size
                 if end % self.segment_size == 0:

@@ -1,0 +1,244 @@
+"""The failover sequence: fence, find the end, choose, promote, switch, rejoin.
+
+Blocking code, run by the daemon in a worker thread while it holds the cluster's lock.
+The decisions are in :mod:`failover_rules`; this module only talks to processes.
+
+Invariants:
+- nothing is promoted before ``READ_QUORUM`` storage nodes are fenced in the new epoch:
+  from then on the old writer's volume client cannot gather 4 acknowledgements, so the
+  old writer cannot commit again even if it is only frozen or cut off;
+- the new writer is promoted only after it received the log up to the end of log, which
+  is at or above every acknowledged commit;
+- the old writer's data directory is never trusted again: it rejoins as a reader copied
+  from the new writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+
+import psycopg
+
+from borealis.compute import postgres as pg
+from borealis.control import processes
+from borealis.control.cluster import ClusterRuntime
+from borealis.control.failover_rules import (
+    READ_QUORUM,
+    Candidate,
+    EndOfLog,
+    FailoverRefused,
+    choose_writer,
+    end_of_log,
+)
+from borealis.control.state import Instance, StorageNodeRow
+from borealis.protocol import volume as vp
+from borealis.storage.peers import PeerAddress, PeerConnection, PeerError
+from borealis.wal.lsn import format_lsn, parse_lsn
+
+FENCE_TIMEOUT_S = 10.0
+SEAL_TIMEOUT_S = 60.0
+CATCH_UP_TIMEOUT_S = 30.0
+PROMOTE_TIMEOUT_S = 60
+
+
+def fail_over(rt: ClusterRuntime, reason: str, target: str | None = None,
+              switch_endpoints: Callable[[], None] = lambda: None) -> Instance:
+    """Run a whole failover; returns the new writer. Raises FailoverRefused (with the
+    cluster left fenced and without a writer) when it cannot go on safely.
+
+    ``switch_endpoints`` is called when the old writer is gone (its connections are
+    closed) and again when the new writer is promoted (new connections go to it)."""
+    began = time.monotonic()
+    old = rt.writer()
+    candidates = [r for r in rt.readers()
+                  if r.state == "available" and rt.instance_alive(r)]
+    if target is not None and not any(r.id == target for r in candidates):
+        raise FailoverRefused(f"{target} is not an available reader of {rt.name}")
+    if not candidates:
+        raise FailoverRefused(f"{rt.name} has no available reader to promote")
+    rt.event("failover", f"started: {reason}")
+    rt.state.set_cluster(rt.name, status="failing-over")
+
+    epoch = rt.state.next_epoch(rt.name)
+    fenced = fence(rt, epoch)
+    rt.event("failover", f"epoch {epoch}: fenced {len(fenced)} storage nodes "
+                         f"({', '.join(sorted(s.node_id for s in fenced))}); "
+                         "the old writer can no longer commit")
+    if old is not None:
+        stop_old_writer(rt, old)
+        switch_endpoints()
+    end = end_of_log(fenced)
+    rt.event("failover", f"end of log {format_lsn(end.lsn)} on timeline {end.timeline} "
+                         f"(held by {end.donor_id})")
+    sealed = seal(rt, epoch, end, [s.node_id for s in fenced])
+    rt.event("failover", f"{len(sealed)} storage nodes hold the log up to the end "
+                         f"({', '.join(sorted(sealed))})")
+
+    chosen = choose_writer([_candidate(rt, r) for r in candidates], target)
+    new = next(r for r in candidates if r.id == chosen.instance_id)
+    rt.event("failover", f"chose {new.id} (promotion tier {new.tier}, replayed to "
+                         f"{format_lsn(chosen.replay_lsn)})")
+    rt.preferred_nodes = set(sealed)
+    try:
+        rt.repoint_reader(new)
+        wait_received(rt, new, end.lsn)
+        # From here on the chosen reader is the writer, even if promotion fails half-way:
+        # the old writer must never be started on its old data again.
+        rt.state.set_instance(new.id, role="writer", state="starting")
+        if old is not None:
+            rt.state.set_instance(old.id, role="reader", state="rebuilding", pid=None)
+        promote(rt, new)
+    finally:
+        rt.preferred_nodes = set()
+    rt.state.set_instance(new.id, state="available")
+    switch_endpoints()
+    rt.event("failover", f"promoted {new.id}; the cluster endpoint leads to it")
+
+    writer = rt.state.instance(new.id)
+    assert writer is not None
+    rt.ensure_volume_client(writer)
+    rt.wait_volume_ready()
+    rt.state.set_cluster(rt.name, status="available")
+    rt.event("failover", f"completed in {time.monotonic() - began:.1f} s: {new.id} is the "
+                         "writer and commits reach a write quorum")
+    return writer
+
+
+# -- steps ------------------------------------------------------------------------------
+
+def fence(rt: ClusterRuntime, epoch: int) -> list[vp.NodeState]:
+    """Move every reachable node to ``epoch``; needs a read quorum of them."""
+    nodes = rt.state.storage_nodes(rt.name)
+    secret = rt.cluster.storage_secret
+    deadline = time.monotonic() + FENCE_TIMEOUT_S
+    fenced: dict[str, vp.NodeState] = {}
+    while True:
+        missing = [n for n in nodes if n.id not in fenced]
+        for state in asyncio.run(_ask_all(missing, secret, vp.Fence(epoch), 1.0)):
+            if state.epoch == epoch:
+                fenced[state.node_id] = state
+        if len(fenced) >= READ_QUORUM:
+            break  # the rest are down or cut off; they learn the epoch when they return
+        if time.monotonic() > deadline:
+            raise FailoverRefused(f"only {len(fenced)} storage nodes could be fenced")
+        time.sleep(0.1)
+    return list(fenced.values())
+
+
+def seal(rt: ClusterRuntime, epoch: int, end: EndOfLog, fenced: list[str]) -> list[str]:
+    """Bring the fenced nodes to exactly the end of log; returns those that got there."""
+    nodes = [n for n in rt.state.storage_nodes(rt.name) if n.id in fenced]
+    states = asyncio.run(_ask_all(nodes, rt.cluster.storage_secret,
+                                  vp.Seal(epoch, end.lsn, end.donor_id), SEAL_TIMEOUT_S))
+    sealed = [s.node_id for s in states if s.sealed and s.flush_lsn == end.lsn]
+    if len(sealed) < READ_QUORUM:
+        raise FailoverRefused(f"only {len(sealed)} storage nodes reached the end of log")
+    return sealed
+
+
+def stop_old_writer(rt: ClusterRuntime, old: Instance) -> None:
+    """Kill what is left of the old writer (frozen processes included) and its volume
+    client. Fencing already keeps it from committing; this frees its resources."""
+    row = rt.state.volume_client(rt.name)
+    if row is not None:
+        processes.stop(row[0], str(rt.volume_config_path()), signal.SIGKILL, timeout_s=5)
+        rt.state.set_volume_client(rt.name, None, row[1])
+    marker = str(rt.datadir(old.id))
+    if processes.alive(old.pid, marker):
+        assert old.pid is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(old.pid, signal.SIGKILL)  # postmaster and backends, frozen or not
+        processes.stop(old.pid, marker, signal.SIGKILL, timeout_s=5)
+    rt.state.set_instance(old.id, pid=None, state="stopped")
+    rt.event("failover", f"old writer {old.id} stopped; it will rejoin as a reader")
+
+
+def wait_received(rt: ClusterRuntime, inst: Instance, end_lsn: int) -> None:
+    """Wait until the chosen reader holds the log up to the end: flushed by its WAL
+    receiver, or already replayed (the receiver's position restarts where it reconnects,
+    and a partial record at the end is received but never replayed)."""
+    deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
+    received = 0
+    sql = ("SELECT GREATEST(COALESCE(pg_last_wal_receive_lsn(), '0/0'), "
+           "COALESCE(pg_last_wal_replay_lsn(), '0/0'))::text")
+    while time.monotonic() < deadline:
+        received = max(received, _lsn(rt, inst, sql) or 0)
+        if received >= end_lsn:
+            return
+        time.sleep(0.02)
+    raise FailoverRefused(f"{inst.id} received the log only up to {format_lsn(received)}, "
+                          f"not to the end {format_lsn(end_lsn)}")
+
+
+def promote(rt: ClusterRuntime, inst: Instance) -> None:
+    """Writer settings first (the volume client as synchronous standby, so no commit is
+    acknowledged before the volume has it), then ``pg_promote``."""
+    settings = rt.server_settings(dataclasses.replace(inst, role="writer"))
+    pg.write_conf(rt.datadir(inst.id), settings, rt.run_as)
+    if inst.pid:
+        os.kill(inst.pid, signal.SIGHUP)
+    with psycopg.connect(rt.dsn(inst), connect_timeout=5, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_promote(true, %s)", (PROMOTE_TIMEOUT_S,)).fetchone()
+    if not row or not row[0]:
+        raise FailoverRefused(f"{inst.id} did not finish promotion in {PROMOTE_TIMEOUT_S} s")
+
+
+def rebuild_reader(rt: ClusterRuntime, inst: Instance) -> None:
+    """A former writer comes back as a reader, copied afresh from the current writer."""
+    writer = rt.writer()
+    if writer is None or writer.state != "available":
+        return
+    shutil.rmtree(rt.instance_dir(inst.id) / "data", ignore_errors=True)
+    rt.state.set_instance(inst.id, state="creating")
+    try:
+        rt.ensure_reader_data(inst, writer)
+        rt.start_instance(inst)
+    except Exception:
+        rt.state.set_instance(inst.id, state="rebuilding")  # the supervisor tries again
+        raise
+    rt.event("failover", f"{inst.id} rejoined as a reader")
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+def _candidate(rt: ClusterRuntime, inst: Instance) -> Candidate:
+    replay = _lsn(rt, inst, "SELECT pg_last_wal_replay_lsn()::text") or 0
+    return Candidate(inst.id, inst.tier, replay)
+
+
+def _lsn(rt: ClusterRuntime, inst: Instance, sql: str) -> int | None:
+    try:
+        with psycopg.connect(rt.dsn(inst), connect_timeout=2, autocommit=True) as conn:
+            row = conn.execute(sql).fetchone()
+    except psycopg.Error:
+        return None
+    return parse_lsn(row[0]) if row and row[0] else None
+
+
+async def _ask_all(nodes: list[StorageNodeRow], secret: str, msg: vp.VolumeMessage,
+                   timeout_s: float) -> list[vp.NodeState]:
+    """Send one request to each node at once; the states of those that answered."""
+
+    async def one(node: StorageNodeRow) -> vp.NodeState | None:
+        try:
+            conn, _ = await PeerConnection.open(PeerAddress(node.id, "127.0.0.1", node.port),
+                                                secret, "control", timeout_s=1.0)
+        except PeerError:
+            return None
+        try:
+            conn.send(msg)
+            return await conn.expect(vp.NodeState, timeout_s)
+        except PeerError:
+            return None
+        finally:
+            conn.close()
+
+    results = await asyncio.gather(*(one(n) for n in nodes))
+    return [s for s in results if s is not None]

@@ -1,0 +1,58 @@
+"""Failover decisions as pure functions: the end of log, and which reader to promote.
+
+Invariants:
+- the end of log is taken only from a read quorum (at least ``READ_QUORUM`` fenced
+  nodes): any 3 of 6 overlap every write quorum of 4, so every acknowledged commit is
+  at or below it;
+- among fenced nodes only those holding the newest stream count: a node left on an older
+  timeline may hold more bytes, but they are not the writer's log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from borealis.protocol import volume as vp
+
+READ_QUORUM = 3
+
+
+class FailoverRefused(Exception):
+    """The failover cannot go on safely; nothing was promoted."""
+
+
+@dataclass(frozen=True)
+class EndOfLog:
+    lsn: int
+    donor_id: str  # a fenced node that holds the log up to ``lsn``
+    timeline: int
+
+
+def end_of_log(fenced: list[vp.NodeState], read_quorum: int = READ_QUORUM) -> EndOfLog:
+    """The highest flush LSN of the newest timeline among the fenced nodes."""
+    if len(fenced) < read_quorum:
+        raise FailoverRefused(f"only {len(fenced)} storage nodes are fenced; "
+                              f"{read_quorum} are needed to know the end of the log")
+    donor = max(fenced, key=lambda s: (s.timeline, s.flush_lsn, s.node_id))
+    return EndOfLog(donor.flush_lsn, donor.node_id, donor.timeline)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    instance_id: str
+    tier: int  # promotion tier, 0 (first) to 15
+    replay_lsn: int
+    capacity: int = 0  # larger first, among equals
+
+
+def choose_writer(candidates: list[Candidate], target: str | None = None) -> Candidate:
+    """Lowest promotion tier, then the most WAL replayed, then the largest capacity;
+    the instance id breaks the remaining ties, so the choice is deterministic."""
+    if target is not None:
+        chosen = [c for c in candidates if c.instance_id == target]
+        if not chosen:
+            raise FailoverRefused(f"{target} is not an available reader of this cluster")
+        return chosen[0]
+    if not candidates:
+        raise FailoverRefused("no available reader to promote")
+    return min(candidates, key=lambda c: (c.tier, -c.replay_lsn, -c.capacity, c.instance_id))
