@@ -1,5 +1,5 @@
-"""The supervisor restarts a killed writer or volume client; a new epoch begins and
-nothing acknowledged is lost."""
+"""A killed writer fails over to the reader; a killed volume client is restarted in a new
+epoch. Nothing acknowledged is lost."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from tests.harness import ClusterView, wait_for
 class Writes:
     """A client inserting rows through the writer, remembering which commits returned."""
 
-    def __init__(self, cluster: ClusterView, table: str) -> None:
+    def __init__(self, cluster: ClusterView, table: str, dsn: str | None = None) -> None:
         self.cluster = cluster
         self.table = table
+        self.dsn = dsn or cluster.writer()["dsn"]
         self.acked: list[int] = []
         self.stop = threading.Event()
         with cluster.connect(cluster.writer()) as w:
@@ -27,10 +28,9 @@ class Writes:
 
     def _run(self) -> None:
         n = 0
-        dsn = self.cluster.writer()["dsn"]
         while not self.stop.is_set():
             try:
-                with psycopg.connect(dsn, autocommit=True, connect_timeout=2) as conn:
+                with psycopg.connect(self.dsn, autocommit=True, connect_timeout=2) as conn:
                     while not self.stop.is_set():
                         n += 1
                         conn.execute(f"INSERT INTO {self.table} VALUES (%s)", (n,))
@@ -60,18 +60,21 @@ def check_nothing_lost(cluster: ClusterView, table: str, acked: list[int]) -> No
             20)
 
 
-def test_writer_kill_9_is_restarted_and_loses_nothing(cluster: ClusterView) -> None:
+def test_writer_kill_9_fails_over_and_loses_nothing(cluster: ClusterView) -> None:
     before = cluster.status()
     epoch = before["volume_client"]["epoch"]
     writer = cluster.writer()
-    with Writes(cluster, "writer_kill") as writes:
+    endpoint = next(e for e in before["endpoints"] if e["type"] == "WRITER")
+    with Writes(cluster, "writer_kill", endpoint["dsn"]) as writes:
         wait_for("some commits", lambda: len(writes.acked) > 50, 20)
         os.killpg(writer["pid"], signal.SIGKILL)  # the postmaster and all its children
         killed_at = len(writes.acked)
-        wait_for("the writer to come back", lambda: cluster.writer()["state"] == "available"
-                 and cluster.writer()["pid"] != writer["pid"], 60)
-        wait_for("commits after the restart", lambda: len(writes.acked) > killed_at + 50, 60)
+        wait_for("a reader to take over", lambda: cluster.writer()["id"] != writer["id"]
+                 and cluster.writer()["state"] == "available", 60)
+        wait_for("commits after the failover", lambda: len(writes.acked) > killed_at + 50, 60)
     assert cluster.status()["volume_client"]["epoch"] > epoch
+    cluster.wait_all_serving(120)  # the old writer is back, as a reader
+    assert writer["id"] in {r["id"] for r in cluster.readers()}
     check_nothing_lost(cluster, "writer_kill", writes.acked)
 
 

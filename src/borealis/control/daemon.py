@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 from aiohttp import web
 
-from borealis.control import failover
+from borealis.control import failover, probe
 from borealis.control.cluster import ClusterError, ClusterRuntime
 from borealis.control.endpoints import ClusterEndpoints
 from borealis.control.failover_rules import FailoverRefused
@@ -40,6 +40,7 @@ WRITER_CHECK_S = 0.5
 WRITER_CHECK_TIMEOUT_S = 1.0
 WRITER_MISSES = 3  # failed checks in a row before a failover
 LSN_SAMPLES = 2400
+SAMPLE_TIMEOUT_S = 1.0
 
 
 def default_home() -> Path:
@@ -111,13 +112,11 @@ class ControlPlane:
             self.writer_misses[name] = 0
             return
         try:
-            async with asyncio.timeout(WRITER_CHECK_TIMEOUT_S):
-                conn = await psycopg.AsyncConnection.connect(
-                    rt.dsn(writer), connect_timeout=2, autocommit=True)
-                async with conn:
-                    await conn.execute("SELECT 1")
+            conn = await probe.connect(rt.dsn(writer), WRITER_CHECK_TIMEOUT_S)
+            await probe.first_value(conn, "SELECT 1", WRITER_CHECK_TIMEOUT_S)
+            await conn.close()
             self.writer_misses[name] = 0
-        except (psycopg.Error, OSError, TimeoutError):
+        except (psycopg.Error, OSError, TimeoutError, probe.ProbeTimeout):
             self.writer_misses[name] += 1
             if self.writer_misses[name] == WRITER_MISSES:
                 rt.event("supervisor", f"writer {writer.id} failed {WRITER_MISSES} checks "
@@ -204,16 +203,15 @@ class ControlPlane:
                 await conn.close()
             return None
         try:
+            # A frozen server accepts TCP but never answers: the supervisor must not wait.
             if conn is None or conn.closed or conn.info.port != inst.port:
-                conn = await psycopg.AsyncConnection.connect(rt.dsn(inst), connect_timeout=1,
-                                                             autocommit=True)
+                conn = await probe.connect(rt.dsn(inst), SAMPLE_TIMEOUT_S)
                 self.samplers[inst.id] = conn
-            cur = await conn.execute(sql)
-            row = await cur.fetchone()
-        except psycopg.Error:
+            value = await probe.first_value(conn, sql, SAMPLE_TIMEOUT_S)
+        except (psycopg.Error, OSError, TimeoutError, probe.ProbeTimeout):
             self.samplers.pop(inst.id, None)
             return None
-        return parse_lsn(row[0]) if row and row[0] else None
+        return parse_lsn(value) if value else None
 
     async def _sample_writer(self, name: str) -> None:
         """Record the writer's WAL position, for replica lag."""
@@ -308,14 +306,13 @@ class ControlPlane:
         sql = ("SELECT pg_current_wal_lsn()::text" if inst.role == "writer"
                else "SELECT pg_last_wal_replay_lsn()::text")
         try:
-            async with await psycopg.AsyncConnection.connect(rt.dsn(inst),
-                                                             connect_timeout=1) as conn:
-                cur = await conn.execute(sql)
-                row = await cur.fetchone()
-        except psycopg.Error:
+            conn = await probe.connect(rt.dsn(inst), 1.0)
+            value = await probe.first_value(conn, sql, 1.0)
+            await conn.close()
+        except (psycopg.Error, OSError, TimeoutError, probe.ProbeTimeout):
             return out
-        if row and row[0]:
-            lsn = parse_lsn(row[0])
+        if value:
+            lsn = parse_lsn(value)
             out["replay_lsn"] = format_lsn(lsn)
             out["lag_ms"] = 0 if inst.role == "writer" else self.lag_ms(rt.name, lsn)
         return out

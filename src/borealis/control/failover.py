@@ -16,7 +16,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import os
 import shutil
@@ -151,10 +150,8 @@ def stop_old_writer(rt: ClusterRuntime, old: Instance) -> None:
         processes.stop(row[0], str(rt.volume_config_path()), signal.SIGKILL, timeout_s=5)
         rt.state.set_volume_client(rt.name, None, row[1])
     marker = str(rt.datadir(old.id))
-    if processes.alive(old.pid, marker):
-        assert old.pid is not None
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(old.pid, signal.SIGKILL)  # postmaster and backends, frozen or not
+    if old.pid is not None and processes.alive(old.pid, marker):
+        processes.kill_tree(old.pid, marker)  # postmaster and backends, frozen or not
         processes.stop(old.pid, marker, signal.SIGKILL, timeout_s=5)
     rt.state.set_instance(old.id, pid=None, state="stopped")
     rt.event("failover", f"old writer {old.id} stopped; it will rejoin as a reader")

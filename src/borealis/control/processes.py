@@ -40,6 +40,32 @@ def alive(pid: int | None, marker: str) -> bool:
     return True
 
 
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (PostgreSQL's backends lead their own process groups,
+    so signalling the postmaster's group does not reach them)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out.append(int(entry))
+    return out
+
+
+def kill_tree(pid: int, marker: str, sig: int = signal.SIGKILL) -> None:
+    """Signal a process we own and its children (a frozen postmaster and its backends)."""
+    if not alive(pid, marker):
+        return
+    family = [pid, *children(pid)]
+    for member in family:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(member, sig)
+
+
 def reap(pid: int) -> None:
     """Collect an exited child of ours, if it is one."""
     with contextlib.suppress(ChildProcessError):
@@ -61,13 +87,11 @@ def stop(pid: int | None, marker: str, sig: int = signal.SIGTERM, timeout_s: flo
         if not alive(pid, marker):
             return
         time.sleep(0.05)
-    try:
-        if kill_group:
-            os.killpg(pid, signal.SIGKILL)
-        else:
+    if kill_group:
+        kill_tree(pid, marker)
+    else:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        return
     while alive(pid, marker):
         time.sleep(0.05)
 

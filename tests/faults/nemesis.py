@@ -1,0 +1,129 @@
+"""Faults injected into a running cluster, and the round that checks what survived.
+
+Kinds: ``kill-writer`` (SIGKILL of the writer's postmaster), ``stop-writer`` (SIGSTOP
+of its process group, held until a new writer took over, then SIGCONT),
+``kill-2-nodes`` (SIGKILL of two storage nodes), ``lose-az`` (SIGKILL of every process
+in the writer's AZ: its two storage nodes and its instances).
+
+Every process is addressed by the PID the control plane reports, never by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from borealis.control.processes import children
+from tests.faults.bank import Bank
+from tests.harness import ClusterView, wait_for
+
+FAULTS = ("kill-writer", "stop-writer", "kill-2-nodes", "lose-az")
+
+
+@dataclass
+class RoundResult:
+    fault: str
+    acked: int  # acknowledged transfers in the round
+    lost: int
+    downtime_s: float
+    writer_before: str
+    writer_after: str
+
+
+def _kill(pid: int | None, sig: int = signal.SIGKILL) -> None:
+    if pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _kill_group(pid: int | None, sig: int) -> None:
+    """The postmaster and its children (each backend leads its own process group)."""
+    if pid:
+        for member in [pid, *children(pid)]:
+            _kill(member, sig)
+
+
+def inject(view: ClusterView, fault: str, rng: random.Random) -> Callable[[], None]:
+    """Inject one fault; returns what heals it (called once commits flow again)."""
+    st = view.status()
+    return inject_into(st, fault, rng)
+
+
+def inject_into(st: dict[str, Any], fault: str, rng: random.Random) -> Callable[[], None]:
+    writer = next(i for i in st["instances"] if i["role"] == "writer")
+    if fault == "kill-writer":
+        _kill(writer["pid"])
+        return lambda: None
+    if fault == "stop-writer":
+        # The postmaster and its backends, as a paused VM: the held connections freeze too.
+        _kill_group(writer["pid"], signal.SIGSTOP)
+        return lambda: _kill_group(writer["pid"], signal.SIGCONT)
+    if fault == "kill-2-nodes":
+        for node in rng.sample(st["storage_nodes"], 2):
+            _kill(node["pid"])
+        return lambda: None
+    if fault == "lose-az":
+        az = writer["az"]
+        for node in st["storage_nodes"]:
+            if node["az"] == az:
+                _kill(node["pid"])
+        for inst in st["instances"]:
+            if inst["az"] == az:
+                _kill(inst["pid"])
+        return lambda: None
+    raise ValueError(f"unknown fault {fault!r}; use one of {', '.join(FAULTS)}")
+
+
+def run_round(view: ClusterView, bank: Bank, fault: str, rng: random.Random) -> RoundResult:
+    """Fault under load, recovery, then every check; the bank runs again at the end."""
+    start = time.monotonic()
+    before = bank.acked_count()
+    bank.wait_commits_after(start, 20, 60)
+    st = view.status()
+    writer_before = next(i for i in st["instances"] if i["role"] == "writer")["id"]
+    fault_at = time.monotonic()
+    heal = inject_into(st, fault, rng)
+    bank.wait_commits_after(fault_at, 20, 90)
+    heal()
+    view.wait_all_serving(180)
+    downtime = bank.downtime_s(fault_at)
+    bank.stop()
+    try:
+        writer = view.writer()
+        lost = bank.check(writer["dsn"])
+        expected = bank.snapshot(writer["dsn"])
+        for reader in view.readers():
+            wait_for(f"reader {reader['id']} to converge to the writer",
+                     lambda r=reader: bank.snapshot(r["dsn"]) == expected, 60, 0.2)
+    finally:
+        bank.start()
+    return RoundResult(fault, bank.acked_count() - before, lost, downtime, writer_before,
+                       writer["id"])
+
+
+def table(results: list[RoundResult]) -> str:
+    """Rounds, faults per kind, acknowledged and lost commits, downtime p50 and max."""
+    lines = [f"{'fault':<14}{'rounds':>7}{'acked':>9}{'lost':>6}{'p50 s':>8}{'max s':>8}"]
+    kinds: dict[str, list[RoundResult]] = {}
+    for r in results:
+        kinds.setdefault(r.fault, []).append(r)
+    for kind, rs in [*kinds.items(), ("all", results)]:
+        downs = [r.downtime_s for r in rs]
+        lines.append(f"{kind:<14}{len(rs):>7}{sum(r.acked for r in rs):>9}"
+                     f"{sum(r.lost for r in rs):>6}{statistics.median(downs):>8.2f}"
+                     f"{max(downs):>8.2f}")
+    return "\n".join(lines)
+
+
+def summary(results: list[RoundResult]) -> dict[str, Any]:
+    downs = [r.downtime_s for r in results]
+    return {"rounds": len(results), "lost": sum(r.lost for r in results),
+            "acked": sum(r.acked for r in results), "p50_s": statistics.median(downs),
+            "max_s": max(downs)}
