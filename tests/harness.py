@@ -27,6 +27,7 @@ TEST_ENV = {
     "BOREALIS_SHARED_BUFFERS": "8MB",
     "BOREALIS_MAX_CONNECTIONS": "40",
     "BOREALIS_SCRUB_INTERVAL_S": "2",
+    "BOREALIS_SCRUB_BYTES_PER_S": str(64 << 20),  # a pass in about a second, not a minute
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 
 from tests.faults.bank import Bank
@@ -46,3 +47,23 @@ def test_no_acknowledged_transfer_is_lost_under_faults(bank_cluster: ClusterView
     events = bank_cluster.b.cli("events", "bank").stdout
     for step in ("fenced", "end of log", "promoted", "rejoined as a reader"):
         assert step in events, f"no '{step}' event:\n{events}"
+
+
+def test_manual_failover_to_a_chosen_reader(bank_cluster: ClusterView) -> None:
+    b = bank_cluster.b
+    bank_cluster.wait_all_serving(120)
+    before = bank_cluster.writer()
+    target = bank_cluster.readers()[-1]["id"]
+    refused = b.cli("failover", "bank", "--target", "no-such-reader", check=False)
+    assert refused.returncode != 0 and "no-such-reader" in refused.stderr + refused.stdout
+    assert bank_cluster.writer()["id"] == before["id"]
+
+    b.cli("failover", "bank", "--target", target)
+    assert bank_cluster.writer()["id"] == target
+    endpoint = next(e for e in bank_cluster.status()["endpoints"] if e["type"] == "WRITER")
+    with psycopg.connect(endpoint["dsn"], autocommit=True, connect_timeout=10) as conn:
+        row = conn.execute("SELECT pg_is_in_recovery(), current_setting('port')").fetchone()
+    assert row == (False, str(bank_cluster.writer()["port"]))
+    bank_cluster.wait_all_serving(120)
+    assert before["id"] in {r["id"] for r in bank_cluster.readers()}
+    assert "started: requested" in b.cli("events", "bank").stdout

@@ -148,3 +148,35 @@ def test_a_failed_sync_is_refused_not_acked(tmp_path: Path,
     assert node.store.flush_lsn == SEG + 10 and node.store.write_lsn == SEG + 10
     assert node.append(vp.Append(1, SEG + 10, 0, b"y" * 10)) is None  # re-sent later
     assert node.sync() == SEG + 20
+
+
+def test_a_fenced_node_follows_no_writer_until_sealed(tmp_path: Path) -> None:
+    node = make_node(tmp_path)
+    begin(node, 1, SEG)
+    assert node.append(vp.Append(1, SEG, 0, b"a" * 200)) is None
+    node.sync()
+    state = node.fence(vp.Fence(2))
+    assert isinstance(state, vp.NodeState) and state.epoch == 2 and not state.sealed
+    assert json.loads((tmp_path / "manifest.json").read_text())["epoch"] == 2
+    # The old writer's volume client is refused from now on, and so is any Begin of
+    # the fenced epoch itself: only a Seal completes it.
+    old = node.append(vp.Append(1, SEG + 200, 0, b"b"))
+    assert isinstance(old, vp.Refuse) and old.reason == vp.RefuseReason.STALE_EPOCH
+    assert isinstance(begin(node, 2, SEG), vp.Refuse)
+    assert isinstance(node.fence(vp.Fence(1)), vp.Refuse)
+
+
+def test_seal_cuts_what_lies_past_the_end_of_log(tmp_path: Path) -> None:
+    import asyncio
+
+    node = make_node(tmp_path)
+    begin(node, 1, SEG)
+    node.append(vp.Append(1, SEG, 0, b"c" * 300))
+    node.sync()
+    node.fence(vp.Fence(2))
+    state = asyncio.run(node.seal(vp.Seal(2, SEG + 120, "sn-a1")))
+    assert isinstance(state, vp.NodeState) and state.sealed
+    assert node.store.flush_lsn == SEG + 120 and node.vdl == SEG + 120
+    # A later epoch's writer is followed again.
+    reply = node.begin(vp.Begin(3, 2, SEG + 120, SEG, 42, b"1\t0/1000078\tpromoted\n"))
+    assert isinstance(reply, vp.NodeState) and reply.epoch == 3 and reply.timeline == 2

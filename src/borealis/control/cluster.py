@@ -11,6 +11,7 @@ storage nodes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ class Settings:
     max_connections: int = int(os.environ.get("BOREALIS_MAX_CONNECTIONS", "100"))
     writer_fsync: bool = os.environ.get("BOREALIS_WRITER_FSYNC", "off") == "on"
     scrub_interval_s: float = float(os.environ.get("BOREALIS_SCRUB_INTERVAL_S", "30"))
+    scrub_bytes_per_s: int = int(os.environ.get("BOREALIS_SCRUB_BYTES_PER_S", str(2 << 20)))
     ready_timeout_s: float = float(os.environ.get("BOREALIS_READY_TIMEOUT_S", "120"))
 
 
@@ -90,6 +92,46 @@ class ClusterRuntime:
     def datadir(self, instance_id: str) -> Path:
         return self.instance_dir(instance_id) / "data"
 
+    def base_image_dir(self) -> Path:
+        return self.dir / "base" / "data"
+
+    # -- base image ---------------------------------------------------------------------
+
+    def base_image_age_s(self) -> float | None:
+        try:
+            return time.time() - (self.base_image_dir() / "backup_label").stat().st_mtime
+        except OSError:
+            return None
+
+    def take_base_image(self, source: Instance) -> None:
+        """A copy of the data directory without WAL (the volume holds the WAL): what a
+        writer is rebuilt from when there is no reader to promote. Replaced atomically."""
+        c = self.cluster
+        final = self.base_image_dir()
+        tmp = final.with_name("data.new")
+        pg.base_copy(self.bindir, source.port, c.master_user, c.master_password, tmp,
+                     self.run_as)
+        old = final.with_name("data.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        self.event("backup", f"base image taken from {source.id}")
+
+    def restore_base_image(self, inst: Instance) -> None:
+        """A fresh data directory for ``inst`` from the base image; never its old one."""
+        image = self.base_image_dir()
+        if not (image / "PG_VERSION").exists():
+            raise ClusterError(f"{self.name} has no base image")
+        datadir = self.datadir(inst.id)
+        shutil.rmtree(datadir, ignore_errors=True)
+        self.instance_dir(inst.id).mkdir(parents=True, exist_ok=True)
+        self.run_as.ensure_traversable(self.instance_dir(inst.id))
+        shutil.copytree(image, datadir, symlinks=True)
+        os.chmod(datadir, 0o700)
+        self.run_as.own(datadir)
+
     # -- storage nodes -------------------------------------------------------------------
 
     def node_config_path(self, node: StorageNodeRow) -> Path:
@@ -114,6 +156,7 @@ class ClusterRuntime:
             "secret": c.storage_secret, "replication_user": REPLICATION_USER,
             "replication_password": c.replication_password, "peers": peers,
             "scrub_interval_s": self.settings.scrub_interval_s,
+            "scrub_bytes_per_s": self.settings.scrub_bytes_per_s,
         }
         path = self.node_config_path(node)
         _write_private(path, json.dumps(config, indent=1))
@@ -240,12 +283,14 @@ class ClusterRuntime:
         self.run_as.own(datadir)
         self.event("compute", f"reader {reader.id} copied from a base backup")
 
-    def start_instance(self, inst: Instance) -> bool:
+    def start_instance(self, inst: Instance, as_role: str | None = None) -> bool:
+        """Start the server; ``as_role="reader"`` starts a writer-to-be in recovery."""
         if self.instance_alive(inst):
             return False
         datadir = self.datadir(inst.id)
         self.run_as.ensure_traversable(self.instance_dir(inst.id))
-        pg.write_settings(datadir, self.server_settings(inst), self.run_as)
+        role_inst = dataclasses.replace(inst, role=as_role) if as_role else inst
+        pg.write_settings(datadir, self.server_settings(role_inst), self.run_as)
         proc = pg.start_server(self.bindir, datadir, self.instance_dir(inst.id) / "postgres.log",
                                self.run_as)
         self.state.set_instance(inst.id, pid=proc.pid, state="starting")
@@ -327,6 +372,8 @@ class ClusterRuntime:
             current_reader = self.state.instance(reader.id)
             assert current_reader is not None
             self.wait_ready(current_reader)
+        if self.base_image_age_s() is None:
+            self.take_base_image(writer)
         self.state.set_cluster(self.name, status="available")
 
     def wait_volume_ready(self, timeout_s: float = 60) -> None:

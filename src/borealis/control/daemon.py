@@ -41,6 +41,7 @@ WRITER_CHECK_TIMEOUT_S = 1.0
 WRITER_MISSES = 3  # failed checks in a row before a failover
 LSN_SAMPLES = 2400
 SAMPLE_TIMEOUT_S = 1.0
+BASE_IMAGE_INTERVAL_S = float(os.environ.get("BOREALIS_BASE_IMAGE_INTERVAL_S", "3600"))
 
 
 def default_home() -> Path:
@@ -160,6 +161,7 @@ class ControlPlane:
             return
         if rt.ensure_volume_client(writer):
             return
+        self._refresh_base_image(rt, writer)
         for reader in rt.readers():
             if reader.state == "rebuilding":
                 failover.rebuild_reader(rt, reader)
@@ -174,12 +176,23 @@ class ControlPlane:
             if reader.state == "starting":
                 rt.accepts_connections(reader)
 
+    def _refresh_base_image(self, rt: ClusterRuntime, writer: Any) -> None:
+        """Keep the base image recent, so rebuilding a writer replays little WAL; taken
+        from a reader when there is one (the writer has enough to do)."""
+        age = rt.base_image_age_s()
+        if age is not None and age < BASE_IMAGE_INTERVAL_S:
+            return
+        readers = [r for r in rt.readers() if r.state == "available" and rt.instance_alive(r)]
+        if writer.state == "available":
+            rt.take_base_image(readers[0] if readers else writer)
+
     def _writer_lost(self, rt: ClusterRuntime, writer: Any, why: str) -> None:
         """Fail over to a reader; with none to promote, restart the writer in place."""
         self.writer_misses[rt.name] = 0
         promotable = [r for r in rt.readers()
                       if r.state == "available" and rt.instance_alive(r)]
-        if promotable and writer.state in ("available", "stopped"):
+        if ((promotable or rt.base_image_age_s() is not None)
+                and writer.state in ("available", "stopped")):
             try:
                 failover.fail_over(rt, f"writer {writer.id}: {why}",
                                    switch_endpoints=lambda: self._keep_endpoints(rt.name))

@@ -60,8 +60,9 @@ def fail_over(rt: ClusterRuntime, reason: str, target: str | None = None,
                   if r.state == "available" and rt.instance_alive(r)]
     if target is not None and not any(r.id == target for r in candidates):
         raise FailoverRefused(f"{target} is not an available reader of {rt.name}")
-    if not candidates:
-        raise FailoverRefused(f"{rt.name} has no available reader to promote")
+    if not candidates and (old is None or rt.base_image_age_s() is None):
+        raise FailoverRefused(f"{rt.name} has no available reader to promote and no base "
+                              "image to rebuild the writer from")
     rt.event("failover", f"started: {reason}")
     rt.state.set_cluster(rt.name, status="failing-over")
 
@@ -80,18 +81,22 @@ def fail_over(rt: ClusterRuntime, reason: str, target: str | None = None,
     rt.event("failover", f"{len(sealed)} storage nodes hold the log up to the end "
                          f"({', '.join(sorted(sealed))})")
 
-    chosen = choose_writer([_candidate(rt, r) for r in candidates], target)
-    new = next(r for r in candidates if r.id == chosen.instance_id)
-    rt.event("failover", f"chose {new.id} (promotion tier {new.tier}, replayed to "
-                         f"{format_lsn(chosen.replay_lsn)})")
     rt.preferred_nodes = set(sealed)
     try:
-        rt.repoint_reader(new)
+        if candidates:
+            chosen = choose_writer([_candidate(rt, r) for r in candidates], target)
+            new = next(r for r in candidates if r.id == chosen.instance_id)
+            rt.event("failover", f"chose {new.id} (promotion tier {new.tier}, replayed to "
+                                 f"{format_lsn(chosen.replay_lsn)})")
+            rt.repoint_reader(new)
+        else:
+            assert old is not None
+            new = restore_writer(rt, old)
         wait_received(rt, new, end.lsn)
         # From here on the chosen reader is the writer, even if promotion fails half-way:
         # the old writer must never be started on its old data again.
         rt.state.set_instance(new.id, role="writer", state="starting")
-        if old is not None:
+        if old is not None and old.id != new.id:
             rt.state.set_instance(old.id, role="reader", state="rebuilding", pid=None)
         promote(rt, new)
     finally:
@@ -155,6 +160,22 @@ def stop_old_writer(rt: ClusterRuntime, old: Instance) -> None:
         processes.stop(old.pid, marker, signal.SIGKILL, timeout_s=5)
     rt.state.set_instance(old.id, pid=None, state="stopped")
     rt.event("failover", f"old writer {old.id} stopped; it will rejoin as a reader")
+
+
+def restore_writer(rt: ClusterRuntime, old: Instance) -> Instance:
+    """No reader to promote: the writer gets a fresh data directory from the base image
+    and replays the volume's WAL as a standby of the (sealed) storage nodes."""
+    age = rt.base_image_age_s() or 0.0
+    rt.event("failover", f"no reader to promote: rebuilding {old.id} from the base image "
+                         f"({age:.0f} s old) and the volume's WAL")
+    rt.restore_base_image(old)
+    current = rt.state.instance(old.id)
+    assert current is not None
+    rt.start_instance(current, as_role="reader")
+    started = rt.state.instance(old.id)
+    assert started is not None
+    rt.wait_ready(started)
+    return started
 
 
 def wait_received(rt: ClusterRuntime, inst: Instance, end_lsn: int) -> None:

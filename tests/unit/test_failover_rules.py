@@ -1,0 +1,55 @@
+"""Failover decisions: the end of log from a read quorum, and the choice of writer."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from borealis.control.failover_rules import (
+    Candidate,
+    FailoverRefused,
+    choose_writer,
+    end_of_log,
+)
+from borealis.protocol import volume as vp
+
+
+def state(node: str, flush: int, timeline: int = 1) -> vp.NodeState:
+    return vp.NodeState(node, 5, 0, timeline, 1, flush, 0, 0, 0, False, 42, sealed=False)
+
+
+def test_end_of_log_needs_a_read_quorum() -> None:
+    with pytest.raises(FailoverRefused):
+        end_of_log([state("a", 10), state("b", 20)])
+    assert end_of_log([state("a", 10), state("b", 30), state("c", 20)]).donor_id == "b"
+
+
+def test_a_node_left_on_an_older_timeline_is_not_the_end() -> None:
+    end = end_of_log([state("a", 900, timeline=1), state("b", 300, timeline=2),
+                      state("c", 200, timeline=2)])
+    assert (end.lsn, end.donor_id, end.timeline) == (300, "b", 2)
+
+
+@given(st.lists(st.integers(0, 10**6), min_size=6, max_size=6),
+       st.sets(st.integers(0, 5), min_size=3, max_size=6),
+       st.sets(st.integers(0, 5), min_size=4, max_size=4))
+def test_every_write_quorum_is_at_or_below_the_end(flushes: list[int], fenced: set[int],
+                                                   quorum: set[int]) -> None:
+    """Whatever 4 nodes acknowledged (the lowest of their flushes) is at or below the
+    end taken from any 3 fenced nodes: read and write quorums always overlap."""
+    acknowledged = min(flushes[i] for i in quorum)
+    end = end_of_log([state(f"n{i}", flushes[i]) for i in fenced])
+    assert end.lsn >= acknowledged
+
+
+def test_choice_is_tier_then_replay_then_capacity() -> None:
+    cands = [Candidate("r1", 1, 500), Candidate("r2", 0, 100), Candidate("r3", 0, 300),
+             Candidate("r4", 0, 300, capacity=4)]
+    assert choose_writer(cands).instance_id == "r4"
+    assert choose_writer(cands[:3]).instance_id == "r3"
+    assert choose_writer(cands, target="r1").instance_id == "r1"
+    with pytest.raises(FailoverRefused):
+        choose_writer(cands, target="nope")
+    with pytest.raises(FailoverRefused):
+        choose_writer([])
