@@ -3,7 +3,9 @@
 Kinds: ``kill-writer`` (SIGKILL of the writer's postmaster), ``stop-writer`` (SIGSTOP
 of its process group, held until a new writer took over, then SIGCONT),
 ``kill-2-nodes`` (SIGKILL of two storage nodes), ``lose-az`` (SIGKILL of every process
-in the writer's AZ: its two storage nodes and its instances).
+in the writer's AZ: its two storage nodes and its instances), ``partition-writer`` (the
+writer's volume client, in a cgroup of its own, cannot send a packet to any storage node:
+an nftables rule; only where the host has nft and cgroup v2, see :func:`can_partition`).
 
 Every process is addressed by the PID the control plane reports, never by name.
 """
@@ -13,18 +15,21 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from borealis.control.processes import children
 from tests.faults.bank import Bank
 from tests.harness import ClusterView, wait_for
 
-FAULTS = ("kill-writer", "stop-writer", "kill-2-nodes", "lose-az")
+FAULTS = ("kill-writer", "stop-writer", "kill-2-nodes", "lose-az", "partition-writer")
 
 
 @dataclass
@@ -48,6 +53,68 @@ def _kill_group(pid: int | None, sig: int) -> None:
     if pid:
         for member in [pid, *children(pid)]:
             _kill(member, sig)
+
+
+def _cgroup2_mount() -> Path | None:
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 2 and fields[2] == "cgroup2":
+            return Path(fields[1])
+    return None
+
+
+def _local_ports_to(pid: int, remote_ports: set[int]) -> list[int]:
+    """Local ports of the TCP connections ``pid`` holds to any of ``remote_ports``."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    out = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, inode = fields[1], fields[2], fields[9]
+        if inode in inodes and int(remote.split(":")[1], 16) in remote_ports:
+            out.append(int(local.split(":")[1], 16))
+    return out
+
+
+def can_partition() -> bool:
+    return (os.geteuid() == 0 and shutil.which("nft") is not None
+            and _cgroup2_mount() is not None)
+
+
+def partition(pid: int, ports: list[int]) -> Callable[[], None]:
+    """Drop every packet the process ``pid`` sends to ``ports``; returns the heal."""
+    mount = _cgroup2_mount()
+    assert mount is not None
+    name = f"borealis-partition-{pid}"
+    group = mount / name
+    group.mkdir(exist_ok=True)
+    (group / "cgroup.procs").write_text(str(pid))
+    table = f"borealis_partition_{pid}"
+    # nft names a cgroup by its path below /sys/fs/cgroup (hybrid hosts mount v2 deeper).
+    path = os.path.relpath(group, "/sys/fs/cgroup")
+    ports_set = ", ".join(str(p) for p in ports)
+    script = (f"add table inet {table}\n"
+              f"add chain inet {table} out {{ type filter hook output priority 0; }}\n"
+              f'add rule inet {table} out socket cgroupv2 level 1 "{path}" '
+              f"tcp dport {{ {ports_set} }} drop\n")
+    # A socket keeps the cgroup it was made in: connections open now are cut by port.
+    open_now = _local_ports_to(pid, set(ports))
+    if open_now:
+        script += (f"add rule inet {table} out tcp sport {{ "
+                   f"{', '.join(str(p) for p in open_now)} }} drop\n")
+    subprocess.run(["nft", "-f", "-"], input=script, text=True, check=True)
+
+    def heal() -> None:
+        subprocess.run(["nft", "delete", "table", "inet", table], check=False)
+        with contextlib.suppress(OSError):
+            (mount / "cgroup.procs").write_text(str(pid))  # if it still runs
+        with contextlib.suppress(OSError):
+            group.rmdir()
+    return heal
 
 
 def inject(view: ClusterView, fault: str, rng: random.Random) -> Callable[[], None]:
@@ -78,6 +145,10 @@ def inject_into(st: dict[str, Any], fault: str, rng: random.Random) -> Callable[
             if inst["az"] == az:
                 _kill(inst["pid"])
         return lambda: None
+    if fault == "partition-writer":
+        vc_pid = st["volume_client"]["pid"]
+        assert vc_pid, "no volume client to cut off"
+        return partition(vc_pid, [n["port"] for n in st["storage_nodes"]])
     raise ValueError(f"unknown fault {fault!r}; use one of {', '.join(FAULTS)}")
 
 

@@ -53,3 +53,15 @@ def test_choice_is_tier_then_replay_then_capacity() -> None:
         choose_writer(cands, target="nope")
     with pytest.raises(FailoverRefused):
         choose_writer([])
+
+
+def test_a_volume_stall_is_vdl_standing_still_with_wal_waiting() -> None:
+    from borealis.control.failover_rules import VolumeStall
+
+    s = VolumeStall()
+    assert s.observe(3, 100, 100, 0.0) == 0.0  # idle writer: nothing waits
+    assert s.observe(3, 100, 200, 1.0) == 0.0
+    assert s.observe(3, 100, 300, 4.5) == 3.5
+    assert s.observe(3, 150, 300, 5.0) == 0.0  # VDL moved
+    assert s.observe(4, 150, 300, 6.0) == 0.0  # a new epoch starts afresh
+    assert s.observe(4, 150, 150, 9.0) == 0.0

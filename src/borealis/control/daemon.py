@@ -26,7 +26,7 @@ from aiohttp import web
 from borealis.control import failover, probe
 from borealis.control.cluster import ClusterError, ClusterRuntime
 from borealis.control.endpoints import ClusterEndpoints
-from borealis.control.failover_rules import FailoverRefused
+from borealis.control.failover_rules import FailoverRefused, VolumeStall
 from borealis.control.state import AZS, State
 from borealis.storage.peers import PeerAddress, PeerConnection, PeerError
 from borealis.wal.lsn import format_lsn, parse_lsn
@@ -39,6 +39,7 @@ NODE_MISSES = 3
 WRITER_CHECK_S = 0.5
 WRITER_CHECK_TIMEOUT_S = 1.0
 WRITER_MISSES = 3  # failed checks in a row before a failover
+VOLUME_STALL_S = 3.0  # VDL standing still with WAL waiting, storage tier answering
 LSN_SAMPLES = 2400
 SAMPLE_TIMEOUT_S = 1.0
 BASE_IMAGE_INTERVAL_S = float(os.environ.get("BOREALIS_BASE_IMAGE_INTERVAL_S", "3600"))
@@ -62,6 +63,7 @@ class ControlPlane:
         self.failures: dict[str, int] = collections.defaultdict(int)
         # Consecutive failed status checks per (cluster, storage node).
         self.node_misses: dict[tuple[str, str], int] = collections.defaultdict(int)
+        self.volume_stalls: dict[str, VolumeStall] = {}
         # Consecutive failed writer checks per cluster.
         self.writer_misses: dict[str, int] = collections.defaultdict(int)
 
@@ -161,6 +163,10 @@ class ControlPlane:
             return
         if rt.ensure_volume_client(writer):
             return
+        if self._volume_stalled(rt, unhealthy):
+            self._writer_lost(rt, writer, "it cannot reach a write quorum of storage nodes "
+                                          f"(no commit became durable in {VOLUME_STALL_S} s)")
+            return
         self._refresh_base_image(rt, writer)
         for reader in rt.readers():
             if reader.state == "rebuilding":
@@ -175,6 +181,21 @@ class ControlPlane:
             rt.repoint_reader(reader)
             if reader.state == "starting":
                 rt.accepts_connections(reader)
+
+    def _volume_stalled(self, rt: ClusterRuntime, unhealthy: set[str]) -> bool:
+        status = rt.volume_status()
+        if not status or status.get("stopped"):
+            return False
+        stall = self.volume_stalls.setdefault(rt.name, VolumeStall())
+        stalled_s = stall.observe(int(str(status.get("epoch", 0))),
+                                  parse_lsn(str(status.get("vdl", "0/0"))),
+                                  parse_lsn(str(status.get("received", "0/0"))),
+                                  time.monotonic())
+        if stalled_s < VOLUME_STALL_S:
+            return False
+        answering = [n for n in self.state.storage_nodes(rt.name)
+                     if n.id not in unhealthy and rt.node_alive(n)]
+        return len(answering) >= 4
 
     def _refresh_base_image(self, rt: ClusterRuntime, writer: Any) -> None:
         """Keep the base image recent, so rebuilding a writer replays little WAL; taken

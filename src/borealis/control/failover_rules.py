@@ -56,3 +56,25 @@ def choose_writer(candidates: list[Candidate], target: str | None = None) -> Can
     if not candidates:
         raise FailoverRefused("no available reader to promote")
     return min(candidates, key=lambda c: (c.tier, -c.replay_lsn, -c.capacity, c.instance_id))
+
+
+class VolumeStall:
+    """Is the writer cut off from the storage tier? WAL it sent is not becoming durable.
+
+    Fed with the volume client's reports; ``stalled_s`` is how long VDL has stood still
+    while WAL past it was waiting, in the same epoch (a new epoch starts afresh).
+    The caller fails over only if the storage tier itself answers (4 or more nodes):
+    with the quorum lost, no other writer would do better.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int] | None = None  # (epoch, vdl)
+        self._since = 0.0
+
+    def observe(self, epoch: int, vdl: int, received: int, now: float) -> float:
+        if received <= vdl:
+            self._key = None  # nothing is waiting: not a stall
+            return 0.0
+        if self._key != (epoch, vdl):
+            self._key, self._since = (epoch, vdl), now
+        return now - self._since
