@@ -177,11 +177,12 @@ class ServerSettings:
             "log_checkpoints": "off",
             "password_encryption": "'scram-sha-256'",
         }
+        # Readers carry it too (a standby ignores it): a promoted reader then waits for the
+        # volume from its first commit on, with no reload racing the promotion.
+        s["synchronous_standby_names"] = "'\"borealis_volume\"'"
         if self.role == "writer":
-            s["synchronous_standby_names"] = "'\"borealis_volume\"'"
             s["primary_conninfo"] = "''"
         else:
-            s["synchronous_standby_names"] = "''"
             s["primary_conninfo"] = "'" + self.primary_conninfo.replace("'", "''") + "'"
         for key, value in (self.extra or {}).items():
             s[key] = value
