@@ -184,13 +184,13 @@ def run_round(view: ClusterView, bank: Bank, fault: str, rng: random.Random) -> 
 
 def table(results: list[RoundResult]) -> str:
     """Rounds, faults per kind, acknowledged and lost commits, downtime p50 and max."""
-    lines = [f"{'fault':<14}{'rounds':>7}{'acked':>9}{'lost':>6}{'p50 s':>8}{'max s':>8}"]
+    lines = [f"{'fault':<18}{'rounds':>7}{'acked':>9}{'lost':>6}{'p50 s':>8}{'max s':>8}"]
     kinds: dict[str, list[RoundResult]] = {}
     for r in results:
         kinds.setdefault(r.fault, []).append(r)
     for kind, rs in [*kinds.items(), ("all", results)]:
         downs = [r.downtime_s for r in rs]
-        lines.append(f"{kind:<14}{len(rs):>7}{sum(r.acked for r in rs):>9}"
+        lines.append(f"{kind:<18}{len(rs):>7}{sum(r.acked for r in rs):>9}"
                      f"{sum(r.lost for r in rs):>6}{statistics.median(downs):>8.2f}"
                      f"{max(downs):>8.2f}")
     return "\n".join(lines)
