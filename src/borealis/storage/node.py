@@ -299,20 +299,31 @@ class StorageNode:
             start = self.store.flush_lsn
             if (donor.timeline, donor.epoch_start) != (m.timeline, m.epoch_start):
                 start = max(m.start_lsn, min(start, donor.epoch_start))
-            if start >= end:
-                return
-            history = b""
+            if start < end:
+                await self._copy_from(conn, donor, start, end)
+        finally:
+            conn.close()
+
+    async def _copy_from(self, conn: PeerConnection, donor: vp.NodeState, start: int,
+                         end: int) -> None:
+        """Write the donor's WAL [start, end) into the store (bytes we already hold are
+        compared, and the log is cut where they differ), syncing as it goes; then take
+        the donor's timeline and its history."""
+        history = b""
+        try:
             async for chunk in conn.fetch(start, end):
                 if isinstance(chunk, vp.WalChunk):
                     if chunk.start < self.store.write_lsn:
                         self._compare_overlap(chunk.start, chunk.data)
                     self.store.write(chunk.start, chunk.data, chunk.timeline)
                     self.counters.fetched_bytes += len(chunk.data)
+                    if self.store.write_lsn - self.store.flush_lsn >= 8 * FETCH_CHUNK:
+                        self.store.sync()
                 else:
                     history = chunk.history
         finally:
-            conn.close()
             self.store.sync()
+        m = self.store.manifest
         m.timeline, m.system_id = donor.timeline, donor.system_id or m.system_id
         if history:
             self.store.add_history(donor.timeline, history.decode())
@@ -380,8 +391,7 @@ class StorageNode:
             # where its epoch began; below it the log is common.
             cut = min(self.store.flush_lsn, donor.epoch_start)
             if cut < self.store.flush_lsn:
-                self.store.truncate(cut)
-                self._drop_sessions_past(cut)
+                self._cut(cut)
         if self.store.empty:
             start = donor.start_lsn
             self.store.begin_at(start)
@@ -395,24 +405,12 @@ class StorageNode:
         peer = next(p for p in self.config.peers if p.node_id == donor.node_id)
         conn, _ = await PeerConnection.open(peer, self.config.secret)
         before = self.store.flush_lsn
-        history = b""
         try:
-            async for msg in conn.fetch(start, donor.flush_lsn):
-                if isinstance(msg, vp.WalChunk):
-                    self.store.write(msg.start, msg.data, msg.timeline)
-                    self.counters.fetched_bytes += len(msg.data)
-                    if self.store.write_lsn - self.store.flush_lsn >= 8 * FETCH_CHUNK:
-                        self.store.sync()
-                else:
-                    history = msg.history
+            await self._copy_from(conn, donor, start, donor.flush_lsn)
         finally:
             conn.close()
-            self.store.sync()
         if donor.epoch > m.epoch:
             m.epoch, m.epoch_start = donor.epoch, donor.epoch_start
-        m.timeline, m.system_id = donor.timeline, donor.system_id or m.system_id
-        if history:
-            self.store.add_history(donor.timeline, history.decode())
         self._note_vdl(donor.epoch, donor.vdl)
         self.store.save_manifest()
         self.counters.repairs += 1
