@@ -26,6 +26,7 @@ import psycopg
 from borealis.compute import postgres as pg
 from borealis.control import processes
 from borealis.control.state import Cluster, Instance, State, StorageNodeRow
+from borealis.storage.peers import PeerAddress
 
 log = logging.getLogger("borealis.control")
 
@@ -136,6 +137,11 @@ class ClusterRuntime:
 
     def node_config_path(self, node: StorageNodeRow) -> Path:
         return self.node_dir(node.id) / "node.json"
+
+    def node_addresses(self, nodes: list[StorageNodeRow] | None = None) -> list[PeerAddress]:
+        """Where the control plane reaches storage nodes (all of the cluster's by default)."""
+        return [PeerAddress(n.id, "127.0.0.1", n.port)
+                for n in (self.state.storage_nodes(self.name) if nodes is None else nodes)]
 
     def node_alive(self, node: StorageNodeRow) -> bool:
         return processes.alive(node.pid, str(self.node_config_path(node)))
@@ -248,11 +254,19 @@ class ClusterRuntime:
             self.state.set_instance(inst.id, storage_node=node.id)
         return s
 
+    def answering_nodes(self) -> list[StorageNodeRow]:
+        """Storage nodes that run and answer (not found frozen or cut off)."""
+        return [n for n in self.state.storage_nodes(self.name)
+                if self.node_alive(n) and n.id not in self.unhealthy_nodes]
+
+    def available_readers(self) -> list[Instance]:
+        """Readers that run and serve: the ones that can be promoted or copied from."""
+        return [r for r in self.readers() if r.state == "available" and self.instance_alive(r)]
+
     def storage_node_for(self, inst: Instance) -> StorageNodeRow:
         """The node a reader streams from: a running one in its own AZ if there is one."""
         nodes = self.state.storage_nodes(self.name)
-        running = [n for n in nodes
-                   if self.node_alive(n) and n.id not in self.unhealthy_nodes] or nodes
+        running = self.answering_nodes() or nodes
         if self.preferred_nodes:
             running = [n for n in running if n.id in self.preferred_nodes] or running
         same_az = [n for n in running if n.az == inst.az]

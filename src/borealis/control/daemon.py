@@ -28,7 +28,7 @@ from borealis.control.cluster import ClusterError, ClusterRuntime
 from borealis.control.endpoints import ClusterEndpoints
 from borealis.control.failover_rules import FailoverRefused, VolumeStall
 from borealis.control.state import AZS, State
-from borealis.storage.peers import PeerAddress, PeerConnection, PeerError
+from borealis.storage.peers import PeerAddress, PeerConnection, PeerError, peer_states
 from borealis.wal.lsn import format_lsn, parse_lsn
 
 log = logging.getLogger("borealis.control")
@@ -115,9 +115,7 @@ class ControlPlane:
             self.writer_misses[name] = 0
             return
         try:
-            conn = await probe.connect(rt.dsn(writer), WRITER_CHECK_TIMEOUT_S)
-            await probe.first_value(conn, "SELECT 1", WRITER_CHECK_TIMEOUT_S)
-            await conn.close()
+            await probe.value_once(rt.dsn(writer), "SELECT 1", WRITER_CHECK_TIMEOUT_S)
             self.writer_misses[name] = 0
         except (psycopg.Error, OSError, TimeoutError, probe.ProbeTimeout):
             self.writer_misses[name] += 1
@@ -128,21 +126,13 @@ class ControlPlane:
     async def _check_nodes(self, name: str) -> set[str]:
         """Storage nodes that failed NODE_MISSES status checks in a row (frozen, cut off)."""
         rt = self.runtime(name)
-        secret = rt.cluster.storage_secret
-
-        async def check(node: Any) -> None:
-            key = (name, node.id)
-            try:
-                conn, _ = await PeerConnection.open(
-                    PeerAddress(node.id, "127.0.0.1", node.port), secret, "control",
-                    timeout_s=NODE_CHECK_TIMEOUT_S)
-                conn.close()
-                self.node_misses[key] = 0
-            except PeerError:
-                self.node_misses[key] += 1
-
         nodes = self.state.storage_nodes(name)
-        await asyncio.gather(*(check(n) for n in nodes))
+        answered = {s.node_id for s in await peer_states(
+            rt.node_addresses(nodes), rt.cluster.storage_secret, NODE_CHECK_TIMEOUT_S,
+            role="control")}
+        for node in nodes:
+            key = (name, node.id)
+            self.node_misses[key] = 0 if node.id in answered else self.node_misses[key] + 1
         return {n.id for n in nodes if self.node_misses[(name, n.id)] >= NODE_MISSES}
 
     def _supervise_cluster(self, name: str, unhealthy: set[str], writer_suspect: bool) -> None:
@@ -163,7 +153,7 @@ class ControlPlane:
             return
         if rt.ensure_volume_client(writer):
             return
-        if self._volume_stalled(rt, unhealthy):
+        if self._volume_stalled(rt):
             self._writer_lost(rt, writer, "it cannot reach a write quorum of storage nodes "
                                           f"(no commit became durable in {VOLUME_STALL_S} s)")
             return
@@ -182,7 +172,7 @@ class ControlPlane:
             if reader.state == "starting":
                 rt.accepts_connections(reader)
 
-    def _volume_stalled(self, rt: ClusterRuntime, unhealthy: set[str]) -> bool:
+    def _volume_stalled(self, rt: ClusterRuntime) -> bool:
         status = rt.volume_status()
         if not status or status.get("stopped"):
             return False
@@ -193,9 +183,7 @@ class ControlPlane:
                                   time.monotonic())
         if stalled_s < VOLUME_STALL_S:
             return False
-        answering = [n for n in self.state.storage_nodes(rt.name)
-                     if n.id not in unhealthy and rt.node_alive(n)]
-        return len(answering) >= 4
+        return len(rt.answering_nodes()) >= 4
 
     def _refresh_base_image(self, rt: ClusterRuntime, writer: Any) -> None:
         """Keep the base image recent, so rebuilding a writer replays little WAL; taken
@@ -203,16 +191,15 @@ class ControlPlane:
         age = rt.base_image_age_s()
         if age is not None and age < BASE_IMAGE_INTERVAL_S:
             return
-        readers = [r for r in rt.readers() if r.state == "available" and rt.instance_alive(r)]
+        readers = rt.available_readers()
         if writer.state == "available":
             rt.take_base_image(readers[0] if readers else writer)
 
     def _writer_lost(self, rt: ClusterRuntime, writer: Any, why: str) -> None:
-        """Fail over to a reader; with none to promote, restart the writer in place."""
+        """Fail over to a reader, or with none rebuild the writer from the base image;
+        with neither, restart the writer in place."""
         self.writer_misses[rt.name] = 0
-        promotable = [r for r in rt.readers()
-                      if r.state == "available" and rt.instance_alive(r)]
-        if ((promotable or rt.base_image_age_s() is not None)
+        if ((rt.available_readers() or rt.base_image_age_s() is not None)
                 and writer.state in ("available", "stopped")):
             try:
                 failover.fail_over(rt, f"writer {writer.id}: {why}",
@@ -340,9 +327,7 @@ class ControlPlane:
         sql = ("SELECT pg_current_wal_lsn()::text" if inst.role == "writer"
                else "SELECT pg_last_wal_replay_lsn()::text")
         try:
-            conn = await probe.connect(rt.dsn(inst), 1.0)
-            value = await probe.first_value(conn, sql, 1.0)
-            await conn.close()
+            value = await probe.value_once(rt.dsn(inst), sql, 1.0)
         except (psycopg.Error, OSError, TimeoutError, probe.ProbeTimeout):
             return out
         if value:

@@ -36,9 +36,9 @@ from borealis.control.failover_rules import (
     choose_writer,
     end_of_log,
 )
-from borealis.control.state import Instance, StorageNodeRow
+from borealis.control.state import Instance
 from borealis.protocol import volume as vp
-from borealis.storage.peers import PeerAddress, PeerConnection, PeerError
+from borealis.storage.peers import peer_states
 from borealis.wal.lsn import format_lsn, parse_lsn
 
 FENCE_TIMEOUT_S = 10.0
@@ -56,8 +56,7 @@ def fail_over(rt: ClusterRuntime, reason: str, target: str | None = None,
     closed) and again when the new writer is promoted (new connections go to it)."""
     began = time.monotonic()
     old = rt.writer()
-    candidates = [r for r in rt.readers()
-                  if r.state == "available" and rt.instance_alive(r)]
+    candidates = rt.available_readers()
     if target is not None and not any(r.id == target for r in candidates):
         raise FailoverRefused(f"{target} is not an available reader of {rt.name}")
     if not candidates and (old is None or rt.base_image_age_s() is None):
@@ -124,8 +123,9 @@ def fence(rt: ClusterRuntime, epoch: int) -> list[vp.NodeState]:
     deadline = time.monotonic() + FENCE_TIMEOUT_S
     fenced: dict[str, vp.NodeState] = {}
     while True:
-        missing = [n for n in nodes if n.id not in fenced]
-        for state in asyncio.run(_ask_all(missing, secret, vp.Fence(epoch), 1.0)):
+        missing = rt.node_addresses([n for n in nodes if n.id not in fenced])
+        for state in asyncio.run(peer_states(missing, secret, role="control",
+                                             request=vp.Fence(epoch))):
             if state.epoch == epoch:
                 fenced[state.node_id] = state
         if len(fenced) >= READ_QUORUM:
@@ -138,9 +138,10 @@ def fence(rt: ClusterRuntime, epoch: int) -> list[vp.NodeState]:
 
 def seal(rt: ClusterRuntime, epoch: int, end: EndOfLog, fenced: list[str]) -> list[str]:
     """Bring the fenced nodes to exactly the end of log; returns those that got there."""
-    nodes = [n for n in rt.state.storage_nodes(rt.name) if n.id in fenced]
-    states = asyncio.run(_ask_all(nodes, rt.cluster.storage_secret,
-                                  vp.Seal(epoch, end.lsn, end.donor_id), SEAL_TIMEOUT_S))
+    nodes = rt.node_addresses([n for n in rt.state.storage_nodes(rt.name) if n.id in fenced])
+    states = asyncio.run(peer_states(nodes, rt.cluster.storage_secret, role="control",
+                                     request=vp.Seal(epoch, end.lsn, end.donor_id),
+                                     reply_timeout_s=SEAL_TIMEOUT_S))
     sealed = [s.node_id for s in states if s.sealed and s.flush_lsn == end.lsn]
     if len(sealed) < READ_QUORUM:
         raise FailoverRefused(f"only {len(sealed)} storage nodes reached the end of log")
@@ -239,24 +240,3 @@ def _lsn(rt: ClusterRuntime, inst: Instance, sql: str) -> int | None:
         return None
     return parse_lsn(row[0]) if row and row[0] else None
 
-
-async def _ask_all(nodes: list[StorageNodeRow], secret: str, msg: vp.VolumeMessage,
-                   timeout_s: float) -> list[vp.NodeState]:
-    """Send one request to each node at once; the states of those that answered."""
-
-    async def one(node: StorageNodeRow) -> vp.NodeState | None:
-        try:
-            conn, _ = await PeerConnection.open(PeerAddress(node.id, "127.0.0.1", node.port),
-                                                secret, "control", timeout_s=1.0)
-        except PeerError:
-            return None
-        try:
-            conn.send(msg)
-            return await conn.expect(vp.NodeState, timeout_s)
-        except PeerError:
-            return None
-        finally:
-            conn.close()
-
-    results = await asyncio.gather(*(one(n) for n in nodes))
-    return [s for s in results if s is not None]

@@ -63,3 +63,11 @@ async def first_value(conn: psycopg.AsyncConnection[Any], sql: str,
     except (psycopg.Error, OSError):
         pgconn.finish()
         raise
+
+
+async def value_once(dsn: str, sql: str, timeout_s: float) -> str | None:
+    """Connect, run ``sql``, disconnect: :func:`first_value` on a connection of its own."""
+    conn = await connect(dsn, timeout_s)
+    value = await first_value(conn, sql, timeout_s)
+    await conn.close()
+    return value

@@ -83,17 +83,26 @@ class PeerConnection:
         self._writer.close()
 
 
-async def peer_states(peers: list[PeerAddress], secret: str,
-                      timeout_s: float = 1.0) -> list[vp.NodeState]:
-    """The states of the peers that answer in time."""
+async def peer_states(peers: list[PeerAddress], secret: str, timeout_s: float = 1.0,
+                      role: str = "peer", request: vp.VolumeMessage | None = None,
+                      reply_timeout_s: float | None = None) -> list[vp.NodeState]:
+    """The states of the peers that answer in time, all asked at once: the state each
+    sends on connecting, or its answer to ``request`` (a Fence or Seal, say)."""
 
     async def one(peer: PeerAddress) -> vp.NodeState | None:
         try:
-            conn, state = await PeerConnection.open(peer, secret, "peer", timeout_s)
+            conn, state = await PeerConnection.open(peer, secret, role, timeout_s)
         except PeerError:
             return None
-        conn.close()
-        return state
+        try:
+            if request is None:
+                return state
+            conn.send(request)
+            return await conn.expect(vp.NodeState, reply_timeout_s or timeout_s)
+        except PeerError:
+            return None
+        finally:
+            conn.close()
 
     results = await asyncio.gather(*(one(p) for p in peers))
     return [s for s in results if s is not None]
