@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from borealis.control.processes import children
+from borealis.control.processes import kill_tree
 from tests.faults.bank import Bank
 from tests.harness import ClusterView, wait_for
 
@@ -50,10 +50,9 @@ def _kill(pid: int | None, sig: int = signal.SIGKILL) -> None:
 
 
 def _kill_group(pid: int | None, sig: int) -> None:
-    """The postmaster and its children (each backend leads its own process group)."""
+    """The postmaster and its backends (each backend leads its own process group)."""
     if pid:
-        for member in [pid, *children(pid)]:
-            _kill(member, sig)
+        kill_tree(pid, "postgres", sig)
 
 
 def _cgroup2_mount() -> Path | None:
@@ -118,13 +117,9 @@ def partition(pid: int, ports: list[int]) -> Callable[[], None]:
     return heal
 
 
-def inject(view: ClusterView, fault: str, rng: random.Random) -> Callable[[], None]:
-    """Inject one fault; returns what heals it (called once commits flow again)."""
-    st = view.status()
-    return inject_into(st, fault, rng)
-
-
-def inject_into(st: dict[str, Any], fault: str, rng: random.Random) -> Callable[[], None]:
+def inject(st: dict[str, Any], fault: str, rng: random.Random) -> Callable[[], None]:
+    """Inject one fault into the cluster whose status is ``st``; returns what heals it
+    (called once commits flow again)."""
     writer = next(i for i in st["instances"] if i["role"] == "writer")
     if fault == "kill-writer":
         _kill(writer["pid"])
@@ -161,7 +156,7 @@ def run_round(view: ClusterView, bank: Bank, fault: str, rng: random.Random) -> 
     st = view.status()
     writer_before = next(i for i in st["instances"] if i["role"] == "writer")["id"]
     fault_at = time.monotonic()
-    heal = inject_into(st, fault, rng)
+    heal = inject(st, fault, rng)
     # Commits already on their way when the fault struck may still be acknowledged just
     # after it; those do not show that the cluster recovered.
     bank.wait_commits_after(fault_at + IN_FLIGHT_S, 20, 90)
