@@ -153,9 +153,9 @@ def test_connection_made_while_the_writer_is_down_is_held(ep: ClusterView) -> No
 
 
 def test_silent_and_garbage_clients_do_not_disturb_others(ep: ClusterView) -> None:
-    port = endpoint(ep, "ep")["port"]
-    silent = socket.create_connection(("127.0.0.1", port))
-    garbage = socket.create_connection(("127.0.0.1", port))
+    address = (endpoint(ep, "ep")["host"], endpoint(ep, "ep")["port"])
+    silent = socket.create_connection(address)
+    garbage = socket.create_connection(address)
     garbage.sendall(b"\x00\x00\x00\x10this is not pg!" * 3)
     garbage.close()
     with psycopg.connect(endpoint(ep, "ep")["dsn"]) as conn:

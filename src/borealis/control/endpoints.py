@@ -117,9 +117,9 @@ class ClusterEndpoints:
     def write_config(self, lag_ms: dict[str, int | None]) -> bool:
         """Write the proxy's config if it changed; returns True when it did."""
         config = {
-            "cluster": self.rt.name, "host": "127.0.0.1", "hold_timeout_s": HOLD_TIMEOUT_S,
+            "cluster": self.rt.name, "hold_timeout_s": HOLD_TIMEOUT_S,
             "client_timeout_s": 10.0,
-            "endpoints": [{"name": s.name, "type": s.type, "port": s.port,
+            "endpoints": [{"name": s.name, "type": s.type, "host": s.host, "port": s.port,
                            "custom_type": s.custom_type, "static": list(s.static),
                            "excluded": list(s.excluded), "instance": s.instance,
                            "max_lag_ms": s.max_lag_ms} for s in self.specs()],
@@ -146,9 +146,9 @@ class ClusterEndpoints:
             spec = _spec(row)
             m = metrics.get(spec.name, {})
             out.append({
-                "name": spec.name, "type": spec.type, "host": "127.0.0.1", "port": spec.port,
+                "name": spec.name, "type": spec.type, "host": spec.host, "port": spec.port,
                 "members": [b.id for b in members(spec, backends)],
-                "dsn": (f"host=127.0.0.1 port={spec.port} user={c.master_user} "
+                "dsn": (f"host={spec.host} port={spec.port} user={c.master_user} "
                         f"password={c.master_password} dbname=postgres"),
                 "custom_type": row.custom_type, "static": row.static,
                 "excluded": row.excluded,
@@ -181,4 +181,4 @@ class ClusterEndpoints:
 
 def _spec(row: EndpointRow) -> EndpointSpec:
     return EndpointSpec(row.name, row.type, row.port, row.custom_type, tuple(row.static),
-                        tuple(row.excluded), row.instance, MAX_READER_LAG_MS)
+                        tuple(row.excluded), row.instance, MAX_READER_LAG_MS, row.host)

@@ -14,7 +14,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +65,29 @@ CREATE TABLE IF NOT EXISTS endpoints (
     port INTEGER NOT NULL,
     static TEXT NOT NULL DEFAULT '[]',
     excluded TEXT NOT NULL DEFAULT '[]',
-    instance TEXT
+    instance TEXT,
+    host TEXT NOT NULL DEFAULT '127.0.0.1'
 );
 CREATE TABLE IF NOT EXISTS endpoint_proxies (
     cluster TEXT PRIMARY KEY REFERENCES clusters(name),
     pid INTEGER
+);
+CREATE TABLE IF NOT EXISTS access_keys (
+    access_key_id TEXT PRIMARY KEY,
+    secret_access_key TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS secrets (
+    name TEXT PRIMARY KEY,
+    cluster TEXT NOT NULL,
+    username TEXT NOT NULL,
+    password TEXT NOT NULL,
+    arn TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -94,6 +112,16 @@ class Cluster:
     epoch: int
     desired: str
     status: str
+
+
+@dataclass
+class Secret:
+    name: str
+    cluster: str
+    username: str
+    password: str
+    arn: str
+    created: float
 
 
 @dataclass
@@ -130,6 +158,7 @@ class EndpointRow:
     static: list[str]
     excluded: list[str]
     instance: str | None
+    host: str
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> EndpointRow:
@@ -160,6 +189,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _loopback_addresses() -> Iterator[str]:
+    for third in range(256):
+        for fourth in range(1, 255):
+            yield f"127.0.{third}.{fourth}"
+
+
 class State:
     def __init__(self, home: Path) -> None:
         self.home = home
@@ -167,6 +202,15 @@ class State:
         os.chmod(home, 0o700 | (home.stat().st_mode & 0o077))
         self._local = threading.local()
         self.db.executescript(SCHEMA)
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(endpoints)")}
+        if "host" not in columns:  # a home from before endpoints had addresses of their own
+            self.db.execute("ALTER TABLE endpoints ADD COLUMN host TEXT NOT NULL "
+                            "DEFAULT '127.0.0.1'")
+        # The database holds passwords and secret keys: owner-only, like the home.
+        for suffix in ("", "-wal", "-shm"):
+            path = home / f"state.db{suffix}"
+            if path.exists():
+                os.chmod(path, 0o600)
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -203,12 +247,13 @@ class State:
 
     # -- clusters -------------------------------------------------------------------
 
-    def create_cluster(self, name: str, master_user: str = "borealis") -> Cluster:
+    def create_cluster(self, name: str, master_user: str = "borealis",
+                       master_password: str | None = None) -> Cluster:
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO clusters (name, created, master_user, master_password, "
                 "storage_secret, replication_password) VALUES (?, ?, ?, ?, ?, ?)",
-                (name, time.time(), master_user, secrets.token_urlsafe(18),
+                (name, time.time(), master_user, master_password or secrets.token_urlsafe(18),
                  secrets.token_urlsafe(24), secrets.token_urlsafe(18)),
             )
             for az in AZS:
@@ -245,7 +290,7 @@ class State:
     def delete_cluster(self, name: str) -> None:
         with self.transaction() as db:
             for table in ("instances", "storage_nodes", "volume_clients", "events", "endpoints",
-                          "endpoint_proxies"):
+                          "endpoint_proxies", "secrets"):
                 db.execute(f"DELETE FROM {table} WHERE cluster = ?", (name,))
             db.execute("DELETE FROM clusters WHERE name = ?", (name,))
 
@@ -325,11 +370,20 @@ class State:
     def add_endpoint(self, name: str, cluster: str, type_: str, custom_type: str | None = None,
                      static: list[str] | None = None, excluded: list[str] | None = None,
                      instance: str | None = None) -> None:
-        self.db.execute(
-            "INSERT INTO endpoints (name, cluster, type, custom_type, port, static, excluded, "
-            "instance) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (name, cluster, type_, custom_type, self.allocate_port(), json.dumps(static or []),
-             json.dumps(excluded or []), instance))
+        """As on Aurora, a cluster's endpoints share one port and differ by address: each
+        gets a loopback address of its own (all of 127.0.0.0/8 reaches this host)."""
+        with self.transaction() as db:
+            row = db.execute("SELECT port FROM endpoints WHERE cluster = ? ORDER BY rowid "
+                             "LIMIT 1", (cluster,)).fetchone()
+            port = int(row[0]) if row else self.allocate_port()
+            used = {str(r[0]) for r in db.execute("SELECT host FROM endpoints WHERE port = ?",
+                                                  (port,))}
+            host = next(h for h in _loopback_addresses() if h not in used)
+            db.execute(
+                "INSERT INTO endpoints (name, cluster, type, custom_type, port, static, "
+                "excluded, instance, host) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, cluster, type_, custom_type, port, json.dumps(static or []),
+                 json.dumps(excluded or []), instance, host))
 
     def modify_endpoint(self, name: str, custom_type: str | None, static: list[str] | None,
                         excluded: list[str] | None) -> None:
@@ -352,6 +406,64 @@ class State:
         self.db.execute(
             "INSERT INTO endpoint_proxies (cluster, pid) VALUES (?, ?) "
             "ON CONFLICT(cluster) DO UPDATE SET pid = excluded.pid", (cluster, pid))
+
+    # -- settings, access keys and secrets -----------------------------------------------
+
+    def setting(self, key: str, default: str | None = None) -> str | None:
+        row = self.db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return str(row[0]) if row else default
+
+    def set_setting(self, key: str, value: str) -> None:
+        self.db.execute("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT(key) "
+                        "DO UPDATE SET value = excluded.value", (key, value))
+
+    def setting_once(self, key: str, make: Callable[[], str]) -> str:
+        """A setting chosen once (the first time it is asked for) and then kept."""
+        with self.transaction() as db:
+            row = db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+            if row:
+                return str(row[0])
+            value = make()
+            db.execute("INSERT INTO settings (key, value) VALUES (?, ?)", (key, value))
+        return value
+
+    def access_keys(self) -> list[tuple[str, str]]:
+        rows = self.db.execute(
+            "SELECT access_key_id, secret_access_key FROM access_keys ORDER BY created")
+        return [(str(r[0]), str(r[1])) for r in rows]
+
+    def secret_key(self, access_key_id: str) -> str | None:
+        row = self.db.execute("SELECT secret_access_key FROM access_keys WHERE "
+                              "access_key_id = ?", (access_key_id,)).fetchone()
+        return str(row[0]) if row else None
+
+    def add_access_key(self, access_key_id: str, secret_access_key: str) -> None:
+        self.db.execute("INSERT INTO access_keys (access_key_id, secret_access_key, created) "
+                        "VALUES (?, ?, ?)", (access_key_id, secret_access_key, time.time()))
+
+    def add_secret(self, name: str, cluster: str, username: str, password: str,
+                   arn: str) -> Secret:
+        self.db.execute("INSERT INTO secrets (name, cluster, username, password, arn, created) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (name, cluster, username, password, arn, time.time()))
+        found = self.secret(name)
+        assert found is not None
+        return found
+
+    def secret(self, name: str) -> Secret | None:
+        row = self.db.execute("SELECT * FROM secrets WHERE name = ?", (name,)).fetchone()
+        return Secret(**dict(row)) if row else None
+
+    def secret_by_arn(self, arn: str) -> Secret | None:
+        row = self.db.execute("SELECT * FROM secrets WHERE arn = ?", (arn,)).fetchone()
+        return Secret(**dict(row)) if row else None
+
+    def secrets(self) -> list[Secret]:
+        rows = self.db.execute("SELECT * FROM secrets ORDER BY created").fetchall()
+        return [Secret(**dict(r)) for r in rows]
+
+    def delete_secret(self, name: str) -> None:
+        self.db.execute("DELETE FROM secrets WHERE name = ?", (name,))
 
     # -- events ---------------------------------------------------------------------
 

@@ -140,7 +140,6 @@ class Proxy:
     def __init__(self, config_path: Path, status_path: Path) -> None:
         self.config_path = config_path
         self.status_path = status_path
-        self.host = "127.0.0.1"
         self.hold_timeout_s = 30.0
         self.client_timeout_s = 10.0
         self.backends: list[Backend] = []
@@ -170,7 +169,6 @@ class Proxy:
         await self.apply(config)
 
     async def apply(self, config: dict[str, object]) -> None:
-        self.host = str(config.get("host", "127.0.0.1"))
         self.hold_timeout_s = float(config.get("hold_timeout_s", 30.0))  # type: ignore[arg-type]
         self.client_timeout_s = float(config.get("client_timeout_s", 10.0))  # type: ignore[arg-type]
         self.backends = [Backend(**b) for b in config.get("backends", [])]  # type: ignore[attr-defined]
@@ -187,7 +185,8 @@ class Proxy:
             specs[raw["name"]] = EndpointSpec(**raw)
         for name in list(self.endpoints):
             ep = self.endpoints[name]
-            if name not in specs or specs[name].port != ep.spec.port:
+            if name not in specs or (specs[name].host, specs[name].port) != (ep.spec.host,
+                                                                             ep.spec.port):
                 await self._close_endpoint(ep)
                 del self.endpoints[name]
         for name, spec in specs.items():
@@ -195,9 +194,9 @@ class Proxy:
             if existing is None:
                 ep = Endpoint(spec)
                 ep.server = await asyncio.start_server(
-                    functools.partial(self.handle, name), self.host, spec.port)
+                    functools.partial(self.handle, name), spec.host, spec.port)
                 self.endpoints[name] = ep
-                log.info("endpoint %s (%s) on %s:%d", name, spec.type, self.host, spec.port)
+                log.info("endpoint %s (%s) on %s:%d", name, spec.type, spec.host, spec.port)
             else:
                 ep = existing
             ep.spec = spec

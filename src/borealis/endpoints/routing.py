@@ -37,6 +37,7 @@ class EndpointSpec:
     excluded: tuple[str, ...] = ()
     instance: str | None = None
     max_lag_ms: int = 30_000
+    host: str = "127.0.0.1"
     extra: dict[str, object] = field(default_factory=dict, compare=False)
 
 
