@@ -16,10 +16,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
 from rich.console import Console
 from rich.table import Table
 
 from borealis.control.processes import alive
+from borealis.control.state import State
 
 console = Console()
 err_console = Console(stderr=True)
@@ -43,14 +47,27 @@ def control_info() -> dict[str, Any] | None:
     return info
 
 
+def credentials() -> tuple[str, str]:
+    """The first access key of this home (the control plane creates it)."""
+    keys = State(home()).access_keys()
+    if not keys:
+        raise CliError("no access key yet; start the control plane with `borealis up`")
+    return keys[0]
+
+
 def request(method: str, path: str, body: dict[str, Any] | None = None,
             timeout_s: float = 900) -> Any:
+    """A signed call to the control plane's own verbs (SigV4, as every API request)."""
     info = control_info()
     if info is None:
         raise CliError("the control plane is not running; start it with `borealis up`")
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(info["url"] + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+    data = json.dumps(body).encode() if body is not None else b""
+    signed = AWSRequest(method=method, url=info["url"] + path, data=data,
+                        headers={"Content-Type": "application/json"})
+    SigV4Auth(Credentials(*credentials()), "borealis", info.get("region", "us-east-1")
+              ).add_auth(signed)
+    req = urllib.request.Request(info["url"] + path, data=data or None, method=method,
+                                 headers=dict(signed.headers.items()))
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             return json.loads(resp.read())

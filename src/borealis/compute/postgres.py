@@ -15,6 +15,7 @@ unprivileged OS user (``postgres`` by default, ``BOREALIS_PG_USER`` to change).
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import pwd
@@ -52,6 +53,14 @@ def find_bindir(configured: str | None = None) -> Path:
         if (Path(c) / "postgres").exists() and (Path(c) / "initdb").exists():
             return Path(c)
     raise ComputeError("PostgreSQL server binaries not found; run scripts/setup")
+
+
+@functools.cache
+def server_version(bindir: Path) -> str:
+    """``15.14`` from ``postgres (PostgreSQL) 15.14 (Debian 15.14-0+deb12u1)``."""
+    out = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True,
+                         text=True, check=True, timeout=10).stdout
+    return out.split(")", 1)[1].split()[0]
 
 
 @dataclass(frozen=True)

@@ -361,19 +361,11 @@ class ClusterRuntime:
 
     def up(self, readers: int | None) -> None:
         """Bring everything up (idempotent); returns when writer and readers accept connections."""
-        self.state.set_cluster(self.name, desired="up")
-        for node in self.state.storage_nodes(self.name):
-            self.ensure_storage_node(node)
+        self.start_storage()
         writer = self.writer()
         if writer is None:
             writer = self.state.add_instance(self.name, "writer", "az-a", 0)
-        self.ensure_writer_data(writer)
-        self.start_instance(writer)
-        writer = self.state.instance(writer.id)
-        assert writer is not None
-        self.wait_ready(writer)
-        self.ensure_volume_client(writer)
-        self.wait_volume_ready()
+        writer = self.provision_writer(writer, base_image=False)
         if readers is not None:
             current = self.readers()
             azs = ["az-b", "az-c", "az-a"]
@@ -389,6 +381,37 @@ class ClusterRuntime:
         if self.base_image_age_s() is None:
             self.take_base_image(writer)
         self.state.set_cluster(self.name, status="available")
+
+    def start_storage(self) -> None:
+        self.state.set_cluster(self.name, desired="up")
+        for node in self.state.storage_nodes(self.name):
+            self.ensure_storage_node(node)
+
+    def start_storage_and_wait(self) -> None:
+        """A new cluster's volume: six storage nodes answering, then ``available``."""
+        self.start_storage()
+        deadline = time.monotonic() + self.settings.ready_timeout_s
+        while len(self.answering_nodes()) < len(self.state.storage_nodes(self.name)):
+            if time.monotonic() > deadline:
+                raise ClusterError("the storage nodes did not start; see their logs under "
+                                   f"{self.dir}")
+            time.sleep(0.05)
+        self.state.set_cluster(self.name, status="available")
+        self.event("cluster", "storage volume ready (six nodes in three AZs)")
+
+    def provision_writer(self, writer: Instance, base_image: bool = True) -> Instance:
+        """A new volume's first writer: initdb, start, stream to a write quorum."""
+        self.ensure_writer_data(writer)
+        self.start_instance(writer)
+        current = self.state.instance(writer.id)
+        assert current is not None
+        self.wait_ready(current)
+        self.ensure_volume_client(current)
+        self.wait_volume_ready()
+        if base_image and self.base_image_age_s() is None:
+            self.take_base_image(current)
+        self.state.set_cluster(self.name, status="available")
+        return current
 
     def wait_volume_ready(self, timeout_s: float = 60) -> None:
         """Wait until the volume client streams to a write quorum (commits can complete)."""
@@ -410,6 +433,9 @@ class ClusterRuntime:
             raise ClusterError(f"cluster {self.name} has no writer")
         az = az or ["az-b", "az-c", "az-a"][len(self.readers()) % 3]
         inst = self.state.add_instance(self.name, "reader", az, tier, instance_id)
+        return self.provision_reader(inst, writer)
+
+    def provision_reader(self, inst: Instance, writer: Instance) -> Instance:
         try:
             self.ensure_reader_data(inst, writer)
             self.start_instance(inst)
@@ -419,7 +445,7 @@ class ClusterRuntime:
         except Exception:
             self.state.set_instance(inst.id, state="failed")
             raise
-        self.event("compute", f"reader {inst.id} added in {az}")
+        self.event("compute", f"reader {inst.id} added in {inst.az}")
         result = self.state.instance(inst.id)
         assert result is not None
         return result
@@ -434,6 +460,17 @@ class ClusterRuntime:
         shutil.rmtree(self.instance_dir(inst.id), ignore_errors=True)
         self.state.delete_instance(inst.id)
         self.event("compute", f"reader {instance_id} removed")
+
+    def remove_last_writer(self, inst: Instance) -> None:
+        """The cluster's only instance goes. The volume and its base image stay, so a new
+        writer is rebuilt from them (as after a failover with no reader)."""
+        if self.readers():
+            raise ClusterError("the writer is removed alone only when it is the last instance")
+        self.stop_instance(inst, signal.SIGINT)  # its shutdown checkpoint reaches the volume
+        self.stop_volume_client()
+        shutil.rmtree(self.instance_dir(inst.id), ignore_errors=True)
+        self.state.delete_instance(inst.id)
+        self.event("compute", f"writer {inst.id} removed; the volume is kept")
 
     def down(self) -> None:
         self.state.set_cluster(self.name, desired="down", status="stopping")

@@ -17,12 +17,16 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import psycopg.sql
 from aiohttp import web
 
+from borealis.api import identity
+from borealis.api import server as api_server
 from borealis.control import failover, probe
 from borealis.control.cluster import ClusterError, ClusterRuntime
 from borealis.control.endpoints import ClusterEndpoints
@@ -66,6 +70,9 @@ class ControlPlane:
         self.volume_stalls: dict[str, VolumeStall] = {}
         # Consecutive failed writer checks per cluster.
         self.writer_misses: dict[str, int] = collections.defaultdict(int)
+        self.background: set[asyncio.Task[None]] = set()
+        self.cluster_created_hooks: list[Callable[[str], None]] = []
+        self.api_url = ""
 
     def runtime(self, name: str) -> ClusterRuntime:
         return ClusterRuntime(self.state, name)
@@ -363,7 +370,8 @@ class ControlPlane:
 
     async def status(self) -> dict[str, Any]:
         clusters = [await self.cluster_status(c.name) for c in self.state.clusters()]
-        return {"control": {"pid": os.getpid(), "home": str(self.home)}, "clusters": clusters}
+        return {"control": {"pid": os.getpid(), "home": str(self.home)},
+                "api_url": self.api_url, "clusters": clusters}
 
     # -- operations ------------------------------------------------------------------------
 
@@ -371,6 +379,7 @@ class ControlPlane:
         if self.state.cluster(name) is None:
             self.state.create_cluster(name)
             self.state.event(name, "cluster", "created")
+            self.on_cluster_created(name)
             readers = 1 if readers is None else readers
         async with self.locks[name]:
             await asyncio.to_thread(self.runtime(name).up, readers)
@@ -421,6 +430,198 @@ class ControlPlane:
                 self.writer_misses[name] = 0
         return await self.cluster_status(name)
 
+    # -- operations that return at once (the RDS API's way): the work goes on in the
+    # background under the cluster's lock, and the status says where it stands.
+
+    def spawn(self, cluster: str, what: str, work: Callable[[], object]) -> None:
+        async def run() -> None:
+            async with self.locks[cluster]:
+                try:
+                    await asyncio.to_thread(work)
+                except Exception as exc:
+                    log.exception("%s of %s failed", what, cluster)
+                    if self.state.cluster(cluster) is not None:
+                        self.state.event(cluster, "api", f"{what} failed: {exc}")
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self._keep_endpoints, cluster)
+
+        task = asyncio.create_task(run())
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    def create_cluster(self, name: str, master_user: str, master_password: str) -> None:
+        if self.state.cluster(name) is not None:
+            raise ClusterError(f"cluster {name!r} already exists")
+        self.state.create_cluster(name, master_user, master_password)
+        self.state.event(name, "cluster", "created")
+        self.on_cluster_created(name)
+        self.spawn(name, "creating the storage volume", self.runtime(name).start_storage_and_wait)
+
+    def create_instance(self, cluster: str, instance_id: str, az: str | None,
+                        tier: int) -> Any:
+        """A writer when the cluster has none (a new one on a new volume, else rebuilt
+        from the base image and the volume's WAL), a reader otherwise."""
+        if az is not None and az not in AZS:
+            raise ClusterError(f"unknown availability zone {az!r}; use one of {', '.join(AZS)}")
+        if not 0 <= tier <= 15:
+            raise ClusterError("promotion tier must be between 0 and 15")
+        if self.state.instance(instance_id) is not None:
+            raise ClusterError(f"instance {instance_id!r} already exists")
+        rt = self.runtime(cluster)
+        if rt.writer() is None:
+            inst = self.state.add_instance(cluster, "writer", az or "az-a", tier, instance_id)
+            if rt.base_image_age_s() is None:
+                self.spawn(cluster, f"creating writer {instance_id}",
+                           lambda: rt.provision_writer(inst))
+            else:
+                self.state.set_instance(inst.id, state="stopped")
+                self.spawn(cluster, f"rebuilding writer {instance_id}", lambda: failover.fail_over(
+                    rt, f"new writer {instance_id}",
+                    switch_endpoints=lambda: self._keep_endpoints(cluster)))
+            return inst
+        readers = rt.readers()
+        az = az or ["az-b", "az-c", "az-a"][len(readers) % 3]
+        inst = self.state.add_instance(cluster, "reader", az, tier, instance_id)
+
+        def provision() -> None:
+            writer = rt.writer()
+            if writer is None:
+                raise ClusterError(f"cluster {cluster} has no writer")
+            rt.provision_reader(inst, writer)
+        self.spawn(cluster, f"creating reader {instance_id}", provision)
+        return inst
+
+    def delete_instance(self, instance_id: str) -> Any:
+        """A reader goes at once; the writer after a failover to a reader, or alone when
+        it is the last instance."""
+        inst = self.state.instance(instance_id)
+        if inst is None:
+            raise ClusterError(f"instance {instance_id!r} not found")
+        rt = self.runtime(inst.cluster)
+        self.state.set_instance(inst.id, state="deleting")
+
+        def delete() -> None:
+            current = self.state.instance(instance_id)
+            if current is None:
+                return
+            if current.role == "writer" and rt.readers():
+                failover.fail_over(rt, f"writer {instance_id} is being deleted",
+                                   switch_endpoints=lambda: self._keep_endpoints(rt.name))
+            current = self.state.instance(instance_id)
+            if current is not None and current.role == "writer":
+                rt.remove_last_writer(current)
+            elif current is not None:
+                rt.remove_instance(instance_id)
+        self.spawn(inst.cluster, f"deleting {instance_id}", delete)
+        return inst
+
+    def delete_cluster(self, name: str) -> None:
+        """Queued behind the deletion of its last instances (the lock is first come,
+        first served)."""
+        if any(i.state != "deleting" for i in self.state.instances(name)):
+            raise ClusterError("the cluster still has instances; delete them first")
+        self.state.set_cluster(name, status="deleting", desired="down")
+
+        def delete() -> None:
+            ClusterEndpoints(self.runtime(name)).stop_proxy()
+            self.runtime(name).destroy()
+        self.spawn(name, "deleting the cluster", delete)
+
+    def reboot_instance(self, instance_id: str, force_failover: bool) -> Any:
+        inst = self.state.instance(instance_id)
+        if inst is None:
+            raise ClusterError(f"instance {instance_id!r} not found")
+        rt = self.runtime(inst.cluster)
+        if force_failover:
+            if inst.role != "writer":
+                raise ClusterError("ForceFailover reboots the writer; this is a reader")
+            if not rt.available_readers():
+                raise ClusterError("ForceFailover needs an available reader")
+        self.state.set_instance(inst.id, state="rebooting")
+
+        def reboot() -> None:
+            current = self.state.instance(instance_id)
+            if current is None:
+                return
+            if force_failover:
+                failover.fail_over(rt, f"reboot of {instance_id} with failover",
+                                   switch_endpoints=lambda: self._keep_endpoints(rt.name))
+                return
+            rt.stop_instance(current)
+            self._keep_endpoints(rt.name)
+            restarted = self.state.instance(instance_id)
+            assert restarted is not None
+            rt.start_instance(restarted)
+            started = self.state.instance(instance_id)
+            assert started is not None
+            rt.wait_ready(started)
+            if started.role == "writer":
+                rt.ensure_volume_client(started)
+            rt.event("compute", f"{instance_id} rebooted")
+        self.spawn(inst.cluster, f"rebooting {instance_id}", reboot)
+        return inst
+
+    def start_failover(self, name: str, target: str | None) -> None:
+        rt = self.runtime(name)
+        if rt.writer() is None:
+            raise ClusterError(f"cluster {name} has no writer to fail over from")
+        if not rt.available_readers():
+            raise ClusterError(f"cluster {name} has no available reader to fail over to")
+        self.state.set_cluster(name, status="failing-over")
+
+        def run() -> None:
+            try:
+                failover.fail_over(rt, "requested", target,
+                                   lambda: self._keep_endpoints(name))
+            except FailoverRefused as exc:
+                rt.event("failover", f"stopped: {exc}")
+                raise
+            finally:
+                self.writer_misses[name] = 0
+                if self.state.cluster(name) and rt.cluster.status == "failing-over" \
+                        and rt.writer() is not None:
+                    self.state.set_cluster(name, status="available")
+        self.spawn(name, "failover", run)
+
+    async def set_master_password(self, name: str, password: str) -> None:
+        rt = self.runtime(name)
+        writer = rt.writer()
+        if writer is None:
+            raise ClusterError(f"cluster {name} has no writer")
+        user = rt.cluster.master_user
+        async with await psycopg.AsyncConnection.connect(rt.dsn(writer), autocommit=True) as conn:
+            await conn.execute(psycopg.sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                psycopg.sql.Identifier(user), psycopg.sql.Literal(password)))
+        self.state.set_cluster(name, master_password=password)
+        for secret in self.state.secrets():
+            if secret.cluster == name and secret.username == user:
+                self.state.update_secret_password(secret.name, password)
+        rt.event("cluster", "master user password changed")
+
+    async def create_endpoint(self, cluster: str, endpoint: str, custom_type: str,
+                              static: list[str], excluded: list[str]) -> None:
+        async with self.locks[cluster]:
+            await asyncio.to_thread(ClusterEndpoints(self.runtime(cluster)).create, endpoint,
+                                    custom_type, static, excluded)
+            await asyncio.to_thread(self._keep_endpoints, cluster)
+
+    async def modify_endpoint(self, cluster: str, endpoint: str, custom_type: str | None,
+                              static: list[str] | None, excluded: list[str] | None) -> None:
+        async with self.locks[cluster]:
+            await asyncio.to_thread(ClusterEndpoints(self.runtime(cluster)).modify, endpoint,
+                                    custom_type, static, excluded)
+            await asyncio.to_thread(self._keep_endpoints, cluster)
+
+    async def delete_endpoint(self, cluster: str, endpoint: str) -> None:
+        async with self.locks[cluster]:
+            await asyncio.to_thread(ClusterEndpoints(self.runtime(cluster)).delete, endpoint)
+            await asyncio.to_thread(self._keep_endpoints, cluster)
+
+    def on_cluster_created(self, name: str) -> None:
+        """Hook for what else a new cluster needs (the API adds its master secret)."""
+        for hook in self.cluster_created_hooks:
+            hook(name)
+
     async def remove_instance(self, instance_id: str) -> None:
         inst = self.state.instance(instance_id)
         if inst is None:
@@ -431,7 +632,7 @@ class ControlPlane:
             await asyncio.to_thread(self._keep_endpoints, inst.cluster)
 
 
-def build_app(cp: ControlPlane) -> web.Application:
+def build_app(cp: ControlPlane, api: api_server.Api) -> web.Application:
     routes = web.RouteTableDef()
 
     def need_cluster(name: str) -> None:
@@ -522,10 +723,7 @@ def build_app(cp: ControlPlane) -> web.Application:
             return _error(400, "endpoint names are 1-63 letters, digits or hyphens, "
                                "starting with a letter")
         type_, static, excluded = endpoint_body(body)
-        async with cp.locks[name]:
-            await asyncio.to_thread(ClusterEndpoints(cp.runtime(name)).create, endpoint,
-                                    type_ or "ANY", static or [], excluded or [])
-            await asyncio.to_thread(cp._keep_endpoints, name)
+        await cp.create_endpoint(name, endpoint, type_ or "ANY", static or [], excluded or [])
         return web.json_response(await cp.endpoint_status(name, endpoint))
 
     @routes.patch("/v1/endpoints/{endpoint}")
@@ -534,10 +732,7 @@ def build_app(cp: ControlPlane) -> web.Application:
         if row is None:
             return _error(404, f"endpoint {request.match_info['endpoint']!r} not found")
         type_, static, excluded = endpoint_body(await request.json())
-        async with cp.locks[row.cluster]:
-            await asyncio.to_thread(ClusterEndpoints(cp.runtime(row.cluster)).modify, row.name,
-                                    type_, static, excluded)
-            await asyncio.to_thread(cp._keep_endpoints, row.cluster)
+        await cp.modify_endpoint(row.cluster, row.name, type_, static, excluded)
         return web.json_response(await cp.endpoint_status(row.cluster, row.name))
 
     @routes.delete("/v1/endpoints/{endpoint}")
@@ -545,9 +740,7 @@ def build_app(cp: ControlPlane) -> web.Application:
         row = cp.state.endpoint(request.match_info["endpoint"])
         if row is None:
             return _error(404, f"endpoint {request.match_info['endpoint']!r} not found")
-        async with cp.locks[row.cluster]:
-            await asyncio.to_thread(ClusterEndpoints(cp.runtime(row.cluster)).delete, row.name)
-            await asyncio.to_thread(cp._keep_endpoints, row.cluster)
+        await cp.delete_endpoint(row.cluster, row.name)
         return web.json_response({"deleted": row.name})
 
     @routes.post("/v1/down")
@@ -558,6 +751,8 @@ def build_app(cp: ControlPlane) -> web.Application:
 
     @web.middleware
     async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
+        if not request.path.startswith("/v1/"):  # the AWS APIs answer in AWS's error shapes
+            return await handler(request)  # type: ignore[no-any-return]
         try:
             response: web.StreamResponse = await handler(request)
             return response
@@ -571,8 +766,10 @@ def build_app(cp: ControlPlane) -> web.Application:
             log.exception("%s %s failed", request.method, request.path)
             return _error(500, f"{type(exc).__name__}: {exc}")
 
-    app = web.Application(middlewares=[errors])
+    app = web.Application(middlewares=[api.authenticate, errors],
+                          client_max_size=api_server.MAX_REQUEST)
     app.add_routes(routes)
+    api.add_routes(app)
     return app
 
 
@@ -585,28 +782,47 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+def api_address(state: State, port: int) -> tuple[str, int]:
+    """Where the API listens: ``--port``, else ``BOREALIS_API_PORT``, else a port chosen
+    once for this home and kept (so ``borealis credentials`` stays valid)."""
+    host = os.environ.get("BOREALIS_API_HOST", "127.0.0.1")
+    port = port or int(os.environ.get("BOREALIS_API_PORT", "0"))
+    if not port:
+        port = int(state.setting_once("api_port", lambda: str(state.allocate_port())))
+    return host, port
+
+
 async def serve(home: Path, port: int) -> None:
     cp = ControlPlane(home)
-    app = build_app(cp)
+    api = api_server.Api(cp)
+    app = build_app(cp, api)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
+    host, port = api_address(cp.state, port)
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s (set BOREALIS_API_PORT to another port)",
+                  host, port, exc)
+        raise SystemExit(1) from None
     bound = runner.addresses[0][1]
-    info = {"pid": os.getpid(), "port": bound, "url": f"http://127.0.0.1:{bound}"}
+    cp.api_url = f"http://{host}:{bound}"
+    info = {"pid": os.getpid(), "port": bound, "url": cp.api_url,
+            "region": identity.region(cp.state)}
     tmp = home / "control.json.tmp"
     tmp.write_text(json.dumps(info))
     os.replace(tmp, home / "control.json")
-    log.info("control plane on %s (pid %d)", info["url"], os.getpid())
+    log.info("control plane and API on %s (pid %d)", info["url"], os.getpid())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, cp.stopping.set)
-    supervisor = asyncio.create_task(cp.supervise())
-    watcher = asyncio.create_task(cp.watch_writers())
+    tasks = [asyncio.create_task(t) for t in (cp.supervise(), cp.watch_writers(), api.reap())]
     await cp.stopping.wait()
-    supervisor.cancel()
-    watcher.cancel()
+    for task in tasks:
+        task.cancel()
     await asyncio.sleep(0.2)  # let the last response go out
+    await api.data.close()
     await runner.cleanup()
     with contextlib.suppress(FileNotFoundError):
         info_now = json.loads((home / "control.json").read_text())

@@ -462,6 +462,9 @@ class State:
         rows = self.db.execute("SELECT * FROM secrets ORDER BY created").fetchall()
         return [Secret(**dict(r)) for r in rows]
 
+    def update_secret_password(self, name: str, password: str) -> None:
+        self.db.execute("UPDATE secrets SET password = ? WHERE name = ?", (password, name))
+
     def delete_secret(self, name: str) -> None:
         self.db.execute("DELETE FROM secrets WHERE name = ?", (name,))
 

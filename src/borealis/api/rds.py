@@ -1,0 +1,511 @@
+"""The RDS management operations: each takes the parsed input (botocore's input shape)
+and returns the output shape as a dict; ``query_codec`` turns it into XML.
+
+Long operations return at once with a transitional status (``creating``, ``deleting``,
+``failing-over``, ``rebooting``) and finish in the control plane's background, so
+boto3's waiters work as on AWS. Operations whose capability Borealis does not have yet
+answer ``NotImplemented`` and change nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import re
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from borealis.api import identity
+from borealis.api.errors import ApiError, not_found
+from borealis.compute import postgres as pg
+from borealis.control.cluster import ClusterError
+from borealis.control.endpoints import ClusterEndpoints
+from borealis.control.state import Cluster, EndpointRow, Instance
+
+if TYPE_CHECKING:
+    from borealis.control.daemon import ControlPlane
+
+ENGINE = "aurora-postgresql"
+DEFAULT_INSTANCE_CLASS = "db.r6g.large"
+_IDENTIFIER = re.compile(r"^[a-z](?!.*--)[a-z0-9-]{0,62}(?<!-)$")
+_USERNAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
+_RESERVED_USERS = {"postgres", "rdsadmin", "replica", "borealis_volume"}
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def identifier(value: str, what: str) -> str:
+    """AWS identifiers: 1-63 letters, digits or hyphens, starting with a letter, no
+    double or trailing hyphen; stored in lower case."""
+    lowered = value.lower()
+    if not _IDENTIFIER.match(lowered):
+        raise ApiError("InvalidParameterValue",
+                       f"{what} {value!r} is not a valid identifier: 1-63 letters, digits or "
+                       "hyphens; the first a letter; no two hyphens in a row or at the end")
+    return lowered
+
+
+def not_built(what: str) -> ApiError:
+    return ApiError("NotImplemented", f"{what} is not available in Borealis yet; nothing "
+                    "was changed", 501)
+
+
+class RdsOperations:
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+        self.state = cp.state
+
+    def handler(self, operation: str) -> Handler:
+        method = getattr(self, "op_" + operation, None)
+        if method is None:
+            async def refuse(_: dict[str, Any]) -> dict[str, Any]:
+                raise not_built(operation)
+            return refuse
+        return method  # type: ignore[no-any-return]
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    def _cluster(self, name: str) -> Cluster:
+        cluster = self.state.cluster(name.lower())
+        if cluster is None:
+            raise not_found("DBClusterNotFoundFault", f"DBCluster {name} not found.")
+        return cluster
+
+    def _instance(self, instance_id: str) -> Instance:
+        inst = self.state.instance(instance_id.lower())
+        if inst is None:
+            raise not_found("DBInstanceNotFoundFault", f"DBInstance {instance_id} not found.")
+        return inst
+
+    def _endpoint_rows(self, cluster: str) -> list[EndpointRow]:
+        ClusterEndpoints(self.cp.runtime(cluster)).ensure_rows()
+        return self.state.endpoints(cluster)
+
+    def _engine_version(self) -> str:
+        return pg.server_version(self.cp.runtime("").bindir)
+
+    # -- descriptions ----------------------------------------------------------------------
+
+    def describe_cluster(self, cluster: Cluster) -> dict[str, Any]:
+        rows = self._endpoint_rows(cluster.name)
+        by_type = {r.type: r for r in rows if r.type in ("WRITER", "READER")}
+        instances = self.state.instances(cluster.name)
+        secret = self.state.secret(master_secret_name(cluster.name))
+        out: dict[str, Any] = {
+            "DBClusterIdentifier": cluster.name,
+            "DBClusterArn": identity.rds_arn(self.state, "cluster", cluster.name),
+            "DbClusterResourceId": identity.resource_id("cluster", cluster.name, self.state),
+            "Status": cluster.status,
+            "Engine": ENGINE,
+            "EngineVersion": self._engine_version(),
+            "EngineMode": "provisioned",
+            "MasterUsername": cluster.master_user,
+            "DatabaseName": "postgres",
+            "AvailabilityZones": ["az-a", "az-b", "az-c"],
+            "MultiAZ": sum(1 for i in instances if i.role == "reader") > 0,
+            "ClusterCreateTime": dt.datetime.fromtimestamp(cluster.created, dt.UTC),
+            "BackupRetentionPeriod": 1,
+            "AllocatedStorage": 1,
+            "StorageEncrypted": False,
+            "IAMDatabaseAuthenticationEnabled": False,
+            "HttpEndpointEnabled": True,
+            "DeletionProtection": False,
+            "CopyTagsToSnapshot": False,
+            "CrossAccountClone": False,
+            "DBClusterParameterGroup": "default.aurora-postgresql15",
+            "DBSubnetGroup": "default",
+            "DBClusterMembers": [{
+                "DBInstanceIdentifier": i.id, "IsClusterWriter": i.role == "writer",
+                "DBClusterParameterGroupStatus": "in-sync", "PromotionTier": i.tier,
+            } for i in instances],
+            "CustomEndpoints": [r.host for r in rows if r.type == "CUSTOM"],
+            "AssociatedRoles": [], "VpcSecurityGroups": [], "TagList": [],
+        }
+        if "WRITER" in by_type:
+            out["Endpoint"] = by_type["WRITER"].host
+            out["Port"] = by_type["WRITER"].port
+        if "READER" in by_type:
+            out["ReaderEndpoint"] = by_type["READER"].host
+        if secret is not None:
+            out["MasterUserSecret"] = {"SecretArn": secret.arn, "SecretStatus": "active"}
+        return out
+
+    def describe_instance(self, inst: Instance) -> dict[str, Any]:
+        cluster = self._cluster(inst.cluster)
+        rt = self.cp.runtime(inst.cluster)
+        endpoint = next((r for r in self._endpoint_rows(inst.cluster)
+                         if r.type == "INSTANCE" and r.instance == inst.id), None)
+        status = inst.state
+        if status in ("available", "starting") and not rt.instance_alive(inst):
+            status = "stopped"
+        out: dict[str, Any] = {
+            "DBInstanceIdentifier": inst.id,
+            "DBInstanceArn": identity.rds_arn(self.state, "db", inst.id),
+            "DbiResourceId": identity.resource_id("db", inst.id, self.state),
+            "DBInstanceClass": self.state.setting(f"instance_class:{inst.id}",
+                                                  DEFAULT_INSTANCE_CLASS),
+            "Engine": ENGINE,
+            "EngineVersion": self._engine_version(),
+            "DBInstanceStatus": status,
+            "MasterUsername": cluster.master_user,
+            "DBClusterIdentifier": inst.cluster,
+            "AvailabilityZone": inst.az,
+            "PromotionTier": inst.tier,
+            "InstanceCreateTime": dt.datetime.fromtimestamp(inst.created, dt.UTC),
+            "MultiAZ": False,
+            "PubliclyAccessible": False,
+            "AutoMinorVersionUpgrade": True,
+            "StorageEncrypted": False,
+            "StorageType": "aurora",
+            "AllocatedStorage": 1,
+            "DbInstancePort": 0,
+            "IAMDatabaseAuthenticationEnabled": False,
+            "DeletionProtection": False,
+            "LicenseModel": "postgresql-license",
+            "PendingModifiedValues": {},
+            "DBParameterGroups": [{"DBParameterGroupName": "default.aurora-postgresql15",
+                                   "ParameterApplyStatus": "in-sync"}],
+            "VpcSecurityGroups": [], "DBSecurityGroups": [], "TagList": [],
+        }
+        if endpoint is not None:
+            out["Endpoint"] = {"Address": endpoint.host, "Port": endpoint.port}
+        return out
+
+    def describe_endpoint(self, row: EndpointRow, rt_members: list[str] | None = None
+                          ) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "DBClusterIdentifier": row.cluster,
+            "Endpoint": row.host,
+            "Status": "available",
+            "EndpointType": row.type,
+        }
+        if row.type == "CUSTOM":
+            out.update(
+                DBClusterEndpointIdentifier=row.name,
+                DBClusterEndpointResourceIdentifier=identity.resource_id(
+                    "cluster-endpoint", row.name, self.state),
+                DBClusterEndpointArn=identity.rds_arn(self.state, "cluster-endpoint", row.name),
+                CustomEndpointType=row.custom_type,
+                StaticMembers=row.static, ExcludedMembers=row.excluded)
+        return out
+
+    # -- clusters --------------------------------------------------------------------------
+
+    async def op_CreateDBCluster(self, p: dict[str, Any]) -> dict[str, Any]:
+        name = identifier(p["DBClusterIdentifier"], "DBClusterIdentifier")
+        check_engine(p)
+        if self.state.cluster(name) is not None:
+            raise ApiError("DBClusterAlreadyExistsFault", f"DBCluster {name} already exists.")
+        user = p.get("MasterUsername")
+        if user is None:
+            raise ApiError("InvalidParameterValue", "The parameter MasterUsername must be "
+                           "provided and must not be blank.")
+        if not _USERNAME.match(user) or user.lower() in _RESERVED_USERS:
+            raise ApiError("InvalidParameterValue", f"MasterUsername {user!r} is not valid: "
+                           "1-63 letters, digits or underscores, the first a letter, and not "
+                           "a reserved name")
+        password = p.get("MasterUserPassword")
+        if password is None:
+            if not p.get("ManageMasterUserPassword"):
+                raise ApiError("InvalidParameterValue", "The parameter MasterUserPassword "
+                               "must be provided (or set ManageMasterUserPassword).")
+            password = secrets.token_urlsafe(24)
+        check_password(password)
+        if p.get("FinalDBSnapshotIdentifier") or p.get("SnapshotIdentifier"):
+            raise not_built("creating a cluster from a snapshot")
+        try:
+            self.cp.create_cluster(name, user, password)
+        except ClusterError as exc:
+            raise ApiError("InvalidParameterValue", str(exc)) from None
+        return {"DBCluster": self.describe_cluster(self._cluster(name))}
+
+    async def op_DescribeDBClusters(self, p: dict[str, Any]) -> dict[str, Any]:
+        if "DBClusterIdentifier" in p:
+            clusters = [self._cluster(p["DBClusterIdentifier"])]
+        else:
+            clusters = self.state.clusters()
+        filters = filter_values(p, {"db-cluster-id", "engine"})
+        if "db-cluster-id" in filters:
+            clusters = [c for c in clusters if c.name in filters["db-cluster-id"]]
+        if "engine" in filters and ENGINE not in filters["engine"]:
+            clusters = []
+        page, marker = paginate(clusters, p)
+        return {"DBClusters": [self.describe_cluster(c) for c in page], "Marker": marker}
+
+    async def op_ModifyDBCluster(self, p: dict[str, Any]) -> dict[str, Any]:
+        cluster = self._cluster(p["DBClusterIdentifier"])
+        supported = {"DBClusterIdentifier", "ApplyImmediately", "MasterUserPassword"}
+        unsupported = sorted(set(p) - supported)
+        if unsupported:
+            raise not_built(f"changing {', '.join(unsupported)}")
+        if "MasterUserPassword" in p:
+            check_password(p["MasterUserPassword"])
+            await self.cp.set_master_password(cluster.name, p["MasterUserPassword"])
+        return {"DBCluster": self.describe_cluster(self._cluster(cluster.name))}
+
+    async def op_DeleteDBCluster(self, p: dict[str, Any]) -> dict[str, Any]:
+        cluster = self._cluster(p["DBClusterIdentifier"])
+        if p.get("FinalDBSnapshotIdentifier"):
+            raise not_built("a final snapshot (snapshots)")
+        if not p.get("SkipFinalSnapshot"):
+            raise ApiError("InvalidParameterCombination", "FinalDBSnapshotIdentifier is "
+                           "required unless SkipFinalSnapshot is specified.")
+        if cluster.status == "deleting":
+            raise ApiError("InvalidDBClusterStateFault", f"DBCluster {cluster.name} is "
+                           "already being deleted.")
+        if any(i.state != "deleting" for i in self.state.instances(cluster.name)):
+            raise ApiError("InvalidDBClusterStateFault", "Cluster cannot be deleted, it "
+                           "still contains DB instances in non-deleting state.")
+        described = self.describe_cluster(cluster)
+        self.cp.delete_cluster(cluster.name)
+        described["Status"] = "deleting"
+        return {"DBCluster": described}
+
+    async def op_FailoverDBCluster(self, p: dict[str, Any]) -> dict[str, Any]:
+        cluster = self._cluster(p["DBClusterIdentifier"])
+        target = p.get("TargetDBInstanceIdentifier")
+        if target is not None:
+            inst = self._instance(target)
+            if inst.cluster != cluster.name:
+                raise ApiError("InvalidDBInstanceStateFault", f"{inst.id} is not a member "
+                               f"of {cluster.name}.")
+            if inst.role == "writer":
+                raise ApiError("InvalidDBInstanceStateFault", f"{inst.id} is already the "
+                               "writer.")
+            target = inst.id
+        try:
+            self.cp.start_failover(cluster.name, target)
+        except ClusterError as exc:
+            raise ApiError("InvalidDBClusterStateFault", str(exc)) from None
+        return {"DBCluster": self.describe_cluster(self._cluster(cluster.name))}
+
+    # -- instances -------------------------------------------------------------------------
+
+    async def op_CreateDBInstance(self, p: dict[str, Any]) -> dict[str, Any]:
+        instance_id = identifier(p["DBInstanceIdentifier"], "DBInstanceIdentifier")
+        check_engine(p)
+        if "DBClusterIdentifier" not in p:
+            raise ApiError("InvalidParameterCombination", "Borealis instances belong to a "
+                           "cluster: DBClusterIdentifier is required.")
+        cluster = self._cluster(p["DBClusterIdentifier"])
+        if cluster.status not in ("available", "failing-over"):
+            raise ApiError("InvalidDBClusterStateFault", f"DBCluster {cluster.name} is "
+                           f"{cluster.status}, not available.")
+        if self.state.instance(instance_id) is not None:
+            raise ApiError("DBInstanceAlreadyExistsFault",
+                           f"DB instance {instance_id} already exists.")
+        if len(self.state.instances(cluster.name)) >= 16:
+            raise ApiError("InstanceQuotaExceededFault", "a cluster has at most one writer "
+                           "and 15 readers")
+        tier = p.get("PromotionTier", 1)
+        try:
+            inst = self.cp.create_instance(cluster.name, instance_id,
+                                           p.get("AvailabilityZone"), tier)
+        except ClusterError as exc:
+            raise ApiError("InvalidParameterValue", str(exc)) from None
+        self.state.set_setting(f"instance_class:{inst.id}", p["DBInstanceClass"])
+        return {"DBInstance": self.describe_instance(self._instance(inst.id))}
+
+    async def op_DescribeDBInstances(self, p: dict[str, Any]) -> dict[str, Any]:
+        if "DBInstanceIdentifier" in p:
+            instances = [self._instance(p["DBInstanceIdentifier"])]
+        else:
+            instances = [i for c in self.state.clusters() for i in self.state.instances(c.name)]
+        filters = filter_values(p, {"db-cluster-id", "db-instance-id", "engine"})
+        if "db-cluster-id" in filters:
+            instances = [i for i in instances if i.cluster in filters["db-cluster-id"]]
+        if "db-instance-id" in filters:
+            instances = [i for i in instances if i.id in filters["db-instance-id"]]
+        if "engine" in filters and ENGINE not in filters["engine"]:
+            instances = []
+        page, marker = paginate(instances, p)
+        return {"DBInstances": [self.describe_instance(i) for i in page], "Marker": marker}
+
+    async def op_DeleteDBInstance(self, p: dict[str, Any]) -> dict[str, Any]:
+        inst = self._instance(p["DBInstanceIdentifier"])
+        if p.get("FinalDBSnapshotIdentifier"):
+            raise ApiError("InvalidParameterCombination", "FinalDBSnapshotIdentifier can not "
+                           "be specified when deleting a cluster instance")
+        if inst.state == "deleting":
+            raise ApiError("InvalidDBInstanceStateFault", f"Instance {inst.id} is already "
+                           "being deleted.")
+        described = self.describe_instance(inst)
+        self.cp.delete_instance(inst.id)
+        described["DBInstanceStatus"] = "deleting"
+        return {"DBInstance": described}
+
+    async def op_RebootDBInstance(self, p: dict[str, Any]) -> dict[str, Any]:
+        inst = self._instance(p["DBInstanceIdentifier"])
+        if inst.state not in ("available",):
+            raise ApiError("InvalidDBInstanceStateFault", f"Instance {inst.id} is "
+                           f"{inst.state}, not available.")
+        try:
+            self.cp.reboot_instance(inst.id, bool(p.get("ForceFailover")))
+        except ClusterError as exc:
+            raise ApiError("InvalidDBInstanceStateFault", str(exc)) from None
+        return {"DBInstance": self.describe_instance(self._instance(inst.id))}
+
+    # -- endpoints -------------------------------------------------------------------------
+
+    def _custom_endpoint(self, name: str) -> EndpointRow:
+        row = self.state.endpoint(name.lower())
+        if row is None or row.type != "CUSTOM":
+            raise not_found("DBClusterEndpointNotFoundFault",
+                            f"DBClusterEndpoint {name} not found.")
+        return row
+
+    async def op_CreateDBClusterEndpoint(self, p: dict[str, Any]) -> dict[str, Any]:
+        cluster = self._cluster(p["DBClusterIdentifier"])
+        name = identifier(p["DBClusterEndpointIdentifier"], "DBClusterEndpointIdentifier")
+        if self.state.endpoint(name) is not None or self.state.cluster(name) is not None:
+            raise ApiError("DBClusterEndpointAlreadyExistsFault",
+                           f"DBClusterEndpoint {name} already exists.")
+        custom_type = endpoint_type(p["EndpointType"])
+        static, excluded = self._members(cluster.name, p)
+        await self.cp.create_endpoint(cluster.name, name, custom_type, static or [],
+                                      excluded or [])
+        return self.describe_endpoint(self._custom_endpoint(name))
+
+    async def op_ModifyDBClusterEndpoint(self, p: dict[str, Any]) -> dict[str, Any]:
+        row = self._custom_endpoint(p["DBClusterEndpointIdentifier"])
+        custom_type = endpoint_type(p["EndpointType"]) if "EndpointType" in p else None
+        static, excluded = self._members(row.cluster, p)
+        await self.cp.modify_endpoint(row.cluster, row.name, custom_type, static, excluded)
+        return self.describe_endpoint(self._custom_endpoint(row.name))
+
+    async def op_DeleteDBClusterEndpoint(self, p: dict[str, Any]) -> dict[str, Any]:
+        row = self._custom_endpoint(p["DBClusterEndpointIdentifier"])
+        described = self.describe_endpoint(row)
+        await self.cp.delete_endpoint(row.cluster, row.name)
+        described["Status"] = "deleting"
+        return described
+
+    async def op_DescribeDBClusterEndpoints(self, p: dict[str, Any]) -> dict[str, Any]:
+        if "DBClusterIdentifier" in p:
+            clusters = [self._cluster(p["DBClusterIdentifier"]).name]
+        else:
+            clusters = [c.name for c in self.state.clusters()]
+        rows = [r for c in clusters for r in self._endpoint_rows(c) if r.type != "INSTANCE"]
+        if "DBClusterEndpointIdentifier" in p:
+            wanted = p["DBClusterEndpointIdentifier"].lower()
+            rows = [r for r in rows if r.name == wanted and r.type == "CUSTOM"]
+            if not rows:
+                raise not_found("DBClusterEndpointNotFoundFault",
+                                f"DBClusterEndpoint {wanted} not found.")
+        filters = filter_values(p, {"db-cluster-endpoint-type",
+                                    "db-cluster-endpoint-custom-type",
+                                    "db-cluster-endpoint-id", "db-cluster-endpoint-status"})
+        if "db-cluster-endpoint-type" in filters:
+            rows = [r for r in rows if r.type.lower() in
+                    {v.lower() for v in filters["db-cluster-endpoint-type"]}]
+        if "db-cluster-endpoint-custom-type" in filters:
+            rows = [r for r in rows if (r.custom_type or "").lower() in
+                    {v.lower() for v in filters["db-cluster-endpoint-custom-type"]}]
+        if "db-cluster-endpoint-id" in filters:
+            rows = [r for r in rows if r.name in filters["db-cluster-endpoint-id"]]
+        page, marker = paginate(rows, p)
+        return {"DBClusterEndpoints": [self.describe_endpoint(r) for r in page],
+                "Marker": marker}
+
+    def _members(self, cluster: str, p: dict[str, Any]) -> tuple[list[str] | None,
+                                                                 list[str] | None]:
+        static = p.get("StaticMembers")
+        excluded = p.get("ExcludedMembers")
+        if static and excluded:
+            raise ApiError("InvalidParameterCombination", "Specify either StaticMembers or "
+                           "ExcludedMembers, not both.")
+        known = {i.id for i in self.state.instances(cluster)}
+        for member in (static or []) + (excluded or []):
+            if member.lower() not in known:
+                raise not_found("DBInstanceNotFoundFault", f"DBInstance {member} is not a "
+                                f"member of {cluster}.")
+        return ([m.lower() for m in static] if static is not None else None,
+                [m.lower() for m in excluded] if excluded is not None else None)
+
+    # -- events ----------------------------------------------------------------------------
+
+    async def op_DescribeEvents(self, p: dict[str, Any]) -> dict[str, Any]:
+        source_type = p.get("SourceType")
+        if source_type not in (None, "db-cluster"):
+            return {"Events": []}  # events are kept per cluster
+        now = dt.datetime.now(dt.UTC)
+        end = p.get("EndTime", now)
+        start = p.get("StartTime", end - dt.timedelta(minutes=p.get("Duration", 60)))
+        clusters = [c.name for c in self.state.clusters()]
+        if "SourceIdentifier" in p:
+            if source_type is None:
+                raise ApiError("InvalidParameterCombination", "SourceType must be given "
+                               "with SourceIdentifier.")
+            clusters = [self._cluster(p["SourceIdentifier"]).name]
+        events: list[dict[str, Any]] = []
+        for name in clusters:
+            arn = identity.rds_arn(self.state, "cluster", name)
+            for e in self.state.events(name, limit=10_000):
+                when = dt.datetime.fromtimestamp(float(str(e["time"])), dt.UTC)
+                if start <= when <= end:
+                    events.append({"SourceIdentifier": name, "SourceType": "db-cluster",
+                                   "Message": f"{e['source']}: {e['message']}",
+                                   "EventCategories": [str(e["source"])], "Date": when,
+                                   "SourceArn": arn})
+        events.sort(key=lambda e: e["Date"])
+        page, marker = paginate(events, p)
+        return {"Events": page, "Marker": marker}
+
+
+# -- parameter rules ------------------------------------------------------------------------
+
+
+def master_secret_name(cluster: str) -> str:
+    return f"rds-db-credentials/{cluster}"
+
+
+def check_engine(p: dict[str, Any]) -> None:
+    if p.get("Engine") != ENGINE:
+        raise ApiError("InvalidParameterValue", f"Invalid DB engine {p.get('Engine')!r}: "
+                       f"Borealis runs {ENGINE}")
+    version = p.get("EngineVersion")
+    if version is not None and version.split(".")[0] != "15":
+        raise ApiError("InvalidParameterCombination", f"Cannot find version {version} for "
+                       f"{ENGINE}; Borealis runs PostgreSQL 15")
+
+
+def check_password(password: str) -> None:
+    if not 8 <= len(password) <= 128 or any(ch in '/"@ ' or not ch.isprintable()
+                                            for ch in password):
+        raise ApiError("InvalidParameterValue", "The parameter MasterUserPassword is not a "
+                       "valid password: 8-128 printable ASCII characters other than '/', "
+                       "'\"', '@' and space.")
+
+
+def endpoint_type(value: str) -> str:
+    if value.upper() not in ("READER", "ANY"):
+        raise ApiError("InvalidParameterValue", f"Invalid endpoint type {value!r}: use "
+                       "READER or ANY")
+    return value.upper()
+
+
+def filter_values(p: dict[str, Any], known: set[str]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for f in p.get("Filters", []):
+        if f["Name"] not in known:
+            raise ApiError("InvalidParameterValue", f"Unrecognized filter name: {f['Name']}")
+        out[f["Name"]] = set(f["Values"])
+    return out
+
+
+def paginate(items: list[Any], p: dict[str, Any]) -> tuple[list[Any], str | None]:
+    """``MaxRecords`` (20-100, default 100) per page; the marker is an opaque offset."""
+    size = p.get("MaxRecords", 100)
+    if not 20 <= size <= 100:
+        raise ApiError("InvalidParameterValue", "MaxRecords must be between 20 and 100.")
+    offset = 0
+    if "Marker" in p:
+        try:
+            offset = int(base64.urlsafe_b64decode(p["Marker"].encode()).decode())
+        except ValueError:
+            raise ApiError("InvalidParameterValue", "The marker is not valid.") from None
+    page = items[offset:offset + size]
+    more = offset + size < len(items)
+    marker = base64.urlsafe_b64encode(str(offset + size).encode()).decode() if more else None
+    return page, marker

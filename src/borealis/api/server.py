@@ -1,0 +1,208 @@
+"""The HTTP shell around the API: routes, SigV4 on every request, AWS error shapes.
+
+- ``POST /`` — the RDS management API (AWS query protocol, XML answers);
+- ``POST /Execute``, ``/BatchExecute``, ``/BeginTransaction``, ``/CommitTransaction``,
+  ``/RollbackTransaction`` — the RDS Data API (REST-JSON);
+- ``/v1/...`` — the control plane's own verbs (``up``, ``down``, ``status``), JSON.
+
+No request reaches an operation before its signature is verified against a configured
+access key; a refused request changes nothing. Errors never carry a Python trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import botocore.session
+from aiohttp import web
+from botocore.model import ServiceModel
+from botocore.validate import ParamValidator
+
+from borealis.api import identity, query_codec, sigv4
+from borealis.api.data_api import DataApi
+from borealis.api.errors import ApiError
+from borealis.api.rds import RdsOperations, master_secret_name
+from borealis.control.cluster import ClusterError
+
+if TYPE_CHECKING:
+    from borealis.control.daemon import ControlPlane
+
+log = logging.getLogger("borealis.api")
+
+MAX_REQUEST = 4 << 20
+CONTROL_SERVICE = "borealis"  # the signing name of the /v1 verbs
+REAP_INTERVAL_S = 5.0
+
+# Auth failures as the JSON protocols name them (the query protocol keeps AWS's names).
+_JSON_AUTH_CODES = {
+    "SignatureDoesNotMatch": "InvalidSignatureException",
+    "InvalidClientTokenId": "UnrecognizedClientException",
+    "MissingAuthenticationToken": "MissingAuthenticationTokenException",
+    "IncompleteSignature": "IncompleteSignatureException",
+}
+
+_session = botocore.session.get_session()
+RDS_MODEL: ServiceModel = _session.get_service_model("rds")
+DATA_MODEL: ServiceModel = _session.get_service_model("rds-data")
+
+
+def _query_status(error: ApiError) -> int:
+    """The HTTP status the RDS model gives an error code (ours when it has none)."""
+    try:
+        shape = RDS_MODEL.shape_for(error.code)
+    except Exception:
+        return error.status
+    return int(shape.metadata.get("error", {}).get("httpStatusCode", error.status))
+
+
+def query_error(error: ApiError, request_id: str) -> web.Response:
+    return web.Response(body=query_codec.serialize_error(RDS_MODEL, error, request_id),
+                        status=_query_status(error), content_type="text/xml",
+                        headers={"x-amzn-RequestId": request_id})
+
+
+def json_error(error: ApiError, request_id: str) -> web.Response:
+    code = _JSON_AUTH_CODES.get(error.code, error.code)
+    return web.json_response({"message": error.message}, status=error.status,
+                             headers={"x-amzn-ErrorType": code,
+                                      "x-amzn-RequestId": request_id})
+
+
+def control_error(error: ApiError, _: str) -> web.Response:
+    return web.json_response({"error": error.message, "code": error.code},
+                             status=error.status)
+
+
+def _service_of(path: str) -> tuple[str, Callable[[ApiError, str], web.Response]]:
+    if path.startswith("/v1/"):
+        return CONTROL_SERVICE, control_error
+    if path == "/":
+        return "rds", query_error
+    return "rds-data", json_error
+
+
+class Api:
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+        self.state = cp.state
+        self.rds = RdsOperations(cp)
+        self.data = DataApi(cp)
+        self.validator = ParamValidator()
+        identity.ensure_access_key(self.state)
+        cp.cluster_created_hooks.append(self.create_master_secret)
+
+    def create_master_secret(self, cluster: str) -> None:
+        c = self.state.cluster(cluster)
+        name = master_secret_name(cluster)
+        if c is None or self.state.secret(name) is not None:
+            return
+        self.state.add_secret(name, cluster, c.master_user, c.master_password,
+                              identity.secret_arn(self.state, name))
+
+    # -- middleware ------------------------------------------------------------------------
+
+    @web.middleware
+    async def authenticate(self, request: web.Request,
+                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                           ) -> web.StreamResponse:
+        service, error_response = _service_of(request.path)
+        request_id = query_codec.new_request_id()
+        request["request_id"] = request_id
+        try:
+            if request.content_length is not None and request.content_length > MAX_REQUEST:
+                raise ApiError("RequestEntityTooLarge", "the request body is larger than "
+                               f"{MAX_REQUEST >> 20} MiB", 413)
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise ApiError("RequestEntityTooLarge", "the request body is larger than "
+                               f"{MAX_REQUEST >> 20} MiB", 413) from None
+            host = request.headers.get("Host", request.host)
+            url = f"{request.scheme}://{host}{request.raw_path}"
+            sigv4.verify(request.method, url, request.headers, body, self.state.secret_key,
+                         service)
+            request["body"] = body
+            return await handler(request)
+        except ApiError as exc:
+            if service == "rds-data" and exc.code == "RequestEntityTooLarge":
+                exc = ApiError("BadRequestException", exc.message, 400)
+            return error_response(exc, request_id)
+        except ClusterError as exc:
+            return error_response(ApiError("InvalidParameterValue", str(exc)), request_id)
+        except web.HTTPException as exc:
+            return error_response(ApiError("InvalidAction" if exc.status == 404 else
+                                           "InvalidRequest", exc.reason, exc.status),
+                                  request_id)
+        except Exception:
+            log.exception("%s %s failed (request %s)", request.method, request.path,
+                          request_id)
+            return error_response(ApiError("InternalFailure", "the request failed inside "
+                                           f"Borealis; see the control plane log (request "
+                                           f"{request_id})", 500), request_id)
+
+    # -- RDS (query protocol) --------------------------------------------------------------
+
+    async def rds_query(self, request: web.Request) -> web.Response:
+        fields = query_codec.parse_form(request["body"])
+        op, params = query_codec.parse_request(RDS_MODEL, fields)
+        result = await self.rds.handler(op.name)(params)
+        body = query_codec.serialize_result(op, result, request["request_id"])
+        return web.Response(body=body, content_type="text/xml",
+                            headers={"x-amzn-RequestId": request["request_id"]})
+
+    # -- Data API (REST-JSON) --------------------------------------------------------------
+
+    async def data_call(self, request: web.Request) -> web.Response:
+        operation = self._data_operations().get(request.path)
+        if operation is None:
+            raise ApiError("UnknownOperationException", f"no operation at {request.path}", 404)
+        op = DATA_MODEL.operation_model(operation)
+        try:
+            params = json.loads(request["body"] or b"{}")
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError("BadRequestException", "the request body is not JSON") from None
+        if not isinstance(params, dict):
+            raise ApiError("BadRequestException", "the request body is not a JSON object")
+        report = self.validator.validate(params, op.input_shape)
+        if report.has_errors():
+            raise ApiError("BadRequestException", report.generate_report())
+        calls: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+            "ExecuteStatement": self.data.execute_statement,
+            "BatchExecuteStatement": self.data.batch_execute,
+            "BeginTransaction": self.data.begin_transaction,
+            "CommitTransaction": lambda p: self.data.end_transaction(p, True),
+            "RollbackTransaction": lambda p: self.data.end_transaction(p, False),
+        }
+        call = calls.get(operation)
+        if call is None:
+            raise ApiError("BadRequestException", f"{operation} is not supported; use "
+                           "ExecuteStatement")
+        result = await call(params)
+        body = json.dumps(result).encode()
+        if len(body) > query_codec.MAX_BODY + (1 << 10):
+            raise ApiError("BadRequestException", "Database returned more than the allowed "
+                           "response size limit (1 MiB)")
+        return web.Response(body=body, content_type="application/json",
+                            headers={"x-amzn-RequestId": request["request_id"]})
+
+    def _data_operations(self) -> dict[str, str]:
+        return {DATA_MODEL.operation_model(name).http["requestUri"]: name
+                for name in DATA_MODEL.operation_names}
+
+    # -- wiring ----------------------------------------------------------------------------
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/", self.rds_query)
+        for uri in self._data_operations():
+            app.router.add_post(uri, self.data_call)
+
+    async def reap(self) -> None:
+        while True:
+            await asyncio.sleep(REAP_INTERVAL_S)
+            with contextlib.suppress(Exception):
+                await self.data.reap_idle()
