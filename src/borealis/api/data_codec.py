@@ -199,7 +199,7 @@ def text_value(value: Any) -> str:
     if isinstance(value, dt.datetime):
         if value.tzinfo is not None:  # timestamptz: in UTC, as the Data API gives it
             value = value.astimezone(dt.UTC).replace(tzinfo=None)
-        return value.strftime("%Y-%m-%d %H:%M:%S") + _fraction(value.microsecond)
+        return str(value.strftime("%Y-%m-%d %H:%M:%S")) + _fraction(value.microsecond)
     if isinstance(value, dt.time):
         return value.strftime("%H:%M:%S") + _fraction(value.microsecond)
     if isinstance(value, (dt.date, uuid.UUID, decimal.Decimal)):
