@@ -12,7 +12,9 @@ import string
 
 from borealis.control.state import State
 
-DEFAULT_REGION = "us-east-1"
+# A real region name, so tools that check region names accept it; not us-east-1, for
+# which the AWS CLI (v1) sends RDS calls to its global endpoint whatever the endpoint URL.
+DEFAULT_REGION = "us-west-2"
 _KEY_ALPHABET = string.ascii_uppercase + string.digits
 
 

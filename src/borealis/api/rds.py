@@ -172,12 +172,12 @@ class RdsOperations:
             out["Endpoint"] = {"Address": endpoint.host, "Port": endpoint.port}
         return out
 
-    def describe_endpoint(self, row: EndpointRow, rt_members: list[str] | None = None
-                          ) -> dict[str, Any]:
+    def describe_endpoint(self, row: EndpointRow) -> dict[str, Any]:
+        serving = ClusterEndpoints(self.cp.runtime(row.cluster)).serving(row)
         out: dict[str, Any] = {
             "DBClusterIdentifier": row.cluster,
             "Endpoint": row.host,
-            "Status": "available",
+            "Status": "available" if serving else "creating",
             "EndpointType": row.type,
         }
         if row.type == "CUSTOM":

@@ -51,18 +51,22 @@ RDS_MODEL: ServiceModel = _session.get_service_model("rds")
 DATA_MODEL: ServiceModel = _session.get_service_model("rds-data")
 
 
-def _query_status(error: ApiError) -> int:
-    """The HTTP status the RDS model gives an error code (ours when it has none)."""
+def _query_wire_error(error: ApiError) -> ApiError:
+    """The code and HTTP status the RDS model gives an error shape: some differ from the
+    shape's name (``DBInstanceNotFoundFault`` goes on the wire as ``DBInstanceNotFound``,
+    which is what boto3's exceptions and waiters match)."""
     try:
-        shape = RDS_MODEL.shape_for(error.code)
+        meta = RDS_MODEL.shape_for(error.code).metadata.get("error", {})
     except Exception:
-        return error.status
-    return int(shape.metadata.get("error", {}).get("httpStatusCode", error.status))
+        return error
+    return ApiError(str(meta.get("code", error.code)), error.message,
+                    int(meta.get("httpStatusCode", error.status)))
 
 
 def query_error(error: ApiError, request_id: str) -> web.Response:
-    return web.Response(body=query_codec.serialize_error(RDS_MODEL, error, request_id),
-                        status=_query_status(error), content_type="text/xml",
+    wire = _query_wire_error(error)
+    return web.Response(body=query_codec.serialize_error(RDS_MODEL, wire, request_id),
+                        status=wire.status, content_type="text/xml",
                         headers={"x-amzn-RequestId": request_id})
 
 

@@ -6,27 +6,33 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import boto3
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
+from botocore.exceptions import ClientError, WaiterError
 from rich.console import Console
 from rich.table import Table
 
+from borealis.api.times import format_time
 from borealis.control.processes import alive
 from borealis.control.state import State
 
-console = Console()
-err_console = Console(stderr=True)
+# No emoji codes: ":secret:" inside an ARN must stay as it is.
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 
 class CliError(Exception):
@@ -64,7 +70,7 @@ def request(method: str, path: str, body: dict[str, Any] | None = None,
     data = json.dumps(body).encode() if body is not None else b""
     signed = AWSRequest(method=method, url=info["url"] + path, data=data,
                         headers={"Content-Type": "application/json"})
-    SigV4Auth(Credentials(*credentials()), "borealis", info.get("region", "us-east-1")
+    SigV4Auth(Credentials(*credentials()), "borealis", info.get("region", "us-west-2")
               ).add_auth(signed)
     req = urllib.request.Request(info["url"] + path, data=data or None, method=method,
                                  headers=dict(signed.headers.items()))
@@ -121,6 +127,12 @@ def cmd_up(args: argparse.Namespace) -> None:
     for inst in status["instances"]:
         console.print(f"  {inst['role']:<6} {inst['id']:<14} psql \"{inst['dsn']}\"",
                       soft_wrap=True)
+    url, region = api_location()
+    key_id, _ = credentials()
+    console.print(f"API (RDS and RDS Data, SigV4) on {url}, region {region}, access key "
+                  f"{key_id}", soft_wrap=True, highlight=False)
+    console.print('  for boto3 and the AWS CLI: eval "$(borealis credentials)"; then e.g. '
+                  "aws rds describe-db-clusters", soft_wrap=True, highlight=False)
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -167,52 +179,188 @@ def cmd_destroy(args: argparse.Namespace) -> None:
 
 
 def cmd_instance_add(args: argparse.Namespace) -> None:
-    with console.status(f"adding a reader to {args.cluster}..."):
-        inst = request("POST", f"/v1/clusters/{args.cluster}/instances",
-                       {"az": args.az, "tier": args.tier, "id": args.id})
-    console.print(f"reader {inst['id']} in {inst['az']}: psql \"{inst['dsn']}\"",
-                  soft_wrap=True)
+    rds = rds_client()
+    cluster = describe_cluster(rds, args.cluster)
+    instance_id = args.id or next_instance_id(cluster)
+    params: dict[str, Any] = {"DBInstanceIdentifier": instance_id,
+                              "DBClusterIdentifier": args.cluster, "Engine": cluster["Engine"],
+                              "DBInstanceClass": "db.r6g.large", "PromotionTier": args.tier}
+    if args.az:
+        params["AvailabilityZone"] = args.az
+    with console.status(f"adding instance {instance_id} to {args.cluster}..."):
+        call(rds.create_db_instance, **params)
+        wait(rds, "db_instance_available", DBInstanceIdentifier=instance_id)
+    inst = call(rds.describe_db_instances, DBInstanceIdentifier=instance_id)["DBInstances"][0]
+    ep = inst["Endpoint"]
+    console.print(f"instance {instance_id} in {inst['AvailabilityZone']}: psql "
+                  f"\"host={ep['Address']} port={ep['Port']} user={inst['MasterUsername']} "
+                  "dbname=postgres\"", soft_wrap=True)
+
+
+def next_instance_id(cluster: dict[str, Any]) -> str:
+    taken = {m["DBInstanceIdentifier"] for m in cluster["DBClusterMembers"]}
+    n = 1
+    while f"{cluster['DBClusterIdentifier']}-{n}" in taken:
+        n += 1
+    return f"{cluster['DBClusterIdentifier']}-{n}"
 
 
 def cmd_failover(args: argparse.Namespace) -> None:
+    rds = rds_client()
+    before = writer_of(describe_cluster(rds, args.cluster))
+    params: dict[str, Any] = {"DBClusterIdentifier": args.cluster}
+    if args.target:
+        params["TargetDBInstanceIdentifier"] = args.target
     with console.status(f"failing over {args.cluster}..."):
-        status = request("POST", f"/v1/clusters/{args.cluster}/failover",
-                         {"target": args.target})
-    writer = next(i for i in status["instances"] if i["role"] == "writer")
-    console.print(f"{args.cluster}: {writer['id']} is the writer (epoch {status['epoch']}); "
-                  f"`borealis events {args.cluster}` shows each step")
+        call(rds.failover_db_cluster, **params)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            cluster = describe_cluster(rds, args.cluster)
+            writer = writer_of(cluster)
+            if cluster["Status"] == "available" and writer not in (None, before):
+                break
+            time.sleep(0.2)
+        else:
+            raise CliError(f"the failover did not finish; see `borealis events {args.cluster}`")
+    console.print(f"{args.cluster}: {writer} is the writer; `borealis events {args.cluster}` "
+                  "shows each step")
+
+
+def writer_of(cluster: dict[str, Any]) -> str | None:
+    return next((m["DBInstanceIdentifier"] for m in cluster["DBClusterMembers"]
+                 if m["IsClusterWriter"]), None)
 
 
 def cmd_instance_remove(args: argparse.Namespace) -> None:
-    request("DELETE", f"/v1/instances/{args.id}")
+    rds = rds_client()
+    with console.status(f"removing {args.id}..."):
+        call(rds.delete_db_instance, DBInstanceIdentifier=args.id)
+        wait(rds, "db_instance_deleted", DBInstanceIdentifier=args.id)
     console.print(f"instance {args.id} removed")
 
 
 def cmd_endpoint_create(args: argparse.Namespace) -> None:
-    ep = request("POST", f"/v1/clusters/{args.cluster}/endpoints",
-                 {"name": args.name, "type": args.type, "static": args.static,
-                  "excluded": args.excluded})
-    console.print(f"endpoint {ep['name']} ({args.type}) members {ep['members']}: "
-                  f"psql \"{ep['dsn']}\"", soft_wrap=True)
+    rds = rds_client()
+    params = endpoint_params(args)
+    params["DBClusterIdentifier"] = args.cluster
+    ep = call(rds.create_db_cluster_endpoint, **params)
+    show_endpoint(rds, ep)
 
 
 def cmd_endpoint_modify(args: argparse.Namespace) -> None:
-    ep = request("PATCH", f"/v1/endpoints/{args.name}",
-                 {"type": args.type, "static": args.static, "excluded": args.excluded})
-    console.print(f"endpoint {ep['name']} members {ep['members']}")
+    rds = rds_client()
+    ep = call(rds.modify_db_cluster_endpoint, **endpoint_params(args))
+    show_endpoint(rds, ep)
+
+
+def endpoint_params(args: argparse.Namespace) -> dict[str, Any]:
+    params: dict[str, Any] = {"DBClusterEndpointIdentifier": args.name}
+    if args.type:
+        params["EndpointType"] = args.type
+    if args.static is not None:
+        params["StaticMembers"] = args.static
+    if args.excluded is not None:
+        params["ExcludedMembers"] = args.excluded
+    return params
+
+
+def show_endpoint(rds: Any, ep: dict[str, Any]) -> None:
+    cluster = describe_cluster(rds, ep["DBClusterIdentifier"])
+    members = ep.get("StaticMembers") or [f"all but {', '.join(ep.get('ExcludedMembers', []))}"
+                                          if ep.get("ExcludedMembers") else "all"]
+    console.print(f"endpoint {ep['DBClusterEndpointIdentifier']} ({ep['CustomEndpointType']}) "
+                  f"members {members}: psql \"host={ep['Endpoint']} port={cluster['Port']} "
+                  f"user={cluster['MasterUsername']} dbname=postgres\"", soft_wrap=True)
 
 
 def cmd_endpoint_delete(args: argparse.Namespace) -> None:
-    request("DELETE", f"/v1/endpoints/{args.name}")
+    call(rds_client().delete_db_cluster_endpoint, DBClusterEndpointIdentifier=args.name)
     console.print(f"endpoint {args.name} deleted")
 
 
 def cmd_events(args: argparse.Namespace) -> None:
-    events = request("GET", f"/v1/clusters/{args.cluster}/events")["events"]
+    rds = rds_client()
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(days=args.days)
+    pages = rds.get_paginator("describe_events").paginate(
+        SourceType="db-cluster", SourceIdentifier=args.cluster, StartTime=start)
+    try:
+        events = [e for page in pages for e in page["Events"]]
+    except ClientError as exc:
+        raise CliError(exc.response["Error"]["Message"]) from None
     for e in events:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(e["time"]))
-        stamp += f".{int(e['time'] * 1000) % 1000:03d}Z"
-        console.print(f"{stamp}  {e['source']:<10} {e['message']}")
+        console.print(f"{format_time(e['Date'])}  {e['Message']}", soft_wrap=True,
+                      highlight=False, markup=False)
+
+
+def cmd_credentials(_: argparse.Namespace) -> None:
+    url, region = api_location()
+    key_id, secret = credentials()
+    # Plain print: these lines are for `eval`, not for a terminal's eyes.
+    print(f"export AWS_ACCESS_KEY_ID={key_id}")
+    print(f"export AWS_SECRET_ACCESS_KEY={secret}")
+    print(f"export AWS_DEFAULT_REGION={region}")
+    print(f"export AWS_ENDPOINT_URL={url}")
+
+
+def cmd_secret_create(args: argparse.Namespace) -> None:
+    secret = request("POST", "/v1/secrets", {"name": args.name, "cluster": args.cluster,
+                                             "user": args.user, "password": args.password})
+    console.print(f"secret {secret['name']} (user {secret['user']}): {secret['arn']}",
+                  soft_wrap=True)
+
+
+def cmd_secret_list(args: argparse.Namespace) -> None:
+    secrets = request("GET", "/v1/secrets")["secrets"]
+    if args.json:
+        print(json.dumps(secrets, indent=2))
+        return
+    t = Table("name", "cluster", "user", "arn")
+    for s in secrets:
+        t.add_row(s["name"], s["cluster"], s["user"], s["arn"])
+    console.print(t)
+
+
+def cmd_secret_delete(args: argparse.Namespace) -> None:
+    request("DELETE", "/v1/secrets/" + urllib.parse.quote(args.name, safe="/"))
+    console.print(f"secret {args.name} deleted")
+
+
+# -- the RDS API, through boto3 ---------------------------------------------------------------
+
+
+def api_location() -> tuple[str, str]:
+    info = control_info()
+    if info is None:
+        raise CliError("the control plane is not running; start it with `borealis up`")
+    return info["url"], info.get("region", "us-west-2")
+
+
+def rds_client() -> Any:
+    url, region = api_location()
+    key_id, secret = credentials()
+    return boto3.client("rds", endpoint_url=url, region_name=region,
+                        aws_access_key_id=key_id, aws_secret_access_key=secret)
+
+
+def call(method: Any, **params: Any) -> Any:
+    try:
+        return method(**params)
+    except ClientError as exc:
+        raise CliError(exc.response["Error"]["Message"]) from None
+
+
+def describe_cluster(rds: Any, name: str) -> dict[str, Any]:
+    result: dict[str, Any] = call(rds.describe_db_clusters,
+                                  DBClusterIdentifier=name)["DBClusters"][0]
+    return result
+
+
+def wait(rds: Any, waiter: str, **params: Any) -> None:
+    try:
+        rds.get_waiter(waiter).wait(WaiterConfig={"Delay": 1, "MaxAttempts": 900}, **params)
+    except WaiterError as exc:
+        error = exc.last_response.get("Error", {}).get("Message", str(exc))
+        raise CliError(f"{waiter.replace('_', ' ')}: {error}") from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -231,15 +379,34 @@ def parser() -> argparse.ArgumentParser:
     de.set_defaults(func=cmd_destroy)
     ev = sub.add_parser("events", help="what happened to a cluster, and when")
     ev.add_argument("cluster")
+    ev.add_argument("--days", type=float, default=14, help="how far back (default 14)")
     ev.set_defaults(func=cmd_events)
     fo = sub.add_parser("failover", help="promote a reader to writer now (fences the old one)")
     fo.add_argument("cluster")
     fo.add_argument("--target", default=None, help="the reader to promote (default: by "
                     "promotion tier, then replay position)")
     fo.set_defaults(func=cmd_failover)
+    sub.add_parser("credentials", help="shell exports for boto3 and the AWS CLI "
+                   "(eval \"$(borealis credentials)\")").set_defaults(func=cmd_credentials)
+    sec = sub.add_parser("secret", help="database credentials for the Data API")
+    ssub = sec.add_subparsers(dest="secret_command", required=True)
+    sc = ssub.add_parser("create", help="store a user and password under an ARN")
+    sc.add_argument("name")
+    sc.add_argument("--cluster", required=True)
+    sc.add_argument("--user", default=None, help="default: the master user (created when "
+                    "it does not exist)")
+    sc.add_argument("--password", default=None)
+    sc.set_defaults(func=cmd_secret_create)
+    sl = ssub.add_parser("list", help="secrets and their ARNs")
+    sl.add_argument("--json", action="store_true")
+    sl.set_defaults(func=cmd_secret_list)
+    sd = ssub.add_parser("delete", help="forget a secret (the database user stays)")
+    sd.add_argument("name")
+    sd.set_defaults(func=cmd_secret_delete)
     inst = sub.add_parser("instance", help="add or remove instances")
     isub = inst.add_subparsers(dest="instance_command", required=True)
-    add = isub.add_parser("add", help="add a reader to a cluster")
+    add = isub.add_parser("add", help="add an instance (a reader; the writer when the "
+                          "cluster has none)")
     add.add_argument("cluster")
     add.add_argument("--az", default=None)
     add.add_argument("--tier", type=int, default=1)

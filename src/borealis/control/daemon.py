@@ -26,6 +26,7 @@ import psycopg.sql
 from aiohttp import web
 
 from borealis.api import identity
+from borealis.api import secrets as api_secrets
 from borealis.api import server as api_server
 from borealis.control import failover, probe
 from borealis.control.cluster import ClusterError, ClusterRuntime
@@ -270,6 +271,9 @@ class ControlPlane:
                 lags[reader.id] = None if lsn is None else self.lag_ms(name, lsn)
 
     def _keep_endpoints(self, name: str) -> None:
+        cluster = self.state.cluster(name)
+        if cluster is None or cluster.desired != "up":  # deleted or stopped: no proxy
+            return
         eps = ClusterEndpoints(self.runtime(name))
         eps.ensure_rows()
         eps.write_config(self.reader_lag.get(name, {}))
@@ -742,6 +746,30 @@ def build_app(cp: ControlPlane, api: api_server.Api) -> web.Application:
             return _error(404, f"endpoint {request.match_info['endpoint']!r} not found")
         await cp.delete_endpoint(row.cluster, row.name)
         return web.json_response({"deleted": row.name})
+
+    @routes.post("/v1/secrets")
+    async def create_secret(request: web.Request) -> web.Response:
+        body = await request.json()
+        fields = {k: body.get(k) for k in ("name", "cluster", "user", "password")}
+        if not all(isinstance(v, str) for k, v in fields.items()
+                   if v is not None or k in ("name", "cluster")):
+            return _error(400, "name and cluster are required; all fields are strings")
+        return web.json_response(await api_secrets.create_secret(
+            cp, fields["name"], fields["cluster"], fields["user"], fields["password"]))
+
+    @routes.get("/v1/secrets")
+    async def list_secrets(_: web.Request) -> web.Response:
+        return web.json_response({"secrets": [
+            api_secrets.describe(s.name, s.cluster, s.arn, s.username)
+            for s in cp.state.secrets()]})
+
+    @routes.delete("/v1/secrets/{name:.+}")
+    async def delete_secret(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if cp.state.secret(name) is None:
+            return _error(404, f"secret {name!r} not found")
+        cp.state.delete_secret(name)
+        return web.json_response({"deleted": name})
 
     @routes.post("/v1/down")
     async def down(_: web.Request) -> web.Response:

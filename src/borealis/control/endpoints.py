@@ -134,13 +134,24 @@ class ClusterEndpoints:
         _write_private(self.config_path, text)
         return True
 
+    def proxy_status(self) -> dict[str, Any]:
+        """What the proxy last reported for each endpoint it listens for (every 0.5 s)."""
+        try:
+            endpoints: dict[str, Any] = json.loads(
+                (self.dir / "status.json").read_text())["endpoints"]
+        except (OSError, ValueError, KeyError):
+            return {}
+        return endpoints
+
+    def serving(self, row: EndpointRow) -> bool:
+        """The proxy listens at the endpoint's address (a new one does within a second)."""
+        return bool(self.proxy_alive() and
+                    self.proxy_status().get(row.name, {}).get("address") == [row.host, row.port])
+
     def describe(self, lag_ms: dict[str, int | None]) -> list[dict[str, Any]]:
         c = self.rt.cluster
         backends = self.backends(lag_ms)
-        try:
-            metrics = json.loads((self.dir / "status.json").read_text())["endpoints"]
-        except (OSError, ValueError, KeyError):
-            metrics = {}
+        metrics = self.proxy_status()
         out = []
         for row in self.state.endpoints(self.rt.name):
             spec = _spec(row)

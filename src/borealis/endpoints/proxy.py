@@ -320,7 +320,8 @@ class Proxy:
             "pid": os.getpid(),
             "endpoints": {
                 name: {**ep.counters.__dict__,
-                       "members": [b.id for b in members(ep.spec, self.backends)]}
+                       "members": [b.id for b in members(ep.spec, self.backends)],
+                       "address": [ep.spec.host, ep.spec.port]}
                 for name, ep in self.endpoints.items()
             },
             "updated": time.time(),
