@@ -78,10 +78,10 @@ def test_custom_endpoints(borealis: Borealis, ep: ClusterView) -> None:
     assert excl["members"] == [r2["id"]]
     bad = borealis.cli("endpoint", "create", "ep-bad", "--cluster", "ep", "--static", "nope",
                        check=False)
-    assert bad.returncode != 0 and "not instances" in bad.stderr
+    assert bad.returncode != 0 and "nope" in bad.stderr
     # A reader added later joins the exclusion-list endpoint without a modify.
     out = borealis.cli("instance", "add", "ep", "--az", "az-a").stdout
-    assert "reader" in out
+    assert "instance" in out and "az-a" in out
     new_id = next(r["id"] for r in ep.readers() if r["id"] not in (r1["id"], r2["id"]))
     wait_for("the new reader in ep-excl", lambda: sorted(endpoint(ep, "ep-excl")["members"])
              == sorted([r2["id"], new_id]), 20)

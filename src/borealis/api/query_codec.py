@@ -75,6 +75,8 @@ def _parse(shape: Shape, params: Mapping[str, str], prefix: str, used: set[str])
         return _parse_list(shape, params, prefix, used)
     if kind == "map":
         return _parse_map(shape, params, prefix, used)
+    if prefix not in params:  # only nested fields (Name.member.1) for a plain value
+        raise ApiError("InvalidParameterValue", f"{prefix} takes a single {kind} value")
     used.add(prefix)
     return _parse_scalar(shape, params[prefix], prefix)
 
