@@ -26,6 +26,7 @@ from botocore.exceptions import ClientError, WaiterError
 from rich.console import Console
 from rich.table import Table
 
+from borealis.api import identity
 from borealis.api.times import format_time
 from borealis.control.processes import alive
 from borealis.control.state import State
@@ -70,7 +71,7 @@ def request(method: str, path: str, body: dict[str, Any] | None = None,
     data = json.dumps(body).encode() if body is not None else b""
     signed = AWSRequest(method=method, url=info["url"] + path, data=data,
                         headers={"Content-Type": "application/json"})
-    SigV4Auth(Credentials(*credentials()), "borealis", info.get("region", "us-west-2")
+    SigV4Auth(Credentials(*credentials()), "borealis", info.get("region", identity.DEFAULT_REGION)
               ).add_auth(signed)
     req = urllib.request.Request(info["url"] + path, data=data or None, method=method,
                                  headers=dict(signed.headers.items()))
@@ -329,10 +330,17 @@ def cmd_secret_delete(args: argparse.Namespace) -> None:
 
 
 def api_location() -> tuple[str, str]:
+    """The API's URL and region: the running control plane's, else the address it keeps
+    for this home (so exported credentials stay valid across restarts)."""
     info = control_info()
-    if info is None:
-        raise CliError("the control plane is not running; start it with `borealis up`")
-    return info["url"], info.get("region", "us-west-2")
+    if info is not None:
+        return info["url"], info.get("region", identity.DEFAULT_REGION)
+    state = State(home())
+    port = os.environ.get("BOREALIS_API_PORT") or state.setting("api_port")
+    if port is None:
+        raise CliError("the control plane has not run yet; start it with `borealis up`")
+    host = os.environ.get("BOREALIS_API_HOST", "127.0.0.1")
+    return f"http://{host}:{port}", identity.region(state)
 
 
 def rds_client() -> Any:

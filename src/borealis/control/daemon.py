@@ -508,9 +508,13 @@ class ControlPlane:
             current = self.state.instance(instance_id)
             if current is None:
                 return
-            if current.role == "writer" and rt.readers():
-                failover.fail_over(rt, f"writer {instance_id} is being deleted",
-                                   switch_endpoints=lambda: self._keep_endpoints(rt.name))
+            if current.role == "writer":
+                if any(r.state != "deleting" for r in rt.readers()):
+                    failover.fail_over(rt, f"writer {instance_id} is being deleted",
+                                       switch_endpoints=lambda: self._keep_endpoints(rt.name))
+                else:  # every reader goes too: they go first, the writer last
+                    for reader in rt.readers():
+                        rt.remove_instance(reader.id)
             current = self.state.instance(instance_id)
             if current is not None and current.role == "writer":
                 rt.remove_last_writer(current)
