@@ -658,7 +658,7 @@ def build_app(cp: ControlPlane, api: api_server.Api) -> web.Application:
 
     @routes.post("/v1/clusters/{name}/up")
     async def up(request: web.Request) -> web.Response:
-        body = await request.json() if request.can_read_body else {}
+        body = await request.json() if request.body_exists else {}
         readers = body.get("readers")
         if readers is not None and (not isinstance(readers, int) or not 0 <= readers <= 15):
             return _error(400, "readers must be an integer between 0 and 15")
@@ -702,7 +702,7 @@ def build_app(cp: ControlPlane, api: api_server.Api) -> web.Application:
     async def failover_cluster(request: web.Request) -> web.Response:
         name = request.match_info["name"]
         need_cluster(name)
-        body = await request.json() if request.can_read_body else {}
+        body = await request.json() if request.body_exists else {}
         target = body.get("target")
         if target is not None and not isinstance(target, str):
             return _error(400, "target is an instance id")
