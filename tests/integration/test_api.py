@@ -37,8 +37,14 @@ def writer_of(cluster: dict[str, Any]) -> str:
 def test_cluster_lifecycle_with_boto3(cluster: ClusterView) -> None:
     borealis = cluster.b  # a running control plane (the shared cluster is not touched)
     rds = borealis.client("rds")
+    with pytest.raises(ClientError) as unsupported:
+        rds.create_db_cluster(DBClusterIdentifier="life", Engine=ENGINE, MasterUsername="owner",
+                              MasterUserPassword="pw-life-123", StorageEncrypted=True)
+    assert error_code(unsupported) == "NotImplemented"  # refused, not silently ignored
     created = rds.create_db_cluster(DBClusterIdentifier="Life", Engine=ENGINE,
-                                    MasterUsername="owner", MasterUserPassword="pw-life-123")
+                                    MasterUsername="owner", MasterUserPassword="pw-life-123",
+                                    DeletionProtection=True,
+                                    Tags=[{"Key": "team", "Value": "storage"}])
     assert created["DBCluster"]["Status"] == "creating"
     assert created["DBCluster"]["DBClusterIdentifier"] == "life"  # AWS lower-cases ids
     rds.get_waiter("db_cluster_available").wait(DBClusterIdentifier="life", WaiterConfig=WAIT)
@@ -58,6 +64,11 @@ def test_cluster_lifecycle_with_boto3(cluster: ClusterView) -> None:
     assert cluster["Engine"] == ENGINE and cluster["EngineVersion"].startswith("15.")
     assert cluster["DBClusterArn"].endswith(":cluster:life")
     assert writer_of(cluster) == "life-a"
+    assert cluster["TagList"] == [{"Key": "team", "Value": "storage"}]
+    rds.add_tags_to_resource(ResourceName=cluster["DBClusterArn"],
+                             Tags=[{"Key": "env", "Value": "test"}])
+    tags = rds.list_tags_for_resource(ResourceName=cluster["DBClusterArn"])["TagList"]
+    assert {t["Key"]: t["Value"] for t in tags} == {"team": "storage", "env": "test"}
     assert {m["DBInstanceIdentifier"]: m["PromotionTier"]
             for m in cluster["DBClusterMembers"]} == {"life-a": 1, "life-b": 0}
     port = cluster["Port"]
@@ -111,6 +122,12 @@ def test_cluster_lifecycle_with_boto3(cluster: ClusterView) -> None:
         SourceType="db-cluster", SourceIdentifier="life", Duration=60)["Events"]]
     assert any("promoted life-b" in m for m in messages)
 
+    # A reboot of a reader: rebooting, then available again.
+    rebooting = rds.reboot_db_instance(DBInstanceIdentifier="life-a")["DBInstance"]
+    assert rebooting["DBInstanceStatus"] == "rebooting"
+    rds.get_waiter("db_instance_available").wait(DBInstanceIdentifier="life-a",
+                                                 WaiterConfig=WAIT)
+
     # Delete everything: a cluster with instances cannot go first.
     with pytest.raises(ClientError) as busy:
         rds.delete_db_cluster(DBClusterIdentifier="life", SkipFinalSnapshot=True)
@@ -120,6 +137,11 @@ def test_cluster_lifecycle_with_boto3(cluster: ClusterView) -> None:
     for instance_id in ("life-a", "life-b"):
         rds.get_waiter("db_instance_deleted").wait(DBInstanceIdentifier=instance_id,
                                                    WaiterConfig=WAIT)
+    with pytest.raises(ClientError) as protected:
+        rds.delete_db_cluster(DBClusterIdentifier="life", SkipFinalSnapshot=True)
+    assert error_code(protected) == "InvalidParameterCombination"
+    rds.modify_db_cluster(DBClusterIdentifier="life", DeletionProtection=False,
+                          ApplyImmediately=True)
     deleted = rds.delete_db_cluster(DBClusterIdentifier="life", SkipFinalSnapshot=True)
     assert deleted["DBCluster"]["Status"] == "deleting"
     rds.get_waiter("db_cluster_deleted").wait(DBClusterIdentifier="life", WaiterConfig=WAIT)

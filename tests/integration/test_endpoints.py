@@ -81,7 +81,7 @@ def test_custom_endpoints(borealis: Borealis, ep: ClusterView) -> None:
     assert bad.returncode != 0 and "nope" in bad.stderr
     # A reader added later joins the exclusion-list endpoint without a modify.
     out = borealis.cli("instance", "add", "ep", "--az", "az-a").stdout
-    assert "instance" in out and "az-a" in out
+    assert "reader" in out and "az-a" in out
     new_id = next(r["id"] for r in ep.readers() if r["id"] not in (r1["id"], r2["id"]))
     wait_for("the new reader in ep-excl", lambda: sorted(endpoint(ep, "ep-excl")["members"])
              == sorted([r2["id"], new_id]), 20)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 import re
 import secrets
 from collections.abc import Awaitable, Callable
@@ -110,7 +111,7 @@ class RdsOperations:
             "StorageEncrypted": False,
             "IAMDatabaseAuthenticationEnabled": False,
             "HttpEndpointEnabled": True,
-            "DeletionProtection": False,
+            "DeletionProtection": self._protected(cluster.name),
             "CopyTagsToSnapshot": False,
             "CrossAccountClone": False,
             "DBClusterParameterGroup": "default.aurora-postgresql15",
@@ -120,7 +121,8 @@ class RdsOperations:
                 "DBClusterParameterGroupStatus": "in-sync", "PromotionTier": i.tier,
             } for i in instances],
             "CustomEndpoints": [r.host for r in rows if r.type == "CUSTOM"],
-            "AssociatedRoles": [], "VpcSecurityGroups": [], "TagList": [],
+            "AssociatedRoles": [], "VpcSecurityGroups": [],
+            "TagList": self.tags(identity.rds_arn(self.state, "cluster", cluster.name)),
         }
         if "WRITER" in by_type:
             out["Endpoint"] = by_type["WRITER"].host
@@ -166,7 +168,8 @@ class RdsOperations:
             "PendingModifiedValues": {},
             "DBParameterGroups": [{"DBParameterGroupName": "default.aurora-postgresql15",
                                    "ParameterApplyStatus": "in-sync"}],
-            "VpcSecurityGroups": [], "DBSecurityGroups": [], "TagList": [],
+            "VpcSecurityGroups": [], "DBSecurityGroups": [],
+            "TagList": self.tags(identity.rds_arn(self.state, "db", inst.id)),
         }
         if endpoint is not None:
             out["Endpoint"] = {"Address": endpoint.host, "Port": endpoint.port}
@@ -190,6 +193,58 @@ class RdsOperations:
                 StaticMembers=row.static, ExcludedMembers=row.excluded)
         return out
 
+    def _protected(self, cluster: str) -> bool:
+        return self.state.setting(f"deletion_protection:{cluster}") == "true"
+
+    # -- tags --------------------------------------------------------------------------------
+
+    def tags(self, arn: str) -> list[dict[str, str]]:
+        stored: list[dict[str, str]] = json.loads(self.state.setting(f"tags:{arn}", "[]")
+                                                  or "[]")
+        return stored
+
+    def _set_tags(self, arn: str, tags: list[dict[str, str]]) -> None:
+        if len(tags) > 50:
+            raise ApiError("TagQuotaPerResourceExceeded", "a resource has at most 50 tags")
+        self.state.set_setting(f"tags:{arn}", json.dumps(tags))
+
+    def _add_tags(self, arn: str, new: list[dict[str, Any]]) -> None:
+        merged = {t["Key"]: t.get("Value", "") for t in self.tags(arn)}
+        for tag in new:
+            if "Key" not in tag or not 1 <= len(tag["Key"]) <= 128 or tag["Key"].startswith(
+                    ("aws:", "rds:")):
+                raise ApiError("InvalidParameterValue", "tag keys are 1-128 characters and do "
+                               "not start with aws: or rds:")
+            merged[tag["Key"]] = tag.get("Value", "")
+        self._set_tags(arn, [{"Key": k, "Value": v} for k, v in merged.items()])
+
+    def _resource(self, arn: str) -> str:
+        """A cluster's or instance's ARN, checked to name one that exists."""
+        for kind, exists, fault in (
+                ("cluster", self.state.cluster, "DBClusterNotFoundFault"),
+                ("db", self.state.instance, "DBInstanceNotFoundFault")):
+            prefix = identity.rds_arn(self.state, kind, "")
+            if arn.startswith(prefix):
+                if exists(arn[len(prefix):]) is None:
+                    raise not_found(fault, f"{arn} not found.")
+                return arn
+        raise ApiError("InvalidParameterValue", f"{arn} is not the ARN of a cluster or "
+                       "instance of this account and region")
+
+    async def op_AddTagsToResource(self, p: dict[str, Any]) -> dict[str, Any]:
+        self._add_tags(self._resource(p["ResourceName"]), p["Tags"])
+        return {}
+
+    async def op_RemoveTagsFromResource(self, p: dict[str, Any]) -> dict[str, Any]:
+        arn = self._resource(p["ResourceName"])
+        self._set_tags(arn, [t for t in self.tags(arn) if t["Key"] not in set(p["TagKeys"])])
+        return {}
+
+    async def op_ListTagsForResource(self, p: dict[str, Any]) -> dict[str, Any]:
+        if p.get("Filters"):
+            raise not_built("filters on ListTagsForResource")
+        return {"TagList": self.tags(self._resource(p["ResourceName"]))}
+
     # -- clusters --------------------------------------------------------------------------
 
     async def op_CreateDBCluster(self, p: dict[str, Any]) -> dict[str, Any]:
@@ -212,12 +267,15 @@ class RdsOperations:
                                "must be provided (or set ManageMasterUserPassword).")
             password = secrets.token_urlsafe(24)
         check_password(password)
-        if p.get("FinalDBSnapshotIdentifier") or p.get("SnapshotIdentifier"):
-            raise not_built("creating a cluster from a snapshot")
+        refuse_unsupported(p, CREATE_CLUSTER_UNSUPPORTED)
         try:
             self.cp.create_cluster(name, user, password)
         except ClusterError as exc:
             raise ApiError("InvalidParameterValue", str(exc)) from None
+        if p.get("DeletionProtection"):
+            self.state.set_setting(f"deletion_protection:{name}", "true")
+        if p.get("Tags"):
+            self._add_tags(identity.rds_arn(self.state, "cluster", name), p["Tags"])
         return {"DBCluster": self.describe_cluster(self._cluster(name))}
 
     async def op_DescribeDBClusters(self, p: dict[str, Any]) -> dict[str, Any]:
@@ -235,10 +293,14 @@ class RdsOperations:
 
     async def op_ModifyDBCluster(self, p: dict[str, Any]) -> dict[str, Any]:
         cluster = self._cluster(p["DBClusterIdentifier"])
-        supported = {"DBClusterIdentifier", "ApplyImmediately", "MasterUserPassword"}
+        supported = {"DBClusterIdentifier", "ApplyImmediately", "MasterUserPassword",
+                     "DeletionProtection"}
         unsupported = sorted(set(p) - supported)
         if unsupported:
             raise not_built(f"changing {', '.join(unsupported)}")
+        if "DeletionProtection" in p:
+            self.state.set_setting(f"deletion_protection:{cluster.name}",
+                                   "true" if p["DeletionProtection"] else "false")
         if "MasterUserPassword" in p:
             check_password(p["MasterUserPassword"])
             await self.cp.set_master_password(cluster.name, p["MasterUserPassword"])
@@ -257,8 +319,14 @@ class RdsOperations:
         if any(i.state != "deleting" for i in self.state.instances(cluster.name)):
             raise ApiError("InvalidDBClusterStateFault", "Cluster cannot be deleted, it "
                            "still contains DB instances in non-deleting state.")
+        if self._protected(cluster.name):
+            raise ApiError("InvalidParameterCombination", "Cannot delete protected Cluster, "
+                           "please disable deletion protection and try again.")
         described = self.describe_cluster(cluster)
         self.cp.delete_cluster(cluster.name)
+        for key in (f"deletion_protection:{cluster.name}", f"resource_id:cluster:{cluster.name}",
+                    f"tags:{described['DBClusterArn']}"):
+            self.state.delete_setting(key)  # a new cluster of the same name starts afresh
         described["Status"] = "deleting"
         return {"DBCluster": described}
 
@@ -298,6 +366,7 @@ class RdsOperations:
         if len(self.state.instances(cluster.name)) >= 16:
             raise ApiError("InstanceQuotaExceededFault", "a cluster has at most one writer "
                            "and 15 readers")
+        refuse_unsupported(p, CREATE_INSTANCE_UNSUPPORTED)
         tier = p.get("PromotionTier", 1)
         try:
             inst = self.cp.create_instance(cluster.name, instance_id,
@@ -305,6 +374,8 @@ class RdsOperations:
         except ClusterError as exc:
             raise ApiError("InvalidParameterValue", str(exc)) from None
         self.state.set_setting(f"instance_class:{inst.id}", p["DBInstanceClass"])
+        if p.get("Tags"):
+            self._add_tags(identity.rds_arn(self.state, "db", inst.id), p["Tags"])
         return {"DBInstance": self.describe_instance(self._instance(inst.id))}
 
     async def op_DescribeDBInstances(self, p: dict[str, Any]) -> dict[str, Any]:
@@ -332,6 +403,9 @@ class RdsOperations:
                            "being deleted.")
         described = self.describe_instance(inst)
         self.cp.delete_instance(inst.id)
+        for key in (f"instance_class:{inst.id}", f"resource_id:db:{inst.id}",
+                    f"tags:{described['DBInstanceArn']}"):
+            self.state.delete_setting(key)
         described["DBInstanceStatus"] = "deleting"
         return {"DBInstance": described}
 
@@ -454,6 +528,37 @@ class RdsOperations:
 
 
 # -- parameter rules ------------------------------------------------------------------------
+
+
+# Parameters that would change what a cluster is; refused rather than ignored, so no one
+# believes they have (say) encryption they do not have. Checked when set and true-ish.
+CREATE_CLUSTER_UNSUPPORTED = {
+    "SnapshotIdentifier": "creating a cluster from a snapshot",
+    "StorageEncrypted": "storage encryption",
+    "KmsKeyId": "storage encryption",
+    "EnableIAMDatabaseAuthentication": "IAM database authentication",
+    "BacktrackWindow": "backtrack",
+    "GlobalClusterIdentifier": "Global Database",
+    "ReplicationSourceIdentifier": "cross-region replicas",
+    "ServerlessV2ScalingConfiguration": "Serverless v2",
+    "ScalingConfiguration": "Serverless v1",
+    "Port": "choosing the port (Borealis picks a free one)",
+}
+CREATE_INSTANCE_UNSUPPORTED = {
+    "StorageEncrypted": "storage encryption",
+    "KmsKeyId": "storage encryption",
+    "Port": "choosing the port (Borealis picks a free one)",
+    "EnablePerformanceInsights": "Performance Insights",
+}
+
+
+def refuse_unsupported(p: dict[str, Any], unsupported: dict[str, str]) -> None:
+    for name, what in unsupported.items():
+        if p.get(name):
+            raise not_built(f"{what} ({name})")
+    mode = p.get("EngineMode")
+    if mode not in (None, "provisioned"):
+        raise not_built(f"EngineMode {mode}")
 
 
 def master_secret_name(cluster: str) -> str:

@@ -139,6 +139,8 @@ class Api:
         except ClusterError as exc:
             return error_response(ApiError("InvalidParameterValue", str(exc)), request_id)
         except web.HTTPException as exc:
+            if service == CONTROL_SERVICE:
+                raise  # the /v1 verbs' own answers (a JSON 404 naming what is missing)
             return error_response(ApiError("InvalidAction" if exc.status == 404 else
                                            "InvalidRequest", exc.reason, exc.status),
                                   request_id)

@@ -193,7 +193,9 @@ def cmd_instance_add(args: argparse.Namespace) -> None:
         wait(rds, "db_instance_available", DBInstanceIdentifier=instance_id)
     inst = call(rds.describe_db_instances, DBInstanceIdentifier=instance_id)["DBInstances"][0]
     ep = inst["Endpoint"]
-    console.print(f"instance {instance_id} in {inst['AvailabilityZone']}: psql "
+    role = "writer" if writer_of(describe_cluster(rds, args.cluster)) == instance_id \
+        else "reader"
+    console.print(f"{role} {instance_id} in {inst['AvailabilityZone']}: psql "
                   f"\"host={ep['Address']} port={ep['Port']} user={inst['MasterUsername']} "
                   "dbname=postgres\"", soft_wrap=True)
 

@@ -417,6 +417,9 @@ class State:
         self.db.execute("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT(key) "
                         "DO UPDATE SET value = excluded.value", (key, value))
 
+    def delete_setting(self, key: str) -> None:
+        self.db.execute("DELETE FROM settings WHERE key = ?", (key,))
+
     def setting_once(self, key: str, make: Callable[[], str]) -> str:
         """A setting chosen once (the first time it is asked for) and then kept."""
         with self.transaction() as db:
