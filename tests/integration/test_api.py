@@ -84,6 +84,14 @@ def test_cluster_lifecycle_with_boto3(cluster: ClusterView) -> None:
     ports = {i["DBInstanceIdentifier"]: i["Endpoint"] for i in instances}
     assert {i["DBInstanceStatus"] for i in instances} == {"available"}
 
+    # The Data API on this cluster, before and after the failover (kept connections to
+    # the old writer must not be handed out again).
+    data = borealis.client("rds-data")
+    target = {"resourceArn": cluster["DBClusterArn"],
+              "secretArn": cluster["MasterUserSecret"]["SecretArn"]}
+    count = "SELECT count(*) FROM t"
+    assert data.execute_statement(sql=count, **target)["records"] == [[{"longValue": 1}]]
+
     # Fail over to the chosen reader.
     failing = rds.failover_db_cluster(DBClusterIdentifier="life",
                                       TargetDBInstanceIdentifier="life-b")["DBCluster"]
@@ -96,6 +104,7 @@ def test_cluster_lifecycle_with_boto3(cluster: ClusterView) -> None:
     with psycopg.connect(host=cluster["Endpoint"], autocommit=True, **conninfo) as conn:
         conn.execute("INSERT INTO t VALUES (2)")
         assert conn.execute("SELECT count(*) FROM t").fetchone() == (2,)
+    assert data.execute_statement(sql=count, **target)["records"] == [[{"longValue": 2}]]
 
     # A custom endpoint over the old writer (now a reader).
     ep = rds.create_db_cluster_endpoint(DBClusterIdentifier="life",
@@ -209,6 +218,11 @@ def test_data_api_statements_and_transactions(cluster: ClusterView) -> None:
     with pytest.raises(ClientError) as done:
         data.commit_transaction(transactionId=tx, **target)
     assert error_code(done) == "TransactionNotFoundException"
+
+    # Calls share kept connections, never their session state.
+    data.execute_statement(sql="SET statement_timeout = '123s'", **target)
+    shown = data.execute_statement(sql="SHOW statement_timeout", **target)
+    assert shown["records"] != [[{"stringValue": "123s"}]]
 
     batch = data.batch_execute_statement(
         sql="INSERT INTO api_items (id) VALUES (:id)",

@@ -27,6 +27,7 @@ from psycopg.rows import tuple_row
 from borealis.api import data_codec as codec
 from borealis.api import identity
 from borealis.api.data_codec import bad_request
+from borealis.api.data_pool import IdleConnections
 from borealis.api.errors import ApiError
 from borealis.control.state import Secret
 
@@ -57,6 +58,8 @@ class DataApi:
         self.cp = cp
         self.state = cp.state
         self.transactions: dict[str, Transaction] = {}
+        self.pool = IdleConnections()
+        self.keys: dict[int, str] = {}  # id(connection) -> its pool key, while lent out
 
     # -- resolving who and where ---------------------------------------------------------
 
@@ -87,19 +90,33 @@ class DataApi:
                                                          psycopg.AsyncConnection[Any]]:
         cluster = self._cluster(p["resourceArn"])
         secret = self._secret(p["secretArn"], cluster)
+        dsn = self._dsn(cluster, secret, p.get("database"))
+        conn = self.pool.take(dsn)
+        if conn is None:
+            conn = await self._open(dsn)
+        self.keys[id(conn)] = dsn
+        if p.get("schema"):
+            await conn.execute(psycopg.sql.SQL("SET search_path TO {}").format(
+                psycopg.sql.Identifier(p["schema"])))
+        return cluster, secret, conn
+
+    async def _open(self, dsn: str) -> psycopg.AsyncConnection[Any]:
         try:
-            conn = await psycopg.AsyncConnection.connect(
-                self._dsn(cluster, secret, p.get("database")), autocommit=True)
+            return await psycopg.AsyncConnection.connect(dsn, autocommit=True)
         except psycopg.OperationalError as exc:
             message = str(exc).strip().splitlines()[-1] if str(exc).strip() else str(exc)
             if "password authentication failed" in str(exc) or "does not exist" in str(exc):
                 raise bad_request(f"FATAL: {message}") from None
             raise ApiError("DatabaseUnavailableException",
                            f"the database is not reachable: {message}", 504) from None
-        if p.get("schema"):
-            await conn.execute(psycopg.sql.SQL("SET search_path TO {}").format(
-                psycopg.sql.Identifier(p["schema"])))
-        return cluster, secret, conn
+
+    async def _release(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """A call is over: its connection goes back to the pool (or is closed)."""
+        key = self.keys.pop(id(conn), None)
+        if key is None:
+            await conn.close()
+        else:
+            await self.pool.give(key, conn)
 
     def _transaction(self, p: dict[str, Any]) -> Transaction:
         tx = self.transactions.get(p["transactionId"])
@@ -119,6 +136,7 @@ class DataApi:
         try:
             await conn.execute("BEGIN")
         except psycopg.Error as exc:
+            self.keys.pop(id(conn), None)
             await conn.close()
             raise database_error(exc) from None
         tx_id = secrets.token_urlsafe(48)
@@ -132,9 +150,10 @@ class DataApi:
             try:
                 await tx.conn.execute("COMMIT" if commit else "ROLLBACK")
             except psycopg.Error as exc:
-                raise database_error(exc) from None
-            finally:
+                self.keys.pop(id(tx.conn), None)
                 await tx.conn.close()
+                raise database_error(exc) from None
+            await self._release(tx.conn)
         return {"transactionStatus": "Transaction Committed" if commit
                 else "Rollback Complete"}
 
@@ -189,6 +208,7 @@ class DataApi:
             return await asyncio.wait_for(asyncio.shield(task), CALL_TIMEOUT_S)
         except TimeoutError:
             if p.get("continueAfterTimeout") and not keep:
+                self.keys.pop(id(conn), None)
                 task.add_done_callback(lambda _: asyncio.ensure_future(conn.close()))
             else:
                 with contextlib.suppress(Exception):
@@ -211,7 +231,9 @@ class DataApi:
             raise
         finally:
             if not keep and task.done() and not conn.closed:
-                await conn.close()
+                await self._release(conn)
+            elif conn.closed:
+                self.keys.pop(id(conn), None)
 
     async def _run(self, conn: psycopg.AsyncConnection[Any], query: str,
                    values: dict[str, Any], p: dict[str, Any]) -> dict[str, Any]:
@@ -258,7 +280,9 @@ class DataApi:
     # -- idle transactions -----------------------------------------------------------------
 
     async def reap_idle(self) -> None:
-        """Roll back transactions idle for IDLE_TRANSACTION_S (or open for a day)."""
+        """Roll back transactions idle for IDLE_TRANSACTION_S (or open for a day); close
+        pooled connections unused for a minute."""
+        await self.pool.prune()
         now = time.monotonic()
         for tx in list(self.transactions.values()):
             if tx.lock.locked():
@@ -268,6 +292,7 @@ class DataApi:
                 self.transactions.pop(tx.id, None)
                 with contextlib.suppress(Exception):
                     await tx.conn.execute("ROLLBACK")
+                self.keys.pop(id(tx.conn), None)
                 await tx.conn.close()
                 self.state.event(tx.cluster, "data-api", "a transaction idle for "
                                  f"{IDLE_TRANSACTION_S:g} s was rolled back")
@@ -276,6 +301,7 @@ class DataApi:
         for tx in list(self.transactions.values()):
             await tx.conn.close()
         self.transactions.clear()
+        await self.pool.close()
 
 
 def _type_name(conn: psycopg.AsyncConnection[Any], oid: int) -> str:
