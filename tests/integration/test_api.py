@@ -219,7 +219,12 @@ def test_data_api_statements_and_transactions(cluster: ClusterView) -> None:
         data.commit_transaction(transactionId=tx, **target)
     assert error_code(done) == "TransactionNotFoundException"
 
-    # Calls share kept connections, never their session state.
+    # Calls share kept connections, never their session state; the same statement many
+    # times over (psycopg would prepare it after five) keeps working.
+    for i in range(8):
+        same = data.execute_statement(sql="SELECT :i::int", parameters=[
+            {"name": "i", "value": {"longValue": i}}], **target)
+        assert same["records"] == [[{"longValue": i}]]
     data.execute_statement(sql="SET statement_timeout = '123s'", **target)
     shown = data.execute_statement(sql="SHOW statement_timeout", **target)
     assert shown["records"] != [[{"stringValue": "123s"}]]

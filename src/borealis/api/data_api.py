@@ -102,7 +102,9 @@ class DataApi:
 
     async def _open(self, dsn: str) -> psycopg.AsyncConnection[Any]:
         try:
-            return await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+            # No automatic prepared statements: DISCARD ALL between calls drops them.
+            return await psycopg.AsyncConnection.connect(dsn, autocommit=True,
+                                                         prepare_threshold=None)
         except psycopg.OperationalError as exc:
             message = str(exc).strip().splitlines()[-1] if str(exc).strip() else str(exc)
             if "password authentication failed" in str(exc) or "does not exist" in str(exc):
