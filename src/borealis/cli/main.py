@@ -328,6 +328,58 @@ def cmd_secret_delete(args: argparse.Namespace) -> None:
     console.print(f"secret {args.name} deleted")
 
 
+def cmd_backup_status(args: argparse.Namespace) -> None:
+    query = "?verify=no" if args.no_verify else ""
+    with console.status("reading (and verifying) the backups..."):
+        st = request("GET", f"/v1/clusters/{args.cluster}/backup{query}")
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return
+    console.print(f"{args.cluster}: backups in {st['location']}/{st['prefix']}", highlight=False)
+    console.print(f"  restorable from {st['earliest_restorable_time']} to "
+                  f"{st['latest_restorable_time']}", highlight=False)
+    console.print(f"  {len(st['base_images'])} base images, {st['wal_segments_archived']} WAL "
+                  f"segments archived (up to {st['archived_up_to']}), "
+                  f"{st['bytes_stored'] / 2**20:.1f} MiB stored", highlight=False)
+    if st["gaps"]:
+        console.print(f"  [red]WAL segments missing:[/] {', '.join(st['gaps'])}")
+    for key in st.get("damaged", []):
+        console.print(f"  [red]damaged or missing:[/] {key}", highlight=False)
+    if st.get("verified"):
+        console.print("  every object matches its checksum")
+
+
+def cmd_restore(args: argparse.Namespace) -> None:
+    body = {"new_cluster": args.new_cluster, "to_time": args.to_time, "latest": args.latest,
+            "readers": args.readers}
+    request("POST", f"/v1/clusters/{args.cluster}/restore", body)
+    deadline = time.monotonic() + 3600
+    seen = 0
+    with console.status(f"restoring {args.cluster} as {args.new_cluster}...") as spinner:
+        while time.monotonic() < deadline:
+            st = request("GET", f"/v1/clusters/{args.new_cluster}")
+            events = request("GET", f"/v1/clusters/{args.new_cluster}/events")["events"]
+            for e in events[seen:]:
+                spinner.update(f"restoring {args.cluster} as {args.new_cluster}: "
+                               f"{e['message']}")
+                if "failed" in e["message"]:
+                    raise CliError(e["message"])
+            seen = len(events)
+            if st["status"] == "available" and any(
+                    i["role"] == "writer" and i["state"] == "available"
+                    for i in st["instances"]) and any(
+                    "restored from" in e["message"] for e in events):
+                break
+            if st["status"] == "failed":
+                raise CliError(f"the restore failed; see `borealis events {args.new_cluster}`")
+            time.sleep(0.5)
+        else:
+            raise CliError("the restore did not finish within an hour")
+    writer = next(e for e in st["endpoints"] if e["type"] == "WRITER")
+    console.print(f"cluster {args.new_cluster} restored: psql \"{writer['dsn']}\"",
+                  soft_wrap=True, highlight=False)
+
+
 # -- the RDS API, through boto3 ---------------------------------------------------------------
 
 
@@ -413,6 +465,23 @@ def parser() -> argparse.ArgumentParser:
     sd = ssub.add_parser("delete", help="forget a secret (the database user stays)")
     sd.add_argument("name")
     sd.set_defaults(func=cmd_secret_delete)
+    bk = sub.add_parser("backup", help="continuous backup")
+    bsub = bk.add_subparsers(dest="backup_command", required=True)
+    bs = bsub.add_parser("status", help="restorable window, base images, WAL archived, "
+                         "verification")
+    bs.add_argument("cluster")
+    bs.add_argument("--json", action="store_true")
+    bs.add_argument("--no-verify", action="store_true", help="skip checking every object")
+    bs.set_defaults(func=cmd_backup_status)
+    rs = sub.add_parser("restore", help="a new cluster from a cluster's backups")
+    rs.add_argument("cluster")
+    when = rs.add_mutually_exclusive_group(required=True)
+    when.add_argument("--to-time", help="ISO 8601, e.g. 2026-11-23T04:55:00.250Z (UTC "
+                      "without a zone)")
+    when.add_argument("--latest", action="store_true", help="the latest restorable time")
+    rs.add_argument("--new-cluster", required=True)
+    rs.add_argument("--readers", type=int, default=0)
+    rs.set_defaults(func=cmd_restore)
     inst = sub.add_parser("instance", help="add or remove instances")
     isub = inst.add_subparsers(dest="instance_command", required=True)
     add = isub.add_parser("add", help="add an instance (a reader; the writer when the "

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import psycopg
 
+from borealis.backup import catalog
+from borealis.backup.store import open_store
 from borealis.compute import postgres as pg
 from borealis.control import processes
 from borealis.control.state import Cluster, Instance, State, StorageNodeRow
@@ -110,15 +112,20 @@ class ClusterRuntime:
         c = self.cluster
         final = self.base_image_dir()
         tmp = final.with_name("data.new")
+        began = time.time()
         pg.base_copy(self.bindir, source.port, c.master_user, c.master_password, tmp,
                      self.run_as)
+        # Continuous backup: the same image goes to the object store, where restores
+        # to a point in time start from.
+        folder = catalog.upload_base_image(open_store(self.object_store_location),
+                                           self.backup_prefix, tmp, began)
         old = final.with_name("data.old")
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
             os.rename(final, old)
         os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
-        self.event("backup", f"base image taken from {source.id}")
+        self.event("backup", f"base image taken from {source.id} and stored at {folder}")
 
     def restore_base_image(self, inst: Instance) -> None:
         """A fresh data directory for ``inst`` from the base image; never its old one."""
@@ -134,6 +141,18 @@ class ClusterRuntime:
         self.run_as.own(datadir)
 
     # -- storage nodes -------------------------------------------------------------------
+
+    @property
+    def object_store_location(self) -> str:
+        """``BOREALIS_OBJECT_STORE`` (``file:///path`` or ``s3://bucket/prefix``), else the
+        ``objects`` folder of the Borealis home."""
+        return os.environ.get("BOREALIS_OBJECT_STORE") or (self.state.home / "objects").as_uri()
+
+    @property
+    def backup_prefix(self) -> str:
+        """Where this cluster's backups live in the object store. The creation time keeps
+        apart a cluster from an earlier one of the same name (whose backups may remain)."""
+        return f"clusters/{self.name}/{int(self.cluster.created)}"
 
     def node_config_path(self, node: StorageNodeRow) -> Path:
         return self.node_dir(node.id) / "node.json"
@@ -163,6 +182,9 @@ class ClusterRuntime:
             "replication_password": c.replication_password, "peers": peers,
             "scrub_interval_s": self.settings.scrub_interval_s,
             "scrub_bytes_per_s": self.settings.scrub_bytes_per_s,
+            "archive_location": self.object_store_location,
+            "archive_prefix": self.backup_prefix,
+            "archive_rank": [n.id for n in self.state.storage_nodes(self.name)].index(node.id),
         }
         path = self.node_config_path(node)
         _write_private(path, json.dumps(config, indent=1))

@@ -28,10 +28,14 @@ from aiohttp import web
 from borealis.api import identity
 from borealis.api import secrets as api_secrets
 from borealis.api import server as api_server
-from borealis.control import failover, probe
+from borealis.api.times import parse_time
+from borealis.backup import catalog
+from borealis.backup.store import open_store
+from borealis.control import failover, probe, restore
 from borealis.control.cluster import ClusterError, ClusterRuntime
 from borealis.control.endpoints import ClusterEndpoints
 from borealis.control.failover_rules import FailoverRefused, VolumeStall
+from borealis.control.restore import check_restorable
 from borealis.control.state import AZS, State
 from borealis.storage.peers import PeerAddress, PeerConnection, PeerError, peer_states
 from borealis.wal.lsn import format_lsn, parse_lsn
@@ -72,6 +76,7 @@ class ControlPlane:
         # Consecutive failed writer checks per cluster.
         self.writer_misses: dict[str, int] = collections.defaultdict(int)
         self.background: set[asyncio.Task[None]] = set()
+        self.images_stored: set[str] = set()
         self.cluster_created_hooks: list[Callable[[str], None]] = []
         self.api_url = ""
 
@@ -197,11 +202,22 @@ class ControlPlane:
         """Keep the base image recent, so rebuilding a writer replays little WAL; taken
         from a reader when there is one (the writer has enough to do)."""
         age = rt.base_image_age_s()
-        if age is not None and age < BASE_IMAGE_INTERVAL_S:
+        if age is not None and age < BASE_IMAGE_INTERVAL_S and self._image_stored(rt):
             return
         readers = rt.available_readers()
         if writer.state == "available":
             rt.take_base_image(readers[0] if readers else writer)
+
+    def _image_stored(self, rt: ClusterRuntime) -> bool:
+        """Whether the object store holds a base image of the cluster (checked once per
+        control plane run: a cluster from before continuous backup has none there)."""
+        if rt.name not in self.images_stored:
+            backups = catalog.read_state(open_store(rt.object_store_location),
+                                         rt.backup_prefix)
+            if not backups.base_images:
+                return False
+            self.images_stored.add(rt.name)
+        return True
 
     def _writer_lost(self, rt: ClusterRuntime, writer: Any, why: str) -> None:
         """Fail over to a reader, or with none rebuild the writer from the base image;
@@ -625,6 +641,43 @@ class ControlPlane:
             await asyncio.to_thread(ClusterEndpoints(self.runtime(cluster)).delete, endpoint)
             await asyncio.to_thread(self._keep_endpoints, cluster)
 
+    def backup_status(self, name: str, verify: bool) -> dict[str, Any]:
+        rt = self.runtime(name)
+        store = open_store(rt.object_store_location)
+        backups = catalog.read_state(store, rt.backup_prefix)
+        out = catalog.describe(backups, rt.object_store_location, rt.backup_prefix)
+        if verify:
+            out["damaged"] = catalog.verify(store, backups)
+            out["verified"] = not out["damaged"] and not out["gaps"]
+        return out
+
+    def check_restore(self, source: str, new: str, target: float | None) -> None:
+        """Raises ClusterError when the restore cannot be done (blocking: reads the store)."""
+        if self.state.cluster(new) is not None:
+            raise ClusterError(f"cluster {new!r} already exists")
+        src = self.runtime(source)
+        backups = catalog.read_state(open_store(src.object_store_location), src.backup_prefix)
+        check_restorable(backups, target)
+
+    def start_restore(self, source: str, new: str, target: float | None,
+                      readers: int) -> None:
+        """After ``check_restore``: the new cluster exists at once (``creating``) and is
+        restored in the background."""
+        if self.state.cluster(new) is not None:
+            raise ClusterError(f"cluster {new!r} already exists")
+        c = self.runtime(source).cluster
+        self.state.create_cluster(new, c.master_user, c.master_password)
+        self.state.event(new, "cluster", f"created by a restore of {source}")
+        self.on_cluster_created(new)
+
+        def work() -> None:
+            try:
+                restore.restore(self.state, source, new, target, readers)
+            except Exception:
+                self.state.set_cluster(new, status="failed")
+                raise
+        self.spawn(new, f"restoring {source}", work)
+
     def on_cluster_created(self, name: str) -> None:
         """Hook for what else a new cluster needs (the API adds its master secret)."""
         for hook in self.cluster_created_hooks:
@@ -774,6 +827,38 @@ def build_app(cp: ControlPlane, api: api_server.Api) -> web.Application:
             return _error(404, f"secret {name!r} not found")
         cp.state.delete_secret(name)
         return web.json_response({"deleted": name})
+
+    @routes.get("/v1/clusters/{name}/backup")
+    async def backup_status(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        need_cluster(name)
+        quick = request.query.get("verify") == "no"
+        return web.json_response(await asyncio.to_thread(cp.backup_status, name, not quick))
+
+    @routes.post("/v1/clusters/{name}/restore")
+    async def restore_cluster(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        need_cluster(name)
+        body = await request.json()
+        new = body.get("new_cluster")
+        if not isinstance(new, str) or not _valid_name(new):
+            return _error(400, "new_cluster: 1-63 letters, digits or hyphens, starting "
+                               "with a letter")
+        target = None
+        if body.get("to_time") is not None:
+            try:
+                target = parse_time(str(body["to_time"])).timestamp()
+            except ValueError:
+                return _error(400, f"not an ISO 8601 time: {body['to_time']!r} (for example "
+                                   "2026-11-23T04:55:00.250Z)")
+        elif not body.get("latest"):
+            return _error(400, "give to_time or latest")
+        readers = body.get("readers", 0)
+        if not isinstance(readers, int) or not 0 <= readers <= 15:
+            return _error(400, "readers must be an integer between 0 and 15")
+        await asyncio.to_thread(cp.check_restore, name, new, target)
+        cp.start_restore(name, new, target, readers)
+        return web.json_response({"cluster": new, "status": "creating"})
 
     @routes.post("/v1/down")
     async def down(_: web.Request) -> web.Response:

@@ -55,6 +55,9 @@ class NodeConfig:
     scrub_interval_s: float = 30.0
     scrub_bytes_per_s: int = 2 * 1024 * 1024  # a pass never takes more than its share of CPU
     gossip_interval_s: float = 1.0
+    archive_location: str | None = None  # the object store for continuous backup
+    archive_prefix: str = ""  # clusters/<name>
+    archive_rank: int = 0  # 0-5: who archives first (see archive.py)
 
     @classmethod
     def load(cls, path: Path) -> NodeConfig:
@@ -87,6 +90,7 @@ class StorageNode:
         self._repair_lock = asyncio.Lock()
         self._repair_wanted = asyncio.Event()
         self._last_append = 0.0
+        self.vdl_heard_at = 0.0  # wall time the current epoch's VDL was last heard
 
     # -- state ---------------------------------------------------------------------
 
@@ -150,8 +154,12 @@ class StorageNode:
         self._sessions.discard(session)
 
     def _note_vdl(self, epoch: int, vdl: int) -> None:
-        if epoch == self.epoch and vdl > self.store.manifest.vdl:
-            self.store.manifest.vdl = vdl
+        if epoch == self.epoch:
+            # The volume client says VDL every 10 ms while it moves and every second
+            # anyway: commits acknowledged before (about) this moment are at or below it.
+            self.vdl_heard_at = time.time()
+            if vdl > self.store.manifest.vdl:
+                self.store.manifest.vdl = vdl
 
     # -- the volume client's requests ---------------------------------------------
 
@@ -657,6 +665,10 @@ async def run_node(config: NodeConfig) -> None:
         loop.create_task(node.spare_loop()),
         loop.create_task(_write_status(node, status_path)),
     ]
+    if config.archive_location:
+        from borealis.storage.archive import Archiver
+        tasks.append(loop.create_task(Archiver(node, config.archive_location,
+                                               config.archive_prefix, config.archive_rank).run()))
     log.info("%s: serving on %d (volume) and %d (readers)", config.node_id, config.port,
              config.pg_port)
     await stop.wait()

@@ -1,0 +1,201 @@
+"""What a cluster's backups hold, read from the object store (pure over listings, plus
+the calls that read and write them).
+
+Layout under ``clusters/<name>/<created>/``:
+- ``base/<start LSN as 16 hex digits>/base.tar`` and ``manifest.json`` (start LSN,
+  timeline, the time the copy began and ended);
+- ``wal/`` as the storage nodes archive it (see ``storage/archive.py``).
+
+A time T is restorable when a base image ended at or before T and every WAL segment from
+that image's start to the segment holding the archive's newest position is present.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from borealis.backup.store import ObjectInfo, ObjectStore, StoreError
+from borealis.wal.lsn import SEGMENT_SIZE, format_lsn, parse_lsn, parse_segment_name
+
+
+@dataclass(frozen=True)
+class BaseImage:
+    key: str  # the folder: .../base/<lsn>
+    start_lsn: int
+    timeline: int
+    began: float
+    ended: float
+    size: int
+
+
+@dataclass
+class BackupState:
+    base_images: list[BaseImage]
+    segments: dict[int, list[str]]  # segno -> archived names (all timelines)
+    partial: dict[str, Any] | None  # latest.json
+    objects: list[ObjectInfo]
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_stored(self) -> int:
+        return sum(max(o.size, 0) for o in self.objects)
+
+    @property
+    def earliest(self) -> float | None:
+        return min((b.ended for b in self.base_images), default=None)
+
+    @property
+    def latest(self) -> float | None:
+        """Every commit acknowledged before this time is archived."""
+        if not self.base_images or self.partial is None or self.gaps():
+            return None
+        return float(self.partial["time"])
+
+    def gaps(self) -> list[int]:
+        """Segments missing between the oldest base image and the newest archived one."""
+        if not self.base_images:
+            return []
+        first = min(b.start_lsn for b in self.base_images) // SEGMENT_SIZE
+        last = max(self.segments, default=first)
+        if self.partial is not None:
+            last = max(last, parse_lsn(self.partial["end_lsn"]) // SEGMENT_SIZE)
+        return [s for s in range(first, last + 1) if s not in self.segments]
+
+    def image_for(self, when: float) -> BaseImage | None:
+        usable = [b for b in self.base_images if b.ended <= when]
+        return max(usable, key=lambda b: b.ended) if usable else None
+
+
+def read_state(store: ObjectStore, prefix: str) -> BackupState:
+    objects = store.list(prefix + "/")
+    images = []
+    segments: dict[int, list[str]] = {}
+    partial = None
+    missing = [o.key for o in objects if o.size < 0]
+    for o in objects:
+        rel = o.key[len(prefix) + 1:]
+        if rel.startswith("base/") and rel.endswith("/manifest.json") and o.size >= 0:
+            m = json.loads(store.get_bytes(o.key))
+            tar = store.head(o.key.replace("manifest.json", "base.tar"))
+            if tar is None:
+                missing.append(o.key.replace("manifest.json", "base.tar"))
+                continue
+            images.append(BaseImage(o.key.rsplit("/", 1)[0], parse_lsn(m["start_lsn"]),
+                                    int(m["timeline"]), float(m["began"]), float(m["ended"]),
+                                    tar.size))
+        elif rel == "wal/latest.json" and o.size >= 0:
+            partial = json.loads(store.get_bytes(o.key))
+        elif rel.startswith("wal/") and o.size >= 0:
+            name = rel[4:].removesuffix(".partial")
+            if len(name) == 24:
+                _, segno = parse_segment_name(name)
+                segments.setdefault(segno, []).append(rel[4:])
+    images.sort(key=lambda b: b.ended)
+    return BackupState(images, segments, partial, objects, missing)
+
+
+def verify(store: ObjectStore, state: BackupState) -> list[str]:
+    """Objects whose bytes no longer match their checksum, or that are gone."""
+    damaged = list(state.missing)
+    for o in state.objects:
+        if o.size >= 0 and store.actual_sha256(o.key) != o.sha256:
+            damaged.append(o.key)
+    return damaged
+
+
+# -- base images ---------------------------------------------------------------------------
+
+
+def backup_label(datadir: Path) -> tuple[int, int]:
+    """(start LSN, timeline) from a base copy's ``backup_label``."""
+    start = timeline = None
+    for line in (datadir / "backup_label").read_text().splitlines():
+        if line.startswith("START WAL LOCATION:"):
+            start = parse_lsn(line.split(":", 1)[1].split()[0])
+        if line.startswith("START TIMELINE:"):
+            timeline = int(line.split(":", 1)[1])
+    if start is None or timeline is None:
+        raise StoreError(f"{datadir}/backup_label has no start location")
+    return start, timeline
+
+
+def upload_base_image(store: ObjectStore, prefix: str, datadir: Path, began: float) -> str:
+    start, timeline = backup_label(datadir)
+    folder = f"{prefix}/base/{start:016X}"
+    tmp = datadir.with_name(datadir.name + ".tar")
+    try:
+        with tarfile.open(tmp, "w") as tar:
+            tar.add(datadir, arcname=".")
+        store.put_file(f"{folder}/base.tar", tmp)
+    finally:
+        tmp.unlink(missing_ok=True)
+    # The manifest last: an image is listed only once its tar is whole.
+    store.put_bytes(f"{folder}/manifest.json", json.dumps({
+        "start_lsn": format_lsn(start), "timeline": timeline, "began": began,
+        "ended": time.time()}).encode())
+    return folder
+
+
+def download_base_image(store: ObjectStore, image: BaseImage, datadir: Path) -> None:
+    tmp = datadir.with_name(datadir.name + ".tar")
+    store.get_file(f"{image.key}/base.tar", tmp)
+    try:
+        datadir.mkdir(parents=True, exist_ok=True)
+        os.chmod(datadir, 0o700)
+        with tarfile.open(tmp) as tar:
+            tar.extractall(datadir, filter="tar")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def stage_wal(store: ObjectStore, prefix: str, state: BackupState, image: BaseImage,
+              directory: Path) -> int:
+    """Every archived WAL file the restore may ask for, verified, under its
+    PostgreSQL name (a partial as the whole segment it begins); returns bytes staged."""
+    directory.mkdir(parents=True, exist_ok=True)
+    staged = 0
+    first = image.start_lsn // SEGMENT_SIZE
+    names = [o.key.rsplit("/", 1)[1] for o in state.objects if "/wal/" in o.key]
+    for name in names:
+        target = name.removesuffix(".partial")
+        if name.endswith(".history"):
+            pass
+        elif len(target) != 24 or parse_segment_name(target)[1] < first:
+            continue
+        if name.endswith(".partial") and target in names:
+            continue  # the whole segment is there
+        store.get_file(f"{prefix}/wal/{name}", directory / target)
+        staged += (directory / target).stat().st_size
+    return staged
+
+
+def format_time(when: float | None) -> str | None:
+    if when is None:
+        return None
+    from borealis.api.times import format_time as fmt
+    return fmt(dt.datetime.fromtimestamp(when, dt.UTC))
+
+
+def describe(state: BackupState, location: str, prefix: str) -> dict[str, Any]:
+    return {
+        "location": location, "prefix": prefix,
+        "earliest_restorable_time": format_time(state.earliest),
+        "latest_restorable_time": format_time(state.latest),
+        "base_images": [{"start_lsn": format_lsn(b.start_lsn), "timeline": b.timeline,
+                         "time": format_time(b.ended), "bytes": b.size}
+                        for b in state.base_images],
+        "wal_segments_archived": sum(1 for names in state.segments.values()
+                                     if any(not n.endswith(".partial") for n in names)),
+        "archived_up_to": state.partial["end_lsn"] if state.partial else None,
+        "bytes_stored": state.bytes_stored,
+        "gaps": [f"{s:X}" for s in state.gaps()],
+    }
+
+

@@ -1,0 +1,139 @@
+"""Continuous backup from a storage node: WAL below VDL goes to the object store.
+
+Every node runs this loop, ranked by ``archive_rank`` (0-5): rank r handles a completed
+segment only after it has been complete for r * ``archive_stagger_s`` seconds and finds
+it not yet archived, so normally one node uploads and the rest check (a duplicate upload
+is harmless: it is atomic and carries the same bytes). The segment holding VDL is
+uploaded as ``<name>.partial`` (zero-padded past VDL) every ``PARTIAL_INTERVAL_S`` by
+rank 0, and by the next rank when rank 0 has not done so for a while.
+
+Layout under ``<prefix>/wal/``: ``<PostgreSQL segment name>``, ``<name>.partial``,
+``<TLI>.history`` and ``latest.json`` (the newest partial: its segment, the LSN it
+reaches and the time its upload began; every commit acknowledged before that time is
+in the archive, which makes that time the latest restorable one).
+
+Invariant: nothing past VDL is ever archived (it may not be durable and may be cut).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from borealis.backup.store import ObjectStore, open_store
+from borealis.wal.lsn import SEGMENT_SIZE, format_lsn, history_name, segment_name
+
+if TYPE_CHECKING:
+    from borealis.storage.node import StorageNode
+
+log = logging.getLogger("borealis.archive")
+
+PARTIAL_INTERVAL_S = 2.0
+CHECK_INTERVAL_S = 0.5
+# How long after the volume client sends VDL a node may learn it (it sends within 10 ms
+# of a change); the latest restorable time is kept this far behind what was heard.
+VDL_NEWS_MARGIN_S = 0.25
+VDL_NEWS_MAX_AGE_S = 2.0
+
+
+@dataclass
+class Archiver:
+    node: StorageNode
+    location: str
+    prefix: str
+    rank: int
+    stagger_s: float = 2.0
+    store: ObjectStore = field(init=False)
+    archived: set[str] = field(default_factory=set)
+    complete_since: dict[str, float] = field(default_factory=dict)
+    last_partial: float = 0.0
+    last_partial_end: int = 0
+
+    def __post_init__(self) -> None:
+        self.store = open_store(self.location)
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/wal/{name}"
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.pass_once, time.monotonic(), time.time())
+            except Exception as exc:  # the store unreachable, a full disk: try again
+                log.warning("%s: archiving: %s", self.node.config.node_id, exc)
+                await asyncio.sleep(5)
+            await asyncio.sleep(CHECK_INTERVAL_S)
+
+    def pass_once(self, now: float, wall: float) -> None:
+        store = self.node.store
+        if self.node.recovering or not store.manifest.sealed:
+            return
+        heard = self.node.vdl_heard_at
+        vdl = min(self.node.vdl, store.flush_lsn)
+        for timeline, content in sorted(store.manifest.histories.items()):
+            self._put_once(history_name(int(timeline)), content.encode())
+        for segno in store.segment_numbers():
+            if (segno + 1) * SEGMENT_SIZE > vdl or segno * SEGMENT_SIZE < store.manifest.start_lsn:
+                continue  # not all durable yet, or not all held here
+            tli = store.timeline_for(segno)
+            if tli is None:
+                continue
+            name = segment_name(tli, segno)
+            if name in self.archived:
+                continue
+            since = self.complete_since.setdefault(name, now)
+            if now - since < self.rank * self.stagger_s:
+                continue
+            if self.store.head(self.key(name)) is None:
+                self.store.put_file(self.key(name), store.segment_path(segno))
+                log.info("%s: archived %s", self.node.config.node_id, name)
+            self.store.delete(self.key(name + ".partial"))  # the whole segment replaces it
+            self.archived.add(name)
+        if wall - heard <= VDL_NEWS_MAX_AGE_S:  # else this node may not know the VDL
+            self._partial(vdl, now, heard - VDL_NEWS_MARGIN_S)
+
+    def _put_once(self, name: str, data: bytes) -> None:
+        if name in self.archived:
+            return
+        if self.store.head(self.key(name)) is None:
+            self.store.put_bytes(self.key(name), data)
+        self.archived.add(name)
+
+    def _partial(self, vdl: int, now: float, covered_until: float) -> None:
+        """Upload the segment holding VDL (when it moved), then say in latest.json that
+        every commit acknowledged before ``covered_until`` is archived."""
+        if vdl == 0 or now - self.last_partial < PARTIAL_INTERVAL_S:
+            return
+        self.last_partial = now
+        if self.rank > 0 and not self._partial_stale(covered_until):
+            return
+        store = self.node.store
+        segno = vdl // SEGMENT_SIZE
+        tli = store.timeline_for(segno)
+        start = segno * SEGMENT_SIZE
+        if vdl != self.last_partial_end and vdl % SEGMENT_SIZE:
+            if tli is None or start < store.manifest.start_lsn:
+                return
+            data = store.read(start, vdl, tli) + bytes(SEGMENT_SIZE - (vdl - start))
+            self.store.put_bytes(self.key(segment_name(tli, segno) + ".partial"), data)
+        elif vdl % SEGMENT_SIZE == 0 and self.store.head(
+                self.key(segment_name(store.timeline_for(segno - 1) or 1, segno - 1))) is None:
+            return  # VDL at a segment boundary: the segment before must be archived first
+        name = segment_name(tli or store.manifest.timeline, segno)
+        self.store.put_bytes(self.key("latest.json"), json.dumps({
+            "segment": name, "end_lsn": format_lsn(vdl), "time": covered_until,
+            "node": self.node.config.node_id}).encode())
+        self.last_partial_end = vdl
+
+    def _partial_stale(self, covered_until: float) -> bool:
+        """Whether the lower ranks have let the newest partial fall behind."""
+        try:
+            latest = json.loads(self.store.get_bytes(self.key("latest.json")))
+        except Exception:
+            return True
+        return bool(covered_until - float(latest["time"])
+                    > PARTIAL_INTERVAL_S * (2 + 3 * self.rank))
