@@ -53,9 +53,9 @@ def wait_for(what: str, check: Callable[[], T | None], timeout_s: float = 30.0,
 
 
 class Borealis:
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, extra_env: dict[str, str] | None = None) -> None:
         self.home = home
-        self.env = {**os.environ, **TEST_ENV, "BOREALIS_HOME": str(home)}
+        self.env = {**os.environ, **TEST_ENV, "BOREALIS_HOME": str(home), **(extra_env or {})}
         self.seen_pids: dict[int, str] = {}
 
     def cli(self, *args: str, timeout_s: float = 600, check: bool = True

@@ -105,7 +105,10 @@ def verify(store: ObjectStore, state: BackupState) -> list[str]:
     """Objects whose bytes no longer match their checksum, or that are gone."""
     damaged = list(state.missing)
     for o in state.objects:
-        if o.size >= 0 and store.actual_sha256(o.key) != o.sha256:
+        if o.size < 0:
+            continue
+        recorded = o.sha256 or (lambda h: h.sha256 if h else None)(store.head(o.key))
+        if store.actual_sha256(o.key) != recorded:
             damaged.append(o.key)
     return damaged
 

@@ -20,7 +20,6 @@ import os
 import shutil
 import tempfile
 import urllib.parse
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -195,15 +194,23 @@ class S3Store:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def put_file(self, key: str, path: Path) -> ObjectInfo:
-        return self.put_bytes(key, path.read_bytes())
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+        with open(path, "rb") as body:  # streamed: a base image need not fit in memory
+            return self._put(key, body, digest, path.stat().st_size)
 
     def put_bytes(self, key: str, data: bytes) -> ObjectInfo:
-        digest = hashlib.sha256(data)
-        self.s3.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+        return self._put(key, data, hashlib.sha256(data), len(data))
+
+    def _put(self, key: str, body: Any, digest: Any, size: int) -> ObjectInfo:
+        # One PUT (atomic) with S3 checking the SHA-256 on arrival; then read back.
+        self.s3.put_object(Bucket=self.bucket, Key=self._key(key), Body=body,
                            ChecksumSHA256=base64.b64encode(digest.digest()).decode(),
                            Metadata={"sha256": digest.hexdigest()})
         info = self.head(key)
-        if info is None or info.sha256 != digest.hexdigest() or info.size != len(data):
+        if info is None or info.sha256 != digest.hexdigest() or info.size != size:
             raise StoreError(f"upload of {key} did not verify")
         return info
 
@@ -233,29 +240,29 @@ class S3Store:
             "sha256", ""), obj["LastModified"].timestamp())
 
     def list(self, prefix: str) -> list[ObjectInfo]:
+        """Keys and sizes from the listing; the checksum (``sha256`` empty here) costs a
+        HEAD each, so ``head`` gives it when it is needed."""
         out = []
-        pages = self.s3.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=self._key(prefix) if prefix else self.prefix)
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                 Prefix=full)
         for page in pages:
             for obj in page.get("Contents", []):
                 key = obj["Key"][len(self.prefix) + 1:] if self.prefix else obj["Key"]
-                info = self.head(key)
-                if info is not None:
-                    out.append(info)
+                out.append(ObjectInfo(key, int(obj["Size"]), "",
+                                      obj["LastModified"].timestamp()))
         return out
 
     def delete(self, key: str) -> None:
         self.s3.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def actual_sha256(self, key: str) -> str | None:
+        from botocore.exceptions import ClientError
         try:
-            return hashlib.sha256(self.get_object_bytes(key)).hexdigest()
-        except Exception:
+            body = self.s3.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except ClientError:
             return None
-
-    def get_object_bytes(self, key: str) -> bytes:
-        data: bytes = self.s3.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
-        return data
+        return hashlib.sha256(body).hexdigest()
 
 
 def open_store(location: str) -> ObjectStore:
@@ -268,11 +275,6 @@ def open_store(location: str) -> ObjectStore:
     if parsed.scheme in ("", "file"):
         return LocalStore(Path(parsed.path if parsed.scheme else location))
     raise StoreError(f"unknown object store {location!r}: use file:///path or s3://bucket")
-
-
-def iter_chunks(data: bytes, size: int = CHUNK) -> Iterator[bytes]:
-    for i in range(0, len(data), size):
-        yield data[i:i + size]
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -1,0 +1,186 @@
+"""Continuous backup and point-in-time restore with real clusters, against the local
+folder store and against an S3-compatible server the test starts."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.harness import Borealis, ClusterView, wait_for
+
+
+def iso(when: float) -> str:
+    return dt.datetime.fromtimestamp(when, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def writer_dsn(view: ClusterView) -> str:
+    return str(next(e["dsn"] for e in view.status()["endpoints"] if e["type"] == "WRITER"))
+
+
+def backup_status(b: Borealis, cluster: str, verify: bool = True) -> dict[str, object]:
+    args = ["backup", "status", cluster, "--json"] + ([] if verify else ["--no-verify"])
+    result: dict[str, object] = json.loads(b.cli(*args).stdout)
+    return result
+
+
+@pytest.fixture(scope="module")
+def source(borealis: Borealis) -> Iterator[ClusterView]:
+    borealis.cli("up", "--cluster", "src", "--readers", "0")
+    view = ClusterView(borealis, "src")
+    view.wait_all_serving()
+    try:
+        yield view
+    finally:
+        borealis.cli("destroy", "src", check=False, timeout_s=300)
+
+
+def test_point_in_time_restore_holds_exactly_what_was_committed(
+        borealis: Borealis, source: ClusterView) -> None:
+    commits: list[float] = []
+    with psycopg.connect(writer_dsn(source), autocommit=True) as conn:
+        conn.execute("CREATE TABLE ticks (i int PRIMARY KEY)")
+        for i in range(60):  # one commit a second for a minute
+            conn.execute("INSERT INTO ticks VALUES (%s)", (i,))
+            commits.append(time.time())  # after the commit returned
+            time.sleep(max(0.0, commits[0] + i + 1 - time.time()))
+    target = (commits[36] + commits[37]) / 2
+    wait_for("the target to be restorable", lambda: (lambda s: s["latest_restorable_time"]
+             and s["latest_restorable_time"] >= iso(commits[-1]))(
+        backup_status(borealis, "src", verify=False)), 30)
+    borealis.cli("restore", "src", "--to-time", iso(target), "--new-cluster", "src-pitr")
+    try:
+        restored = ClusterView(borealis, "src-pitr")
+        with psycopg.connect(writer_dsn(restored), autocommit=True) as conn:
+            rows = [r[0] for r in conn.execute("SELECT i FROM ticks ORDER BY i")]
+            assert rows == list(range(37))
+            conn.execute("INSERT INTO ticks VALUES (1000)")  # the restored cluster writes
+        events = borealis.cli("events", "src-pitr").stdout
+        assert "recovery complete" in events
+    finally:
+        borealis.cli("destroy", "src-pitr", timeout_s=300)
+    with psycopg.connect(writer_dsn(source)) as conn:  # the source is untouched
+        assert conn.execute("SELECT count(*) FROM ticks").fetchone() == (60,)
+
+
+def test_restore_to_the_latest_time_loses_at_most_seconds(
+        borealis: Borealis, source: ClusterView) -> None:
+    with psycopg.connect(writer_dsn(source), autocommit=True) as conn:
+        conn.execute("CREATE TABLE recent (i int)")
+        for i in range(20):
+            conn.execute("INSERT INTO recent VALUES (%s)", (i,))
+            time.sleep(0.1)
+        acked = time.time()
+    wait_for("the last commit to be restorable", lambda: (lambda s: s[
+        "latest_restorable_time"] and s["latest_restorable_time"] >= iso(acked))(
+        backup_status(borealis, "src", verify=False)), 15)  # within seconds of now
+    borealis.cli("restore", "src", "--latest", "--new-cluster", "src-latest")
+    try:
+        with psycopg.connect(writer_dsn(ClusterView(borealis, "src-latest"))) as conn:
+            assert conn.execute("SELECT count(*) FROM recent").fetchone() == (20,)
+    finally:
+        borealis.cli("destroy", "src-latest", timeout_s=300)
+
+
+def test_refused_restores_change_nothing(borealis: Borealis, source: ClusterView) -> None:
+    before = {c["name"] for c in borealis.status()["clusters"]}
+    too_early = borealis.cli("restore", "src", "--to-time", "2001-01-01T00:00:00Z",
+                             "--new-cluster", "nope", check=False)
+    assert too_early.returncode != 0 and "outside the restorable window" in too_early.stderr
+    bad = borealis.cli("restore", "src", "--to-time", "yesterday", "--new-cluster", "nope",
+                       check=False)
+    assert bad.returncode != 0 and "ISO 8601" in bad.stderr
+    assert {c["name"] for c in borealis.status()["clusters"]} == before
+
+
+def test_backup_status_finds_damaged_and_missing_objects(
+        borealis: Borealis, source: ClusterView) -> None:
+    status = backup_status(borealis, "src")
+    assert status["verified"] is True and status["base_images"]
+    assert status["bytes_stored"] > 0 and status["wal_segments_archived"] > 0
+    root = Path(str(status["location"]).removeprefix("file://")) / "objects"
+    wal = sorted((root / str(status["prefix"]) / "wal").glob("0*[0-9A-F]"))
+    assert len(wal) >= 2
+    damaged, deleted = wal[0], wal[1]
+    saved = damaged.read_bytes()
+    try:
+        with open(damaged, "r+b") as f:
+            f.seek(100)
+            f.write(bytes([saved[100] ^ 0xFF]))
+        moved = deleted.with_name(deleted.name + ".away")
+        deleted.rename(moved)
+        status = backup_status(borealis, "src")
+        assert status["verified"] is False
+        assert any(k.endswith(damaged.name) for k in status["damaged"])  # type: ignore[attr-defined]
+        assert any(k.endswith(deleted.name) for k in status["damaged"])  # type: ignore[attr-defined]
+    finally:
+        damaged.write_bytes(saved)
+        moved.rename(deleted)
+    assert backup_status(borealis, "src")["verified"] is True
+
+
+# -- S3 -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def s3_server() -> Iterator[str]:
+    """A local S3-compatible server (moto), stopped by PID."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H",
+                             "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for("the S3 server", lambda: socket.create_connection(("127.0.0.1", port), 1), 30)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+
+
+def test_backups_to_s3(s3_server: str) -> None:
+    import boto3
+    creds = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+             "AWS_DEFAULT_REGION": "us-west-2"}
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-west-2",
+                      aws_access_key_id="test", aws_secret_access_key="test")
+    s3.create_bucket(Bucket="borealis-backups",
+                     CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
+    home = Path(tempfile.mkdtemp(prefix="borealis-s3-", dir="/tmp"))
+    b = Borealis(home, {"BOREALIS_OBJECT_STORE": "s3://borealis-backups/team-a",
+                        "BOREALIS_S3_ENDPOINT_URL": s3_server, **creds})
+    try:
+        b.cli("up", "--cluster", "s3c", "--readers", "0")
+        view = ClusterView(b, "s3c")
+        with psycopg.connect(writer_dsn(view), autocommit=True) as conn:
+            conn.execute("CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g")
+            acked = time.time()
+        wait_for("the commit to be restorable", lambda: (lambda s: s[
+            "latest_restorable_time"] and s["latest_restorable_time"] >= iso(acked))(
+            backup_status(b, "s3c", verify=False)), 30)
+        status = backup_status(b, "s3c")
+        assert status["verified"] is True
+        assert str(status["location"]).startswith("s3://borealis-backups")
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="borealis-backups")["Contents"]]
+        assert any("/base/" in k for k in keys) and any("/wal/" in k for k in keys)
+        b.cli("restore", "s3c", "--latest", "--new-cluster", "s3c-copy")
+        with psycopg.connect(writer_dsn(ClusterView(b, "s3c-copy"))) as conn:
+            assert conn.execute("SELECT count(*) FROM t").fetchone() == (1000,)
+    finally:
+        leftovers = b.close()
+        shutil.rmtree(home, ignore_errors=True)
+        assert not leftovers, leftovers
