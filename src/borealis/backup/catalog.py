@@ -65,7 +65,8 @@ class BackupState:
         first = min(b.start_lsn for b in self.base_images) // SEGMENT_SIZE
         last = max(self.segments, default=first)
         if self.partial is not None:
-            last = max(last, parse_lsn(self.partial["end_lsn"]) // SEGMENT_SIZE)
+            # The segment holding the last byte (an end at a boundary needs no more).
+            last = max(last, (parse_lsn(self.partial["end_lsn"]) - 1) // SEGMENT_SIZE)
         return [s for s in range(first, last + 1) if s not in self.segments]
 
     def image_for(self, when: float) -> BaseImage | None:

@@ -353,31 +353,71 @@ def cmd_restore(args: argparse.Namespace) -> None:
     body = {"new_cluster": args.new_cluster, "to_time": args.to_time, "latest": args.latest,
             "readers": args.readers}
     request("POST", f"/v1/clusters/{args.cluster}/restore", body)
+    wait_restored(args.cluster, args.new_cluster)
+
+
+def wait_restored(source: str, new: str) -> None:
+    """Follow a restore's events until the new cluster is available."""
     deadline = time.monotonic() + 3600
     seen = 0
-    with console.status(f"restoring {args.cluster} as {args.new_cluster}...") as spinner:
+    with console.status(f"restoring {source} as {new}...") as spinner:
         while time.monotonic() < deadline:
-            st = request("GET", f"/v1/clusters/{args.new_cluster}")
-            events = request("GET", f"/v1/clusters/{args.new_cluster}/events")["events"]
+            st = request("GET", f"/v1/clusters/{new}")
+            events = request("GET", f"/v1/clusters/{new}/events")["events"]
             for e in events[seen:]:
-                spinner.update(f"restoring {args.cluster} as {args.new_cluster}: "
-                               f"{e['message']}")
+                spinner.update(f"restoring {source} as {new}: {e['message']}")
                 if "failed" in e["message"]:
                     raise CliError(e["message"])
             seen = len(events)
-            if st["status"] == "available" and any(
-                    i["role"] == "writer" and i["state"] == "available"
-                    for i in st["instances"]) and any(
-                    "restored from" in e["message"] for e in events):
-                break
             if st["status"] == "failed":
-                raise CliError(f"the restore failed; see `borealis events {args.new_cluster}`")
+                raise CliError(f"the restore failed; see `borealis events {new}`")
+            if st["status"] == "available" and any("restored from" in e["message"]
+                                                   for e in events):
+                break
             time.sleep(0.5)
         else:
             raise CliError("the restore did not finish within an hour")
     writer = next(e for e in st["endpoints"] if e["type"] == "WRITER")
-    console.print(f"cluster {args.new_cluster} restored: psql \"{writer['dsn']}\"",
-                  soft_wrap=True, highlight=False)
+    console.print(f"cluster {new} restored: psql \"{writer['dsn']}\"", soft_wrap=True,
+                  highlight=False)
+
+
+def cmd_snapshot_create(args: argparse.Namespace) -> None:
+    request("POST", "/v1/snapshots", {"name": args.name, "cluster": args.cluster})
+    deadline = time.monotonic() + 3600
+    with console.status(f"taking snapshot {args.name} of {args.cluster}..."):
+        while time.monotonic() < deadline:
+            snap = next(s for s in request("GET", "/v1/snapshots")["snapshots"]
+                        if s["name"] == args.name)
+            if snap["status"] != "creating":
+                break
+            time.sleep(0.5)
+    if snap["status"] != "available":
+        raise CliError(f"snapshot {args.name} failed; see `borealis events {args.cluster}`")
+    console.print(f"snapshot {args.name} of {args.cluster} at {snap['time']} "
+                  f"({snap['bytes'] / 2**20:.1f} MiB)", highlight=False)
+
+
+def cmd_snapshot_list(args: argparse.Namespace) -> None:
+    snaps = request("GET", "/v1/snapshots")["snapshots"]
+    if args.json:
+        print(json.dumps(snaps, indent=2))
+        return
+    t = Table("snapshot", "cluster", "status", "time", "MiB")
+    for s in snaps:
+        t.add_row(s["name"], s["cluster"], s["status"], s["time"], f"{s['bytes'] / 2**20:.1f}")
+    console.print(t)
+
+
+def cmd_snapshot_delete(args: argparse.Namespace) -> None:
+    request("DELETE", f"/v1/snapshots/{args.name}")
+    console.print(f"snapshot {args.name} deleted")
+
+
+def cmd_snapshot_restore(args: argparse.Namespace) -> None:
+    request("POST", f"/v1/snapshots/{args.name}/restore",
+            {"new_cluster": args.new_cluster, "readers": args.readers})
+    wait_restored(f"snapshot {args.name}", args.new_cluster)
 
 
 # -- the RDS API, through boto3 ---------------------------------------------------------------
@@ -482,6 +522,23 @@ def parser() -> argparse.ArgumentParser:
     rs.add_argument("--new-cluster", required=True)
     rs.add_argument("--readers", type=int, default=0)
     rs.set_defaults(func=cmd_restore)
+    sn = sub.add_parser("snapshot", help="named restore points, kept until deleted")
+    snsub = sn.add_subparsers(dest="snapshot_command", required=True)
+    snc = snsub.add_parser("create", help="take a snapshot of a cluster now")
+    snc.add_argument("cluster")
+    snc.add_argument("name")
+    snc.set_defaults(func=cmd_snapshot_create)
+    snl = snsub.add_parser("list", help="snapshots")
+    snl.add_argument("--json", action="store_true")
+    snl.set_defaults(func=cmd_snapshot_list)
+    snd = snsub.add_parser("delete", help="delete a snapshot")
+    snd.add_argument("name")
+    snd.set_defaults(func=cmd_snapshot_delete)
+    snr = snsub.add_parser("restore", help="a new cluster from a snapshot")
+    snr.add_argument("name")
+    snr.add_argument("--new-cluster", required=True)
+    snr.add_argument("--readers", type=int, default=0)
+    snr.set_defaults(func=cmd_snapshot_restore)
     inst = sub.add_parser("instance", help="add or remove instances")
     isub = inst.add_subparsers(dest="instance_command", required=True)
     add = isub.add_parser("add", help="add an instance (a reader; the writer when the "

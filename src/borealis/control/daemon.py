@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -28,9 +29,11 @@ from aiohttp import web
 from borealis.api import identity
 from borealis.api import secrets as api_secrets
 from borealis.api import server as api_server
-from borealis.api.times import parse_time
+from borealis.api.times import format_time, parse_time
 from borealis.backup import catalog
+from borealis.backup import snapshot as snapshot_mod
 from borealis.backup.store import open_store
+from borealis.compute import postgres as pg
 from borealis.control import failover, probe, restore
 from borealis.control.cluster import ClusterError, ClusterRuntime
 from borealis.control.endpoints import ClusterEndpoints
@@ -651,32 +654,98 @@ class ControlPlane:
             out["verified"] = not out["damaged"] and not out["gaps"]
         return out
 
-    def check_restore(self, source: str, new: str, target: float | None) -> None:
+    def restore_source(self, cluster: str | None = None, snapshot: str | None = None
+                       ) -> tuple[restore.RestoreSource, str, str]:
+        """What a restore reads, and the master user and password its data carries."""
+        if snapshot is not None:
+            snap = self.state.snapshot(snapshot)
+            if snap is None or snap.status != "available":
+                raise ClusterError(f"snapshot {snapshot!r} not found (or not complete)")
+            return (restore.RestoreSource(f"snapshot {snap.name}", snap.location,
+                                          snapshot_mod.prefix_of(snap.name)),
+                    snap.master_user, snap.master_password)
+        assert cluster is not None
+        c = self.runtime(cluster)
+        return restore.RestoreSource.of_cluster(c), c.cluster.master_user, \
+            c.cluster.master_password
+
+    def check_restore(self, src: restore.RestoreSource, new: str, target: float | None) -> None:
         """Raises ClusterError when the restore cannot be done (blocking: reads the store)."""
         if self.state.cluster(new) is not None:
             raise ClusterError(f"cluster {new!r} already exists")
-        src = self.runtime(source)
-        backups = catalog.read_state(open_store(src.object_store_location), src.backup_prefix)
+        backups = catalog.read_state(open_store(src.location), src.prefix)
         check_restorable(backups, target)
 
-    def start_restore(self, source: str, new: str, target: float | None,
-                      readers: int) -> None:
+    def start_restore(self, src: restore.RestoreSource, user: str, password: str, new: str,
+                      target: float | None, readers: int) -> None:
         """After ``check_restore``: the new cluster exists at once (``creating``) and is
         restored in the background."""
         if self.state.cluster(new) is not None:
             raise ClusterError(f"cluster {new!r} already exists")
-        c = self.runtime(source).cluster
-        self.state.create_cluster(new, c.master_user, c.master_password)
-        self.state.event(new, "cluster", f"created by a restore of {source}")
+        self.state.create_cluster(new, user, password)
+        self.state.event(new, "cluster", f"created by a restore of {src.label}")
         self.on_cluster_created(new)
 
         def work() -> None:
             try:
-                restore.restore(self.state, source, new, target, readers)
+                restore.restore(self.state, src, new, target, readers)
             except Exception:
                 self.state.set_cluster(new, status="failed")
                 raise
-        self.spawn(new, f"restoring {source}", work)
+        self.spawn(new, f"restoring {src.label}", work)
+
+    # -- snapshots -----------------------------------------------------------------------
+
+    def create_snapshot(self, cluster: str, name: str) -> None:
+        if self.state.snapshot(name) is not None:
+            raise ClusterError(f"a snapshot named {name!r} already exists")
+        rt = self.runtime(cluster)
+        if rt.writer() is None:
+            raise ClusterError(f"cluster {cluster} has no writer")
+        self.state.add_snapshot(name, rt.cluster, rt.object_store_location)
+        rt.event("snapshot", f"snapshot {name} started")
+
+        def work() -> None:
+            try:
+                self._take_snapshot(rt, name)
+            except Exception:
+                self.state.set_snapshot(name, status="failed")
+                raise
+        self.spawn(cluster, f"snapshot {name}", work)
+
+    def _take_snapshot(self, rt: ClusterRuntime, name: str) -> None:
+        writer = rt.writer()
+        assert writer is not None
+        readers = rt.available_readers()
+        source = readers[0] if readers else writer
+        copy = rt.dir / "snapshot" / "data"  # its parent is handed to the server account
+        began = time.time()
+        pg.base_copy(rt.bindir, source.port, rt.cluster.master_user,
+                     rt.cluster.master_password, copy, rt.run_as)
+        try:
+            with psycopg.connect(rt.dsn(writer), connect_timeout=10) as conn:
+                row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+            assert row is not None
+            manifest = snapshot_mod.take(open_store(rt.object_store_location), name,
+                                         rt.backup_prefix, copy, began, parse_lsn(row[0]))
+        finally:
+            shutil.rmtree(copy.parent, ignore_errors=True)
+        stored = sum(o.size for o in open_store(rt.object_store_location).list(
+            snapshot_mod.prefix_of(name) + "/"))
+        self.state.set_snapshot(name, status="available", bytes=stored)
+        rt.event("snapshot", f"snapshot {name} taken (to {manifest['end_lsn']}, "
+                             f"{stored >> 20} MiB)")
+
+    def delete_snapshot(self, name: str) -> None:
+        snap = self.state.snapshot(name)
+        if snap is None:
+            raise ClusterError(f"snapshot {name!r} not found")
+        if snap.status == "creating":
+            raise ClusterError(f"snapshot {name} is still being taken")
+        snapshot_mod.delete(open_store(snap.location), name)
+        self.state.delete_snapshot(name)
+        if self.state.cluster(snap.cluster) is not None:
+            self.state.event(snap.cluster, "snapshot", f"snapshot {name} deleted")
 
     def on_cluster_created(self, name: str) -> None:
         """Hook for what else a new cluster needs (the API adds its master secret)."""
@@ -856,9 +925,51 @@ def build_app(cp: ControlPlane, api: api_server.Api) -> web.Application:
         readers = body.get("readers", 0)
         if not isinstance(readers, int) or not 0 <= readers <= 15:
             return _error(400, "readers must be an integer between 0 and 15")
-        await asyncio.to_thread(cp.check_restore, name, new, target)
-        cp.start_restore(name, new, target, readers)
+        src, user, password = cp.restore_source(cluster=name)
+        await asyncio.to_thread(cp.check_restore, src, new, target)
+        cp.start_restore(src, user, password, new, target, readers)
         return web.json_response({"cluster": new, "status": "creating"})
+
+    @routes.post("/v1/snapshots")
+    async def create_snapshot(request: web.Request) -> web.Response:
+        body = await request.json()
+        name, cluster = body.get("name"), body.get("cluster")
+        if not isinstance(name, str) or not _valid_name(name):
+            return _error(400, "snapshot names are 1-63 letters, digits or hyphens, "
+                               "starting with a letter")
+        if not isinstance(cluster, str):
+            return _error(400, "cluster is required")
+        need_cluster(cluster)
+        cp.create_snapshot(cluster, name)
+        return web.json_response(snapshot_json(name))
+
+    @routes.get("/v1/snapshots")
+    async def list_snapshots(_: web.Request) -> web.Response:
+        return web.json_response({"snapshots": [snapshot_json(s.name)
+                                                for s in cp.state.snapshots()]})
+
+    @routes.delete("/v1/snapshots/{name}")
+    async def delete_snapshot(request: web.Request) -> web.Response:
+        await asyncio.to_thread(cp.delete_snapshot, request.match_info["name"])
+        return web.json_response({"deleted": request.match_info["name"]})
+
+    @routes.post("/v1/snapshots/{name}/restore")
+    async def restore_snapshot(request: web.Request) -> web.Response:
+        body = await request.json()
+        new = body.get("new_cluster")
+        if not isinstance(new, str) or not _valid_name(new):
+            return _error(400, "new_cluster: 1-63 letters, digits or hyphens, starting "
+                               "with a letter")
+        src, user, password = cp.restore_source(snapshot=request.match_info["name"])
+        await asyncio.to_thread(cp.check_restore, src, new, None)
+        cp.start_restore(src, user, password, new, None, int(body.get("readers") or 0))
+        return web.json_response({"cluster": new, "status": "creating"})
+
+    def snapshot_json(name: str) -> dict[str, Any]:
+        snap = cp.state.snapshot(name)
+        assert snap is not None
+        return {"name": snap.name, "cluster": snap.cluster, "status": snap.status,
+                "time": format_time(snap.created), "bytes": snap.bytes}
 
     @routes.post("/v1/down")
     async def down(_: web.Request) -> web.Response:

@@ -20,6 +20,7 @@ import dataclasses
 import datetime as dt
 import shutil
 import time
+from dataclasses import dataclass
 
 import psycopg
 
@@ -47,17 +48,28 @@ def check_restorable(state: catalog.BackupState, target: float | None) -> float 
     return target
 
 
-def restore(state: State, source: str, new: str, target: float | None,
+@dataclass(frozen=True)
+class RestoreSource:
+    """Where a restore reads from: a cluster's continuous backup or a snapshot."""
+    label: str  # "cluster src" | "snapshot s1"
+    location: str
+    prefix: str
+
+    @classmethod
+    def of_cluster(cls, rt: ClusterRuntime) -> RestoreSource:
+        return cls(f"cluster {rt.name}", rt.object_store_location, rt.backup_prefix)
+
+
+def restore(state: State, src: RestoreSource, new: str, target: float | None,
             readers: int = 0) -> None:
-    src = ClusterRuntime(state, source)
-    store = open_store(src.object_store_location)
-    backups = catalog.read_state(store, src.backup_prefix)
+    store = open_store(src.location)
+    backups = catalog.read_state(store, src.prefix)
     check_restorable(backups, target)
     image = backups.image_for(target if target is not None else time.time())
     assert image is not None
     rt = ClusterRuntime(state, new)
     when = format_time(target) if target is not None else "the latest restorable time"
-    rt.event("restore", f"restoring {source} as of {when} from the base image at "
+    rt.event("restore", f"restoring {src.label} as of {when} from the base image at "
                         f"{image.key.rsplit('/', 1)[1]}")
     rt.start_storage()
     writer = state.add_instance(new, "writer", "az-a", 1)
@@ -66,7 +78,7 @@ def restore(state: State, source: str, new: str, target: float | None,
     rt.run_as.ensure_traversable(rt.instance_dir(writer.id))
     catalog.download_base_image(store, image, datadir)
     staged_dir = rt.instance_dir(writer.id) / "restore-wal"
-    staged = catalog.stage_wal(store, src.backup_prefix, backups, image, staged_dir)
+    staged = catalog.stage_wal(store, src.prefix, backups, image, staged_dir)
     rt.event("restore", f"base image unpacked; {staged >> 20} MiB of archived WAL staged")
     settings = rt.server_settings(writer)
     extra = dict(settings.extra or {})
@@ -95,7 +107,7 @@ def restore(state: State, source: str, new: str, target: float | None,
     for i in range(readers):
         reader = state.add_instance(new, "reader", ["az-b", "az-c", "az-a"][i % 3], 1)
         rt.provision_reader(reader, current)
-    rt.event("restore", f"cluster {new} restored from {source} as of {when}")
+    rt.event("restore", f"cluster {new} restored from {src.label} as of {when}")
 
 
 def _wait_promoted(rt: ClusterRuntime, instance_id: str) -> None:

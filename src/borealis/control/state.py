@@ -85,6 +85,16 @@ CREATE TABLE IF NOT EXISTS secrets (
     arn TEXT NOT NULL UNIQUE,
     created REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS snapshots (
+    name TEXT PRIMARY KEY,
+    cluster TEXT NOT NULL,
+    created REAL NOT NULL,
+    status TEXT NOT NULL,
+    master_user TEXT NOT NULL,
+    master_password TEXT NOT NULL,
+    location TEXT NOT NULL,
+    bytes INTEGER NOT NULL DEFAULT 0
+);
 CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -122,6 +132,19 @@ class Secret:
     password: str
     arn: str
     created: float
+
+
+@dataclass
+class Snapshot:
+    """A snapshot outlives its cluster: the row keeps what a restore needs."""
+    name: str
+    cluster: str
+    created: float
+    status: str
+    master_user: str
+    master_password: str
+    location: str
+    bytes: int
 
 
 @dataclass
@@ -470,6 +493,34 @@ class State:
 
     def delete_secret(self, name: str) -> None:
         self.db.execute("DELETE FROM secrets WHERE name = ?", (name,))
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    def add_snapshot(self, name: str, cluster: Cluster, location: str) -> Snapshot:
+        self.db.execute(
+            "INSERT INTO snapshots (name, cluster, created, status, master_user, "
+            "master_password, location) VALUES (?, ?, ?, 'creating', ?, ?, ?)",
+            (name, cluster.name, time.time(), cluster.master_user, cluster.master_password,
+             location))
+        found = self.snapshot(name)
+        assert found is not None
+        return found
+
+    def snapshot(self, name: str) -> Snapshot | None:
+        row = self.db.execute("SELECT * FROM snapshots WHERE name = ?", (name,)).fetchone()
+        return Snapshot(**dict(row)) if row else None
+
+    def snapshots(self) -> list[Snapshot]:
+        rows = self.db.execute("SELECT * FROM snapshots ORDER BY created").fetchall()
+        return [Snapshot(**dict(r)) for r in rows]
+
+    def set_snapshot(self, name: str, **fields: object) -> None:
+        assignments = ", ".join(f"{k} = ?" for k in fields)
+        self.db.execute(f"UPDATE snapshots SET {assignments} WHERE name = ?",
+                        (*fields.values(), name))
+
+    def delete_snapshot(self, name: str) -> None:
+        self.db.execute("DELETE FROM snapshots WHERE name = ?", (name,))
 
     # -- events ---------------------------------------------------------------------
 
