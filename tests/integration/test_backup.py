@@ -131,6 +131,51 @@ def test_backup_status_finds_damaged_and_missing_objects(
     assert backup_status(borealis, "src")["verified"] is True
 
 
+def test_snapshots_and_restores_through_the_rds_api(
+        borealis: Borealis, source: ClusterView) -> None:
+    """Runs last of the tests on ``src``: the source cluster is deleted at the end."""
+    rds = borealis.client("rds")
+    wait = {"Delay": 1, "MaxAttempts": 300}
+    with psycopg.connect(writer_dsn(source), autocommit=True) as conn:
+        conn.execute("CREATE TABLE kept (v text)")
+        conn.execute("INSERT INTO kept VALUES ('in the snapshot')")
+    described = rds.describe_db_clusters(DBClusterIdentifier="src")["DBClusters"][0]
+    assert described["EarliestRestorableTime"] < described["LatestRestorableTime"]
+    snap = rds.create_db_cluster_snapshot(DBClusterIdentifier="src",
+                                          DBClusterSnapshotIdentifier="src-snap")
+    assert snap["DBClusterSnapshot"]["Status"] == "creating"
+    rds.get_waiter("db_cluster_snapshot_available").wait(
+        DBClusterSnapshotIdentifier="src-snap", WaiterConfig=wait)
+    with psycopg.connect(writer_dsn(source), autocommit=True) as conn:
+        conn.execute("INSERT INTO kept VALUES ('after the snapshot')")
+    borealis.cli("destroy", "src")  # a snapshot outlives its cluster
+    rds.restore_db_cluster_from_snapshot(DBClusterIdentifier="from-snap",
+                                         SnapshotIdentifier="src-snap",
+                                         Engine="aurora-postgresql")
+    rds.get_waiter("db_cluster_available").wait(DBClusterIdentifier="from-snap",
+                                                WaiterConfig=wait)
+    try:
+        restored = rds.describe_db_clusters(DBClusterIdentifier="from-snap")["DBClusters"][0]
+        dsn = writer_dsn(ClusterView(borealis, "from-snap"))
+        assert f"host={restored['Endpoint']} port={restored['Port']}" in dsn
+        with psycopg.connect(dsn) as conn:
+            rows = [r[0] for r in conn.execute("SELECT v FROM kept")]
+        assert rows == ["in the snapshot"]
+        rds.restore_db_cluster_to_point_in_time(
+            DBClusterIdentifier="from-snap-pitr", SourceDBClusterIdentifier="from-snap",
+            UseLatestRestorableTime=True)
+        rds.get_waiter("db_cluster_available").wait(DBClusterIdentifier="from-snap-pitr",
+                                                    WaiterConfig=wait)
+        with psycopg.connect(writer_dsn(ClusterView(borealis, "from-snap-pitr"))) as conn:
+            assert [r[0] for r in conn.execute("SELECT v FROM kept")] == ["in the snapshot"]
+        borealis.cli("destroy", "from-snap-pitr")
+    finally:
+        borealis.cli("destroy", "from-snap", check=False)
+    rds.delete_db_cluster_snapshot(DBClusterSnapshotIdentifier="src-snap")
+    with pytest.raises(Exception, match="DBClusterSnapshotNotFound"):
+        rds.describe_db_cluster_snapshots(DBClusterSnapshotIdentifier="src-snap")
+
+
 # -- S3 -------------------------------------------------------------------------------------
 
 

@@ -9,20 +9,24 @@ answer ``NotImplemented`` and change nothing.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import json
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from borealis.api import identity
 from borealis.api.errors import ApiError, not_found
+from borealis.backup import catalog
+from borealis.backup.store import open_store
 from borealis.compute import postgres as pg
 from borealis.control.cluster import ClusterError
 from borealis.control.endpoints import ClusterEndpoints
-from borealis.control.state import Cluster, EndpointRow, Instance
+from borealis.control.state import Cluster, EndpointRow, Instance, Snapshot
 
 if TYPE_CHECKING:
     from borealis.control.daemon import ControlPlane
@@ -32,6 +36,8 @@ DEFAULT_INSTANCE_CLASS = "db.r6g.large"
 _IDENTIFIER = re.compile(r"^[a-z](?!.*--)[a-z0-9-]{0,62}(?<!-)$")
 _USERNAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 _RESERVED_USERS = {"postgres", "rdsadmin", "replica", "borealis_volume"}
+
+RESTORABLE_CACHE_S = 5.0
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -56,6 +62,7 @@ class RdsOperations:
     def __init__(self, cp: ControlPlane) -> None:
         self.cp = cp
         self.state = cp.state
+        self._windows: dict[str, tuple[float, float | None, float | None]] = {}
 
     def handler(self, operation: str) -> Handler:
         method = getattr(self, "op_" + operation, None)
@@ -131,7 +138,27 @@ class RdsOperations:
             out["ReaderEndpoint"] = by_type["READER"].host
         if secret is not None:
             out["MasterUserSecret"] = {"SecretArn": secret.arn, "SecretStatus": "active"}
+        earliest, latest = self._restorable(cluster.name)
+        if earliest is not None:
+            out["EarliestRestorableTime"] = dt.datetime.fromtimestamp(earliest, dt.UTC)
+        if latest is not None:
+            out["LatestRestorableTime"] = dt.datetime.fromtimestamp(latest, dt.UTC)
         return out
+
+    def _restorable(self, cluster: str) -> tuple[float | None, float | None]:
+        """The restorable window, read from the object store at most every few seconds."""
+        now = time.monotonic()
+        cached = self._windows.get(cluster)
+        if cached is None or now - cached[0] > RESTORABLE_CACHE_S:
+            rt = self.cp.runtime(cluster)
+            try:
+                backups = catalog.read_state(open_store(rt.object_store_location),
+                                             rt.backup_prefix)
+                cached = (now, backups.earliest, backups.latest)
+            except Exception:  # the store unreachable: describe without a window
+                cached = (now, None, None)
+            self._windows[cluster] = cached
+        return cached[1], cached[2]
 
     def describe_instance(self, inst: Instance) -> dict[str, Any]:
         cluster = self._cluster(inst.cluster)
@@ -496,6 +523,105 @@ class RdsOperations:
                                 f"member of {cluster}.")
         return ([m.lower() for m in static] if static is not None else None,
                 [m.lower() for m in excluded] if excluded is not None else None)
+
+    # -- snapshots and restores ---------------------------------------------------------
+
+    def _snapshot(self, name: str) -> Snapshot:
+        snap = self.state.snapshot(name.lower())
+        if snap is None:
+            raise not_found("DBClusterSnapshotNotFoundFault",
+                            f"DBClusterSnapshot {name} not found.")
+        return snap
+
+    def describe_snapshot(self, snap: Snapshot) -> dict[str, Any]:
+        return {
+            "DBClusterSnapshotIdentifier": snap.name, "DBClusterIdentifier": snap.cluster,
+            "DBClusterSnapshotArn": identity.rds_arn(self.state, "cluster-snapshot", snap.name),
+            "SnapshotCreateTime": dt.datetime.fromtimestamp(snap.created, dt.UTC),
+            "Engine": ENGINE, "EngineVersion": self._engine_version(), "EngineMode": "provisioned",
+            "Status": snap.status, "SnapshotType": "manual", "MasterUsername": snap.master_user,
+            "PercentProgress": 100 if snap.status == "available" else 0,
+            "AllocatedStorage": max(1, snap.bytes >> 30), "StorageEncrypted": False,
+            "IAMDatabaseAuthenticationEnabled": False, "LicenseModel": "postgresql-license",
+            "AvailabilityZones": ["az-a", "az-b", "az-c"], "TagList": [],
+        }
+
+    async def op_CreateDBClusterSnapshot(self, p: dict[str, Any]) -> dict[str, Any]:
+        cluster = self._cluster(p["DBClusterIdentifier"])
+        name = identifier(p["DBClusterSnapshotIdentifier"], "DBClusterSnapshotIdentifier")
+        if self.state.snapshot(name) is not None:
+            raise ApiError("DBClusterSnapshotAlreadyExistsFault",
+                           f"DBClusterSnapshot {name} already exists.")
+        if cluster.status != "available":
+            raise ApiError("InvalidDBClusterStateFault", f"DBCluster {cluster.name} is "
+                           f"{cluster.status}, not available.")
+        try:
+            self.cp.create_snapshot(cluster.name, name)
+        except ClusterError as exc:
+            raise ApiError("InvalidDBClusterStateFault", str(exc)) from None
+        return {"DBClusterSnapshot": self.describe_snapshot(self._snapshot(name))}
+
+    async def op_DescribeDBClusterSnapshots(self, p: dict[str, Any]) -> dict[str, Any]:
+        if "DBClusterSnapshotIdentifier" in p:
+            snaps = [self._snapshot(p["DBClusterSnapshotIdentifier"])]
+        else:
+            snaps = self.state.snapshots()
+        if "DBClusterIdentifier" in p:
+            snaps = [s for s in snaps if s.cluster == p["DBClusterIdentifier"].lower()]
+        if p.get("SnapshotType") not in (None, "manual"):
+            snaps = []  # automated backups are the continuous backup, not snapshots
+        page, marker = paginate(snaps, p)
+        return {"DBClusterSnapshots": [self.describe_snapshot(s) for s in page],
+                "Marker": marker}
+
+    async def op_DeleteDBClusterSnapshot(self, p: dict[str, Any]) -> dict[str, Any]:
+        snap = self._snapshot(p["DBClusterSnapshotIdentifier"])
+        described = self.describe_snapshot(snap)
+        try:
+            await asyncio.to_thread(self.cp.delete_snapshot, snap.name)
+        except ClusterError as exc:
+            raise ApiError("InvalidDBClusterSnapshotStateFault", str(exc)) from None
+        described["Status"] = "deleted"
+        return {"DBClusterSnapshot": described}
+
+    async def op_RestoreDBClusterFromSnapshot(self, p: dict[str, Any]) -> dict[str, Any]:
+        """Deviation from Aurora: the restored cluster comes with its writer instance
+        (``<cluster>-1``): the restore itself runs on it."""
+        new = identifier(p["DBClusterIdentifier"], "DBClusterIdentifier")
+        check_engine(p)
+        snap = self._snapshot(p["SnapshotIdentifier"].rsplit(":", 1)[-1])
+        try:
+            src, user, password = self.cp.restore_source(snapshot=snap.name)
+        except ClusterError as exc:
+            raise ApiError("InvalidDBClusterSnapshotStateFault", str(exc)) from None
+        return await self._restore(src, user, password, new, None)
+
+    async def op_RestoreDBClusterToPointInTime(self, p: dict[str, Any]) -> dict[str, Any]:
+        new = identifier(p["DBClusterIdentifier"], "DBClusterIdentifier")
+        if "SourceDBClusterIdentifier" not in p:
+            raise ApiError("InvalidParameterCombination", "SourceDBClusterIdentifier is "
+                           "required.")
+        if p.get("RestoreType") == "copy-on-write":
+            raise not_built("copy-on-write clones (RestoreType copy-on-write)")
+        source = self._cluster(p["SourceDBClusterIdentifier"])
+        latest = bool(p.get("UseLatestRestorableTime"))
+        if latest == ("RestoreToTime" in p):
+            raise ApiError("InvalidParameterCombination", "Give exactly one of RestoreToTime "
+                           "and UseLatestRestorableTime.")
+        target = None if latest else p["RestoreToTime"].timestamp()
+        src, user, password = self.cp.restore_source(cluster=source.name)
+        return await self._restore(src, user, password, new, target)
+
+    async def _restore(self, src: Any, user: str, password: str, new: str,
+                       target: float | None) -> dict[str, Any]:
+        if self.state.cluster(new) is not None:
+            raise ApiError("DBClusterAlreadyExistsFault", f"DBCluster {new} already exists.")
+        try:
+            await asyncio.to_thread(self.cp.check_restore, src, new, target)
+        except ClusterError as exc:
+            raise ApiError("InvalidRestoreFault", str(exc)) from None
+        self.cp.start_restore(src, user, password, new, target, 0)
+        return {"DBCluster": self.describe_cluster(self._cluster(new))}
 
     # -- events ----------------------------------------------------------------------------
 
