@@ -382,6 +382,30 @@ def wait_restored(source: str, new: str) -> None:
                   highlight=False)
 
 
+def cmd_backtrack(args: argparse.Namespace) -> None:
+    request("POST", f"/v1/clusters/{args.cluster}/backtrack", {"to_time": args.to_time})
+    deadline = time.monotonic() + 3600
+    seen = 0
+    with console.status(f"backtracking {args.cluster}...") as spinner:
+        while time.monotonic() < deadline:
+            st = request("GET", f"/v1/clusters/{args.cluster}")
+            events = request("GET", f"/v1/clusters/{args.cluster}/events")["events"]
+            new = events[seen:] if seen else [e for e in events if e["source"] == "backtrack"
+                                              ][-1:]
+            for e in new:
+                spinner.update(f"backtracking {args.cluster}: {e['message']}")
+            seen = len(events)
+            if st["status"] == "failed":
+                raise CliError(f"the backtrack failed; see `borealis events {args.cluster}`")
+            if st["status"] == "available":
+                break
+            time.sleep(0.5)
+        else:
+            raise CliError("the backtrack did not finish within an hour")
+    done = [e["message"] for e in events if e["source"] == "backtrack"]
+    console.print(f"{args.cluster}: {done[-1] if done else 'backtracked'}", highlight=False)
+
+
 def cmd_snapshot_create(args: argparse.Namespace) -> None:
     request("POST", "/v1/snapshots", {"name": args.name, "cluster": args.cluster})
     deadline = time.monotonic() + 3600
@@ -522,6 +546,11 @@ def parser() -> argparse.ArgumentParser:
     rs.add_argument("--new-cluster", required=True)
     rs.add_argument("--readers", type=int, default=0)
     rs.set_defaults(func=cmd_restore)
+    bt = sub.add_parser("backtrack", help="rewind a cluster in place to a time in its "
+                        "backtrack window")
+    bt.add_argument("cluster")
+    bt.add_argument("--to-time", required=True, help="ISO 8601, e.g. 2026-11-23T04:55:00Z")
+    bt.set_defaults(func=cmd_backtrack)
     sn = sub.add_parser("snapshot", help="named restore points, kept until deleted")
     snsub = sn.add_subparsers(dest="snapshot_command", required=True)
     snc = snsub.add_parser("create", help="take a snapshot of a cluster now")

@@ -34,7 +34,7 @@ from borealis.backup import catalog
 from borealis.backup import snapshot as snapshot_mod
 from borealis.backup.store import open_store
 from borealis.compute import postgres as pg
-from borealis.control import failover, probe, restore
+from borealis.control import backtrack, failover, probe, restore
 from borealis.control.cluster import ClusterError, ClusterRuntime
 from borealis.control.endpoints import ClusterEndpoints
 from borealis.control.failover_rules import FailoverRefused, VolumeStall
@@ -694,6 +694,22 @@ class ControlPlane:
                 raise
         self.spawn(new, f"restoring {src.label}", work)
 
+    def start_backtrack(self, name: str, target: float) -> None:
+        """Checked first (a refused backtrack changes nothing), then in the background."""
+        rt = self.runtime(name)
+        backtrack.check(rt, target, time.time())
+        rt.state.set_cluster(name, status="backtracking")
+
+        def work() -> None:
+            try:
+                backtrack.backtrack(rt, target, lambda: self._keep_endpoints(name))
+            except Exception:
+                self.state.set_cluster(name, status="failed")
+                raise
+            finally:
+                self.writer_misses[name] = 0
+        self.spawn(name, "backtrack", work)
+
     # -- snapshots -----------------------------------------------------------------------
 
     def create_snapshot(self, cluster: str, name: str) -> None:
@@ -929,6 +945,20 @@ def build_app(cp: ControlPlane, api: api_server.Api) -> web.Application:
         await asyncio.to_thread(cp.check_restore, src, new, target)
         cp.start_restore(src, user, password, new, target, readers)
         return web.json_response({"cluster": new, "status": "creating"})
+
+    @routes.post("/v1/clusters/{name}/backtrack")
+    async def backtrack_cluster(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        need_cluster(name)
+        body = await request.json()
+        try:
+            target = parse_time(str(body.get("to_time"))).timestamp()
+        except ValueError:
+            return _error(400, f"not an ISO 8601 time: {body.get('to_time')!r} (for example "
+                               "2026-11-23T04:55:00.250Z)")
+        await asyncio.to_thread(backtrack.check, cp.runtime(name), target, time.time())
+        cp.start_backtrack(name, target)
+        return web.json_response({"cluster": name, "status": "backtracking"})
 
     @routes.post("/v1/snapshots")
     async def create_snapshot(request: web.Request) -> web.Response:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 
@@ -26,10 +28,10 @@ import psycopg
 
 from borealis.api.times import format_time
 from borealis.backup import catalog
-from borealis.backup.store import open_store
+from borealis.backup.store import ObjectStore, open_store
 from borealis.compute import postgres as pg
 from borealis.control.cluster import ClusterError, ClusterRuntime
-from borealis.control.state import State
+from borealis.control.state import Instance, State
 
 RECOVERY_TIMEOUT_S = 1800.0
 
@@ -73,14 +75,33 @@ def restore(state: State, src: RestoreSource, new: str, target: float | None,
                         f"{image.key.rsplit('/', 1)[1]}")
     rt.start_storage()
     writer = state.add_instance(new, "writer", "az-a", 1)
-    datadir = rt.datadir(writer.id)
-    rt.instance_dir(writer.id).mkdir(parents=True, exist_ok=True)
-    rt.run_as.ensure_traversable(rt.instance_dir(writer.id))
+    recover_into(rt, writer, store, src.prefix, backups, image, target)
+    current = state.instance(writer.id)
+    assert current is not None
+    rt.event("restore", "recovery complete; the restored writer is promoted")
+    rt.provision_writer(current)
+    for i in range(readers):
+        reader = state.add_instance(new, "reader", ["az-b", "az-c", "az-a"][i % 3], 1)
+        rt.provision_reader(reader, current)
+    rt.event("restore", f"cluster {new} restored from {src.label} as of {when}")
+
+
+def recover_into(rt: ClusterRuntime, inst: Instance, store: ObjectStore, prefix: str,
+                 backups: catalog.BackupState, image: catalog.BaseImage,
+                 target: float | None) -> None:
+    """A fresh data directory for ``inst`` from ``image``, recovered with the archived
+    WAL to ``target`` (or the archive's end) and promoted onto a new timeline; returns
+    with the server running as a writer, its restore settings removed."""
+    datadir = rt.datadir(inst.id)
+    shutil.rmtree(datadir, ignore_errors=True)
+    rt.instance_dir(inst.id).mkdir(parents=True, exist_ok=True)
+    rt.run_as.ensure_traversable(rt.instance_dir(inst.id))
     catalog.download_base_image(store, image, datadir)
-    staged_dir = rt.instance_dir(writer.id) / "restore-wal"
-    staged = catalog.stage_wal(store, src.prefix, backups, image, staged_dir)
+    staged_dir = rt.instance_dir(inst.id) / "restore-wal"
+    shutil.rmtree(staged_dir, ignore_errors=True)
+    staged = catalog.stage_wal(store, prefix, backups, image, staged_dir)
     rt.event("restore", f"base image unpacked; {staged >> 20} MiB of archived WAL staged")
-    settings = rt.server_settings(writer)
+    settings = rt.server_settings(inst)
     extra = dict(settings.extra or {})
     extra["restore_command"] = "'cp " + str(staged_dir) + "/%f \"%p\"'"
     if target is not None:
@@ -92,22 +113,18 @@ def restore(state: State, src: RestoreSource, new: str, target: float | None,
         (datadir / stale).unlink(missing_ok=True)
     (datadir / "recovery.signal").touch()
     (datadir / "pg_wal").mkdir(exist_ok=True)
-    rt.run_as.own(rt.instance_dir(writer.id))
-    proc = pg.start_server(rt.bindir, datadir, rt.instance_dir(writer.id) / "postgres.log",
+    rt.run_as.own(rt.instance_dir(inst.id))
+    proc = pg.start_server(rt.bindir, datadir, rt.instance_dir(inst.id) / "postgres.log",
                            rt.run_as)
-    state.set_instance(writer.id, pid=proc.pid, state="starting")
+    rt.state.set_instance(inst.id, pid=proc.pid, state="starting")
     rt.event("restore", f"replaying WAL (pid {proc.pid})")
-    _wait_promoted(rt, writer.id)
+    _wait_promoted(rt, inst.id)
     shutil.rmtree(staged_dir, ignore_errors=True)
-    current = state.instance(writer.id)
+    current = rt.state.instance(inst.id)
     assert current is not None
     pg.write_settings(datadir, rt.server_settings(current), rt.run_as)  # no restore settings
-    rt.event("restore", "recovery complete; the restored writer is promoted")
-    rt.provision_writer(current)
-    for i in range(readers):
-        reader = state.add_instance(new, "reader", ["az-b", "az-c", "az-a"][i % 3], 1)
-        rt.provision_reader(reader, current)
-    rt.event("restore", f"cluster {new} restored from {src.label} as of {when}")
+    if current.pid is not None:
+        os.kill(current.pid, signal.SIGHUP)
 
 
 def _wait_promoted(rt: ClusterRuntime, instance_id: str) -> None:

@@ -1,0 +1,120 @@
+"""Backtrack: rewind a cluster in place to time T (same name, same endpoints).
+
+Blocking code, run in the control plane's background under the cluster's lock.
+
+Steps, each an event: check T (inside the backtrack window and the restorable window,
+else refuse and change nothing); stop the readers, the writer and its volume client (the
+endpoints hold new connections meanwhile); fence the storage nodes in a new epoch;
+rebuild the writer's data directory from the newest base image before T and the
+archived WAL, recovered to T and promoted onto a new timeline; seal the nodes at that
+timeline's switchpoint (the WAL after the rewind point is dropped); a new volume client
+streams the new timeline; readers are rebuilt from the writer; a new base image.
+
+Invariants: the rewind point is at or below VDL (T is at or before the latest restorable
+time, and everything archived is durable), so every node holds the log up to it; the old
+data directory is kept aside until the rewound writer runs, never started again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+from borealis.api.times import format_time
+from borealis.backup import catalog
+from borealis.backup.store import open_store
+from borealis.control import failover
+from borealis.control.cluster import ClusterError, ClusterRuntime
+from borealis.control.failover_rules import EndOfLog
+from borealis.control.restore import RestoreSource, check_restorable, recover_into
+from borealis.wal.timeline import parse_history
+
+DEFAULT_WINDOW_S = float(os.environ.get("BOREALIS_BACKTRACK_WINDOW_S", str(24 * 3600)))
+
+
+def window_s(rt: ClusterRuntime) -> float:
+    return float(rt.state.setting(f"backtrack_window_s:{rt.name}") or DEFAULT_WINDOW_S)
+
+
+def check(rt: ClusterRuntime, target: float, now: float) -> catalog.BackupState:
+    """The cluster's backups when T can be backtracked to; else ClusterError."""
+    window = window_s(rt)
+    if target < now - window:
+        raise ClusterError(f"{format_time(target)} is outside the backtrack window "
+                           f"(the last {window / 3600:g} h: from {format_time(now - window)})")
+    if rt.writer() is None:
+        raise ClusterError(f"cluster {rt.name} has no writer")
+    backups = catalog.read_state(open_store(rt.object_store_location), rt.backup_prefix)
+    check_restorable(backups, target)
+    return backups
+
+
+def backtrack(rt: ClusterRuntime, target: float, keep_endpoints: object) -> float:
+    """Rewind; returns the seconds it took."""
+    began = time.monotonic()
+    backups = check(rt, target, time.time())
+    image = backups.image_for(target)
+    assert image is not None
+    writer = rt.writer()
+    assert writer is not None
+    rt.state.set_cluster(rt.name, status="backtracking")
+    rt.event("backtrack", f"started: rewinding to {format_time(target)}")
+    for reader in rt.readers():
+        rt.stop_instance(reader)
+        rt.state.set_instance(reader.id, state="rebuilding")
+    rt.stop_instance(writer)
+    rt.stop_volume_client()
+    _switch(keep_endpoints)
+    epoch = rt.state.next_epoch(rt.name)
+    fenced = failover.fence(rt, epoch)
+    rt.event("backtrack", f"epoch {epoch}: fenced {len(fenced)} storage nodes")
+
+    datadir = rt.datadir(writer.id)
+    aside = datadir.with_name("data.before-backtrack")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.rename(datadir, aside)
+    src = RestoreSource.of_cluster(rt)
+    recover_into(rt, writer, open_store(src.location), src.prefix, backups, image, target)
+    timeline, switchpoint, parent = _new_timeline(rt, writer.id)
+    rt.event("backtrack", f"writer {writer.id} rewound: timeline {timeline} starts at "
+                          f"{switchpoint:X} (timeline {parent} ends there)")
+    sealed = failover.seal(rt, epoch, EndOfLog(switchpoint, fenced[0].node_id, parent),
+                           [s.node_id for s in fenced])
+    rt.event("backtrack", f"{len(sealed)} storage nodes dropped the WAL after the rewind "
+                          "point")
+    shutil.rmtree(aside, ignore_errors=True)
+    current = rt.state.instance(writer.id)
+    assert current is not None
+    rt.state.set_instance(writer.id, state="available")
+    rt.ensure_volume_client(current)
+    rt.wait_volume_ready()
+    _switch(keep_endpoints)
+    for reader in rt.readers():
+        failover.rebuild_reader(rt, reader)
+    rt.take_base_image(current)
+    rt.state.set_cluster(rt.name, status="available")
+    took = time.monotonic() - began
+    rt.event("backtrack", f"completed in {took:.1f} s: {rt.name} is as it was at "
+                          f"{format_time(target)}")
+    return took
+
+
+def _new_timeline(rt: ClusterRuntime, instance_id: str) -> tuple[int, int, int]:
+    """(new timeline, its switchpoint, the parent timeline) from the promoted server's
+    newest history file."""
+    wal = rt.datadir(instance_id) / "pg_wal"
+    histories = sorted(wal.glob("*.history"))
+    if not histories:
+        raise ClusterError("the rewound writer wrote no timeline history")
+    newest = histories[-1]
+    timeline = int(newest.name.split(".")[0], 16)
+    entries = parse_history(timeline, newest.read_text())
+    parent = entries[-2]
+    assert parent.end is not None
+    return timeline, parent.end, parent.timeline
+
+
+def _switch(keep_endpoints: object) -> None:
+    if callable(keep_endpoints):
+        keep_endpoints()
