@@ -24,6 +24,7 @@ from borealis.api.errors import ApiError, not_found
 from borealis.backup import catalog
 from borealis.backup.store import open_store
 from borealis.compute import postgres as pg
+from borealis.control import backtrack
 from borealis.control.cluster import ClusterError
 from borealis.control.endpoints import ClusterEndpoints
 from borealis.control.state import Cluster, EndpointRow, Instance, Snapshot
@@ -139,8 +140,12 @@ class RdsOperations:
         if secret is not None:
             out["MasterUserSecret"] = {"SecretArn": secret.arn, "SecretStatus": "active"}
         earliest, latest = self._restorable(cluster.name)
+        window = backtrack.window_s(self.cp.runtime(cluster.name))
+        out["BacktrackWindow"] = int(window)
         if earliest is not None:
             out["EarliestRestorableTime"] = dt.datetime.fromtimestamp(earliest, dt.UTC)
+            out["EarliestBacktrackTime"] = dt.datetime.fromtimestamp(
+                max(earliest, time.time() - window), dt.UTC)
         if latest is not None:
             out["LatestRestorableTime"] = dt.datetime.fromtimestamp(latest, dt.UTC)
         return out
@@ -301,6 +306,8 @@ class RdsOperations:
             raise ApiError("InvalidParameterValue", str(exc)) from None
         if p.get("DeletionProtection"):
             self.state.set_setting(f"deletion_protection:{name}", "true")
+        if "BacktrackWindow" in p:
+            backtrack.set_window(self.cp.runtime(name), check_window(p["BacktrackWindow"]))
         if p.get("Tags"):
             self._add_tags(identity.rds_arn(self.state, "cluster", name), p["Tags"])
         return {"DBCluster": self.describe_cluster(self._cluster(name))}
@@ -321,10 +328,13 @@ class RdsOperations:
     async def op_ModifyDBCluster(self, p: dict[str, Any]) -> dict[str, Any]:
         cluster = self._cluster(p["DBClusterIdentifier"])
         supported = {"DBClusterIdentifier", "ApplyImmediately", "MasterUserPassword",
-                     "DeletionProtection"}
+                     "DeletionProtection", "BacktrackWindow"}
         unsupported = sorted(set(p) - supported)
         if unsupported:
             raise not_built(f"changing {', '.join(unsupported)}")
+        if "BacktrackWindow" in p:
+            backtrack.set_window(self.cp.runtime(cluster.name),
+                                 check_window(p["BacktrackWindow"]))
         if "DeletionProtection" in p:
             self.state.set_setting(f"deletion_protection:{cluster.name}",
                                    "true" if p["DeletionProtection"] else "false")
@@ -623,6 +633,48 @@ class RdsOperations:
         self.cp.start_restore(src, user, password, new, target, 0)
         return {"DBCluster": self.describe_cluster(self._cluster(new))}
 
+    # -- backtrack ---------------------------------------------------------------------------
+
+    @staticmethod
+    def describe_backtrack(name: str, r: dict[str, Any]) -> dict[str, Any]:
+        return {"DBClusterIdentifier": name, "BacktrackIdentifier": r["id"],
+                "BacktrackTo": dt.datetime.fromtimestamp(r["to"], dt.UTC),
+                "BacktrackedFrom": dt.datetime.fromtimestamp(r["from"], dt.UTC),
+                "BacktrackRequestCreationTime": dt.datetime.fromtimestamp(r["requested"],
+                                                                          dt.UTC),
+                "Status": r["status"]}
+
+    async def op_BacktrackDBCluster(self, p: dict[str, Any]) -> dict[str, Any]:
+        cluster = self._cluster(p["DBClusterIdentifier"])
+        if cluster.status != "available":
+            raise ApiError("InvalidDBClusterStateFault", f"DBCluster {cluster.name} is "
+                           f"{cluster.status}, not available.")
+        target = p["BacktrackTo"].timestamp()
+        try:
+            await asyncio.to_thread(backtrack.check, self.cp.runtime(cluster.name), target,
+                                    time.time())
+            entry = self.cp.start_backtrack(cluster.name, target)
+        except ClusterError as exc:
+            raise ApiError("InvalidParameterValue", str(exc)) from None
+        return self.describe_backtrack(cluster.name, {**entry, "status": "pending"})
+
+    async def op_DescribeDBClusterBacktracks(self, p: dict[str, Any]) -> dict[str, Any]:
+        cluster = self._cluster(p["DBClusterIdentifier"])
+        found = backtrack.records(self.cp.runtime(cluster.name))
+        if "BacktrackIdentifier" in p:
+            found = [r for r in found if r["id"] == p["BacktrackIdentifier"]]
+            if not found:
+                raise not_found("DBClusterBacktrackNotFoundFault",
+                                f"Backtrack {p['BacktrackIdentifier']} not found.")
+        filters = filter_values(p, {"db-cluster-backtrack-id", "db-cluster-backtrack-status"})
+        if "db-cluster-backtrack-status" in filters:
+            found = [r for r in found if r["status"] in filters["db-cluster-backtrack-status"]]
+        if "db-cluster-backtrack-id" in filters:
+            found = [r for r in found if r["id"] in filters["db-cluster-backtrack-id"]]
+        page, marker = paginate(list(reversed(found)), p)
+        return {"DBClusterBacktracks": [self.describe_backtrack(cluster.name, r) for r in page],
+                "Marker": marker}
+
     # -- events ----------------------------------------------------------------------------
 
     async def op_DescribeEvents(self, p: dict[str, Any]) -> dict[str, Any]:
@@ -663,7 +715,6 @@ CREATE_CLUSTER_UNSUPPORTED = {
     "StorageEncrypted": "storage encryption",
     "KmsKeyId": "storage encryption",
     "EnableIAMDatabaseAuthentication": "IAM database authentication",
-    "BacktrackWindow": "backtrack",
     "GlobalClusterIdentifier": "Global Database",
     "ReplicationSourceIdentifier": "cross-region replicas",
     "ServerlessV2ScalingConfiguration": "Serverless v2",
@@ -707,6 +758,14 @@ def check_password(password: str) -> None:
         raise ApiError("InvalidParameterValue", "The parameter MasterUserPassword is not a "
                        "valid password: 8-128 printable ASCII characters other than '/', "
                        "'\"', '@' and space.")
+
+
+def check_window(seconds: int) -> float:
+    """Aurora's BacktrackWindow: 0 to 259200 seconds (72 hours)."""
+    if not 0 <= seconds <= 259200:
+        raise ApiError("InvalidParameterValue", "BacktrackWindow must be between 0 and "
+                       "259200 seconds (72 hours).")
+    return float(seconds)
 
 
 def endpoint_type(value: str) -> str:

@@ -17,9 +17,12 @@ data directory is kept aside until the rewound writer runs, never started again.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
+import uuid
+from typing import Any
 
 from borealis.api.times import format_time
 from borealis.backup import catalog
@@ -98,6 +101,31 @@ def backtrack(rt: ClusterRuntime, target: float, keep_endpoints: object) -> floa
     rt.event("backtrack", f"completed in {took:.1f} s: {rt.name} is as it was at "
                           f"{format_time(target)}")
     return took
+
+
+def records(rt: ClusterRuntime) -> list[dict[str, Any]]:
+    """The cluster's backtracks, oldest first (``id``, ``to``, ``from``, ``requested``,
+    ``status``: applying, completed or failed)."""
+    stored: list[dict[str, Any]] = json.loads(
+        rt.state.setting(f"backtracks:{rt.name}", "[]") or "[]")
+    return stored
+
+
+def record(rt: ClusterRuntime, target: float) -> dict[str, Any]:
+    now = time.time()
+    entry = {"id": str(uuid.uuid4()), "to": target, "from": now, "requested": now,
+             "status": "applying"}
+    rt.state.set_setting(f"backtracks:{rt.name}", json.dumps(records(rt) + [entry]))
+    return entry
+
+
+def update_record(rt: ClusterRuntime, backtrack_id: str, status: str) -> None:
+    updated = [{**r, "status": status} if r["id"] == backtrack_id else r for r in records(rt)]
+    rt.state.set_setting(f"backtracks:{rt.name}", json.dumps(updated))
+
+
+def set_window(rt: ClusterRuntime, seconds: float) -> None:
+    rt.state.set_setting(f"backtrack_window_s:{rt.name}", str(seconds))
 
 
 def _new_timeline(rt: ClusterRuntime, instance_id: str) -> tuple[int, int, int]:

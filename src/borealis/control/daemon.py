@@ -694,21 +694,26 @@ class ControlPlane:
                 raise
         self.spawn(new, f"restoring {src.label}", work)
 
-    def start_backtrack(self, name: str, target: float) -> None:
-        """Checked first (a refused backtrack changes nothing), then in the background."""
+    def start_backtrack(self, name: str, target: float) -> dict[str, Any]:
+        """Checked first (a refused backtrack changes nothing), then in the background.
+        Returns the backtrack's record (kept for DescribeDBClusterBacktracks)."""
         rt = self.runtime(name)
         backtrack.check(rt, target, time.time())
         rt.state.set_cluster(name, status="backtracking")
+        record = backtrack.record(rt, target)
 
         def work() -> None:
             try:
                 backtrack.backtrack(rt, target, lambda: self._keep_endpoints(name))
+                backtrack.update_record(rt, record["id"], "completed")
             except Exception:
                 self.state.set_cluster(name, status="failed")
+                backtrack.update_record(rt, record["id"], "failed")
                 raise
             finally:
                 self.writer_misses[name] = 0
         self.spawn(name, "backtrack", work)
+        return record
 
     # -- snapshots -----------------------------------------------------------------------
 
