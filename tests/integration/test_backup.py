@@ -131,6 +131,26 @@ def test_backup_status_finds_damaged_and_missing_objects(
     assert backup_status(borealis, "src")["verified"] is True
 
 
+def test_a_clone_and_its_source_change_apart(borealis: Borealis, source: ClusterView) -> None:
+    with psycopg.connect(writer_dsn(source), autocommit=True) as conn:
+        conn.execute("CREATE TABLE shared_rows (v text)")
+        conn.execute("INSERT INTO shared_rows VALUES ('before the clone')")
+    borealis.cli("clone", "src", "--new-cluster", "src-clone")
+    try:
+        clone = writer_dsn(ClusterView(borealis, "src-clone"))
+        with psycopg.connect(clone, autocommit=True) as conn:
+            conn.execute("INSERT INTO shared_rows VALUES ('in the clone')")
+        with psycopg.connect(writer_dsn(source), autocommit=True) as conn:
+            conn.execute("INSERT INTO shared_rows VALUES ('in the source')")
+            assert sorted(r[0] for r in conn.execute("SELECT v FROM shared_rows")) == [
+                "before the clone", "in the source"]
+        with psycopg.connect(clone) as conn:
+            assert sorted(r[0] for r in conn.execute("SELECT v FROM shared_rows")) == [
+                "before the clone", "in the clone"]
+    finally:
+        borealis.cli("destroy", "src-clone", timeout_s=300)
+
+
 def test_snapshots_and_restores_through_the_rds_api(
         borealis: Borealis, source: ClusterView) -> None:
     """Runs last of the tests on ``src``: the source cluster is deleted at the end."""
@@ -161,6 +181,10 @@ def test_snapshots_and_restores_through_the_rds_api(
         with psycopg.connect(dsn) as conn:
             rows = [r[0] for r in conn.execute("SELECT v FROM kept")]
         assert rows == ["in the snapshot"]
+        # A new cluster's first base image follows shortly; then it is restorable.
+        wait_for("the restored cluster to be restorable", lambda: "LatestRestorableTime" in
+                 rds.describe_db_clusters(DBClusterIdentifier="from-snap")["DBClusters"][0],
+                 60)
         rds.restore_db_cluster_to_point_in_time(
             DBClusterIdentifier="from-snap-pitr", SourceDBClusterIdentifier="from-snap",
             UseLatestRestorableTime=True)

@@ -382,6 +382,12 @@ def wait_restored(source: str, new: str) -> None:
                   highlight=False)
 
 
+def cmd_clone(args: argparse.Namespace) -> None:
+    request("POST", f"/v1/clusters/{args.cluster}/clone",
+            {"new_cluster": args.new_cluster, "readers": args.readers})
+    wait_restored(args.cluster, args.new_cluster)
+
+
 def cmd_backtrack(args: argparse.Namespace) -> None:
     request("POST", f"/v1/clusters/{args.cluster}/backtrack", {"to_time": args.to_time})
     deadline = time.monotonic() + 3600
@@ -546,6 +552,11 @@ def parser() -> argparse.ArgumentParser:
     rs.add_argument("--new-cluster", required=True)
     rs.add_argument("--readers", type=int, default=0)
     rs.set_defaults(func=cmd_restore)
+    cl = sub.add_parser("clone", help="a new cluster with a cluster's current state")
+    cl.add_argument("cluster")
+    cl.add_argument("--new-cluster", required=True)
+    cl.add_argument("--readers", type=int, default=0)
+    cl.set_defaults(func=cmd_clone)
     bt = sub.add_parser("backtrack", help="rewind a cluster in place to a time in its "
                         "backtrack window")
     bt.add_argument("cluster")

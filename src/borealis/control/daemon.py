@@ -676,19 +676,46 @@ class ControlPlane:
         backups = catalog.read_state(open_store(src.location), src.prefix)
         check_restorable(backups, target)
 
+    def start_clone(self, source: str, new: str, readers: int) -> None:
+        """A new cluster with the source's current state: once the archive holds every
+        commit acknowledged before now, a restore to its end, starting from the source's
+        local base image."""
+        src, user, password = self.restore_source(cluster=source)
+        requested = time.time()
+        rt = self.runtime(source)
+        local = rt.base_image_dir()
+
+        def wait_current() -> None:
+            deadline = time.monotonic() + 60
+            while True:
+                backups = catalog.read_state(open_store(src.location), src.prefix)
+                if (backups.latest or 0) >= requested:
+                    return
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"the archive of {source} did not reach the time of "
+                                       "the clone request within 60 s")
+                time.sleep(0.2)
+        self.start_restore(src, user, password, new, None, readers, prepare=wait_current,
+                           local_image=local if (local / "PG_VERSION").exists() else None,
+                           label=f"clone of {source}")
+
     def start_restore(self, src: restore.RestoreSource, user: str, password: str, new: str,
-                      target: float | None, readers: int) -> None:
+                      target: float | None, readers: int,
+                      prepare: Callable[[], None] | None = None,
+                      local_image: Path | None = None, label: str | None = None) -> None:
         """After ``check_restore``: the new cluster exists at once (``creating``) and is
         restored in the background."""
         if self.state.cluster(new) is not None:
             raise ClusterError(f"cluster {new!r} already exists")
         self.state.create_cluster(new, user, password)
-        self.state.event(new, "cluster", f"created by a restore of {src.label}")
+        self.state.event(new, "cluster", f"created by a {label or 'restore of ' + src.label}")
         self.on_cluster_created(new)
 
         def work() -> None:
             try:
-                restore.restore(self.state, src, new, target, readers)
+                if prepare is not None:
+                    prepare()
+                restore.restore(self.state, src, new, target, readers, local_image)
             except Exception:
                 self.state.set_cluster(new, status="failed")
                 raise
@@ -949,6 +976,20 @@ def build_app(cp: ControlPlane, api: api_server.Api) -> web.Application:
         src, user, password = cp.restore_source(cluster=name)
         await asyncio.to_thread(cp.check_restore, src, new, target)
         cp.start_restore(src, user, password, new, target, readers)
+        return web.json_response({"cluster": new, "status": "creating"})
+
+    @routes.post("/v1/clusters/{name}/clone")
+    async def clone_cluster(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        need_cluster(name)
+        body = await request.json()
+        new = body.get("new_cluster")
+        if not isinstance(new, str) or not _valid_name(new):
+            return _error(400, "new_cluster: 1-63 letters, digits or hyphens, starting "
+                               "with a letter")
+        src, _, _ = cp.restore_source(cluster=name)
+        await asyncio.to_thread(cp.check_restore, src, new, None)
+        cp.start_clone(name, new, int(body.get("readers") or 0))
         return web.json_response({"cluster": new, "status": "creating"})
 
     @routes.post("/v1/clusters/{name}/backtrack")

@@ -21,8 +21,10 @@ import datetime as dt
 import os
 import shutil
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg
 
@@ -63,7 +65,9 @@ class RestoreSource:
 
 
 def restore(state: State, src: RestoreSource, new: str, target: float | None,
-            readers: int = 0) -> None:
+            readers: int = 0, local_image: Path | None = None) -> None:
+    """``local_image``: the source's own base image folder, copied (sharing blocks where
+    the filesystem can) instead of downloaded when it is the image the restore uses."""
     store = open_store(src.location)
     backups = catalog.read_state(store, src.prefix)
     check_restorable(backups, target)
@@ -75,11 +79,12 @@ def restore(state: State, src: RestoreSource, new: str, target: float | None,
                         f"{image.key.rsplit('/', 1)[1]}")
     rt.start_storage()
     writer = state.add_instance(new, "writer", "az-a", 1)
-    recover_into(rt, writer, store, src.prefix, backups, image, target)
+    recover_into(rt, writer, store, src.prefix, backups, image, target, local_image)
     current = state.instance(writer.id)
     assert current is not None
     rt.event("restore", "recovery complete; the restored writer is promoted")
-    rt.provision_writer(current)
+    # Its first base image is the supervisor's to take, after the cluster is usable.
+    rt.provision_writer(current, base_image=False)
     for i in range(readers):
         reader = state.add_instance(new, "reader", ["az-b", "az-c", "az-a"][i % 3], 1)
         rt.provision_reader(reader, current)
@@ -88,7 +93,7 @@ def restore(state: State, src: RestoreSource, new: str, target: float | None,
 
 def recover_into(rt: ClusterRuntime, inst: Instance, store: ObjectStore, prefix: str,
                  backups: catalog.BackupState, image: catalog.BaseImage,
-                 target: float | None) -> None:
+                 target: float | None, local_image: Path | None = None) -> None:
     """A fresh data directory for ``inst`` from ``image``, recovered with the archived
     WAL to ``target`` (or the archive's end) and promoted onto a new timeline; returns
     with the server running as a writer, its restore settings removed."""
@@ -96,11 +101,18 @@ def recover_into(rt: ClusterRuntime, inst: Instance, store: ObjectStore, prefix:
     shutil.rmtree(datadir, ignore_errors=True)
     rt.instance_dir(inst.id).mkdir(parents=True, exist_ok=True)
     rt.run_as.ensure_traversable(rt.instance_dir(inst.id))
-    catalog.download_base_image(store, image, datadir)
+    if local_image is not None and catalog.backup_label(local_image)[0] == image.start_lsn:
+        # The same image, on this host: copy it, sharing blocks (reflink) where the
+        # filesystem can, instead of unpacking the stored tar.
+        subprocess.run(["cp", "-a", "--reflink=auto", str(local_image), str(datadir)],
+                       check=True, capture_output=True, timeout=3600)
+        rt.event("restore", "base image copied from the source's local copy")
+    else:
+        catalog.download_base_image(store, image, datadir)
     staged_dir = rt.instance_dir(inst.id) / "restore-wal"
     shutil.rmtree(staged_dir, ignore_errors=True)
     staged = catalog.stage_wal(store, prefix, backups, image, staged_dir)
-    rt.event("restore", f"base image unpacked; {staged >> 20} MiB of archived WAL staged")
+    rt.event("restore", f"base image in place; {staged >> 20} MiB of archived WAL staged")
     settings = rt.server_settings(inst)
     extra = dict(settings.extra or {})
     extra["restore_command"] = "'cp " + str(staged_dir) + "/%f \"%p\"'"
