@@ -114,7 +114,8 @@ class RdsOperations:
             "AvailabilityZones": ["az-a", "az-b", "az-c"],
             "MultiAZ": sum(1 for i in instances if i.role == "reader") > 0,
             "ClusterCreateTime": dt.datetime.fromtimestamp(cluster.created, dt.UTC),
-            "BackupRetentionPeriod": 1,
+            "BackupRetentionPeriod": int(self.state.setting(
+                f"backup_retention_days:{cluster.name}") or "1"),
             "AllocatedStorage": 1,
             "StorageEncrypted": False,
             "IAMDatabaseAuthenticationEnabled": False,
@@ -308,6 +309,9 @@ class RdsOperations:
             self.state.set_setting(f"deletion_protection:{name}", "true")
         if "BacktrackWindow" in p:
             backtrack.set_window(self.cp.runtime(name), check_window(p["BacktrackWindow"]))
+        if "BackupRetentionPeriod" in p:
+            self.state.set_setting(f"backup_retention_days:{name}",
+                                   str(check_retention(p["BackupRetentionPeriod"])))
         if p.get("Tags"):
             self._add_tags(identity.rds_arn(self.state, "cluster", name), p["Tags"])
         return {"DBCluster": self.describe_cluster(self._cluster(name))}
@@ -328,13 +332,16 @@ class RdsOperations:
     async def op_ModifyDBCluster(self, p: dict[str, Any]) -> dict[str, Any]:
         cluster = self._cluster(p["DBClusterIdentifier"])
         supported = {"DBClusterIdentifier", "ApplyImmediately", "MasterUserPassword",
-                     "DeletionProtection", "BacktrackWindow"}
+                     "DeletionProtection", "BacktrackWindow", "BackupRetentionPeriod"}
         unsupported = sorted(set(p) - supported)
         if unsupported:
             raise not_built(f"changing {', '.join(unsupported)}")
         if "BacktrackWindow" in p:
             backtrack.set_window(self.cp.runtime(cluster.name),
                                  check_window(p["BacktrackWindow"]))
+        if "BackupRetentionPeriod" in p:
+            self.state.set_setting(f"backup_retention_days:{cluster.name}",
+                                   str(check_retention(p["BackupRetentionPeriod"])))
         if "DeletionProtection" in p:
             self.state.set_setting(f"deletion_protection:{cluster.name}",
                                    "true" if p["DeletionProtection"] else "false")
@@ -758,6 +765,13 @@ def check_password(password: str) -> None:
         raise ApiError("InvalidParameterValue", "The parameter MasterUserPassword is not a "
                        "valid password: 8-128 printable ASCII characters other than '/', "
                        "'\"', '@' and space.")
+
+
+def check_retention(days: int) -> int:
+    if not 1 <= days <= 35:
+        raise ApiError("InvalidParameterValue", "BackupRetentionPeriod must be between 1 and "
+                       "35 days.")
+    return days
 
 
 def check_window(seconds: int) -> float:

@@ -102,6 +102,32 @@ def read_state(store: ObjectStore, prefix: str) -> BackupState:
     return BackupState(images, segments, partial, objects, missing)
 
 
+def prune_plan(state: BackupState, now: float, retention_days: int) -> list[str]:
+    """Objects no restore point inside the retention window needs: base images older
+    than the newest one that ended before the window opened, and the WAL before that
+    image's start (history files are kept: they are small and any timeline may need
+    them). The window is never left without a base image to start from."""
+    window_start = now - retention_days * 86400
+    anchor = state.image_for(window_start)
+    if anchor is None:
+        return []
+    doomed = []
+    first_segment = anchor.start_lsn // SEGMENT_SIZE
+    for image in state.base_images:
+        if image.ended < anchor.ended:
+            doomed += [f"{image.key}/manifest.json", f"{image.key}/base.tar"]
+    for segno, names in state.segments.items():
+        if segno < first_segment:
+            prefix = image_prefix(anchor.key)
+            doomed += [f"{prefix}/wal/{name}" for name in names]
+    return doomed
+
+
+def image_prefix(image_key: str) -> str:
+    """The cluster prefix an image key (``<prefix>/base/<lsn>``) lives under."""
+    return image_key.rsplit("/base/", 1)[0]
+
+
 def verify(store: ObjectStore, state: BackupState) -> list[str]:
     """Objects whose bytes no longer match their checksum, or that are gone."""
     damaged = list(state.missing)

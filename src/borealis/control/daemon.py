@@ -32,7 +32,7 @@ from borealis.api import server as api_server
 from borealis.api.times import format_time, parse_time
 from borealis.backup import catalog
 from borealis.backup import snapshot as snapshot_mod
-from borealis.backup.store import open_store
+from borealis.backup.store import StoreError, open_store
 from borealis.compute import postgres as pg
 from borealis.control import backtrack, failover, probe, restore
 from borealis.control.cluster import ClusterError, ClusterRuntime
@@ -55,6 +55,9 @@ VOLUME_STALL_S = 3.0  # VDL standing still with WAL waiting, storage tier answer
 LSN_SAMPLES = 2400
 SAMPLE_TIMEOUT_S = 1.0
 BASE_IMAGE_INTERVAL_S = float(os.environ.get("BOREALIS_BASE_IMAGE_INTERVAL_S", "3600"))
+# A new base image also after this much WAL, so a restore never replays much more.
+BASE_IMAGE_WAL_BYTES = int(os.environ.get("BOREALIS_BASE_IMAGE_WAL_BYTES", str(1 << 30)))
+PRUNE_INTERVAL_S = 60.0
 
 
 def default_home() -> Path:
@@ -80,6 +83,7 @@ class ControlPlane:
         self.writer_misses: dict[str, int] = collections.defaultdict(int)
         self.background: set[asyncio.Task[None]] = set()
         self.images_stored: set[str] = set()
+        self.pruned_at: dict[str, float] = {}
         self.cluster_created_hooks: list[Callable[[str], None]] = []
         self.api_url = ""
 
@@ -174,6 +178,7 @@ class ControlPlane:
                                           f"(no commit became durable in {VOLUME_STALL_S} s)")
             return
         self._refresh_base_image(rt, writer)
+        self.prune_backups(name)
         for reader in rt.readers():
             if reader.state == "rebuilding":
                 failover.rebuild_reader(rt, reader)
@@ -205,11 +210,38 @@ class ControlPlane:
         """Keep the base image recent, so rebuilding a writer replays little WAL; taken
         from a reader when there is one (the writer has enough to do)."""
         age = rt.base_image_age_s()
-        if age is not None and age < BASE_IMAGE_INTERVAL_S and self._image_stored(rt):
+        if (age is not None and age < BASE_IMAGE_INTERVAL_S and self._image_stored(rt)
+                and not self._much_wal_since_image(rt)):
             return
         readers = rt.available_readers()
         if writer.state == "available":
             rt.take_base_image(readers[0] if readers else writer)
+
+    def _much_wal_since_image(self, rt: ClusterRuntime) -> bool:
+        """BASE_IMAGE_WAL_BYTES of WAL written since the local base image began: a restore
+        from it would replay too much."""
+        try:
+            start, _ = catalog.backup_label(rt.base_image_dir())
+        except (OSError, StoreError):
+            return False
+        vdl = str((rt.volume_status() or {}).get("vdl", "0/0"))
+        return parse_lsn(vdl) - start > BASE_IMAGE_WAL_BYTES
+
+    def prune_backups(self, name: str) -> None:
+        """Drop what the retention window no longer needs (at most once a minute)."""
+        now = time.time()
+        if now - self.pruned_at.get(name, 0.0) < PRUNE_INTERVAL_S:
+            return
+        self.pruned_at[name] = now
+        rt = self.runtime(name)
+        store = open_store(rt.object_store_location)
+        days = int(self.state.setting(f"backup_retention_days:{name}") or "1")
+        doomed = catalog.prune_plan(catalog.read_state(store, rt.backup_prefix), now, days)
+        for key in doomed:
+            store.delete(key)
+        if doomed:
+            rt.event("backup", f"retention ({days} d): removed {len(doomed)} objects no "
+                               "restore point in the window needs")
 
     def _image_stored(self, rt: ClusterRuntime) -> bool:
         """Whether the object store holds a base image of the cluster (checked once per
@@ -649,6 +681,7 @@ class ControlPlane:
         store = open_store(rt.object_store_location)
         backups = catalog.read_state(store, rt.backup_prefix)
         out = catalog.describe(backups, rt.object_store_location, rt.backup_prefix)
+        out["retention_days"] = int(self.state.setting(f"backup_retention_days:{name}") or "1")
         if verify:
             out["damaged"] = catalog.verify(store, backups)
             out["verified"] = not out["damaged"] and not out["gaps"]

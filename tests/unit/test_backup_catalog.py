@@ -1,0 +1,94 @@
+"""The backup catalog's rules (restorable window, gaps, retention) and the local object
+store's guarantees, without processes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from borealis.backup import catalog
+from borealis.backup.store import LocalStore, StoreError
+from borealis.control.cluster import ClusterError
+from borealis.control.restore import check_restorable
+from borealis.wal.lsn import SEGMENT_SIZE, format_lsn, segment_name
+
+DAY = 86400.0
+
+
+def state(images: list[tuple[int, float]], segments: range, latest: tuple[int, float] | None
+          ) -> catalog.BackupState:
+    """Images as (start segment, ended); archived segments; latest.json (end LSN, time)."""
+    base = [catalog.BaseImage(f"c/base/{s * SEGMENT_SIZE:016X}", s * SEGMENT_SIZE, 1, t - 5,
+                              t, 100) for s, t in images]
+    segs = {s: [segment_name(1, s)] for s in segments}
+    partial = {"end_lsn": format_lsn(latest[0]), "time": latest[1]} if latest else None
+    return catalog.BackupState(base, segs, partial, [])
+
+
+def test_the_restorable_window() -> None:
+    st_ = state([(2, 100.0), (5, 200.0)], range(2, 9), (8 * SEGMENT_SIZE + 10, 300.0))
+    assert st_.earliest == 100.0 and st_.latest == 300.0 and st_.gaps() == []
+    assert st_.image_for(150.0) == st_.base_images[0]
+    assert st_.image_for(250.0) == st_.base_images[1]
+    assert st_.image_for(50.0) is None
+    assert check_restorable(st_, 150.0) == 150.0
+    with pytest.raises(ClusterError, match="outside the restorable window"):
+        check_restorable(st_, 301.0)
+
+
+def test_a_missing_segment_makes_nothing_restorable() -> None:
+    st_ = state([(2, 100.0)], range(2, 9), (8 * SEGMENT_SIZE + 10, 300.0))
+    del st_.segments[4]
+    assert st_.gaps() == [4] and st_.latest is None
+    with pytest.raises(ClusterError, match="missing"):
+        check_restorable(st_, None)
+
+
+def test_an_end_on_a_segment_boundary_needs_no_further_segment() -> None:
+    st_ = state([(2, 100.0)], range(2, 4), (4 * SEGMENT_SIZE, 300.0))
+    assert st_.gaps() == []
+
+
+@given(st.lists(st.floats(0, 40 * DAY), min_size=1, max_size=6, unique=True),
+       st.integers(1, 35), st.floats(0, 40 * DAY))
+def test_retention_keeps_every_restore_point_in_the_window(ends: list[float], days: int,
+                                                           now: float) -> None:
+    images = [(2 + 3 * i, t) for i, t in enumerate(sorted(ends))]
+    st_ = state(images, range(2, 2 + 3 * len(images) + 2), None)
+    doomed = set(catalog.prune_plan(st_, now, days))
+    window_start = now - days * DAY
+    kept = [b for b in st_.base_images if f"{b.key}/base.tar" not in doomed]
+    # Every time in the window that was restorable still has its image and WAL.
+    needed = st_.image_for(window_start)
+    if needed is not None:
+        assert needed in kept
+        first = needed.start_lsn // SEGMENT_SIZE
+        assert not any(f"/wal/{segment_name(1, s)}" in key for key in doomed
+                       for s in st_.segments if s >= first)
+    assert all(b in kept for b in st_.base_images if b.ended >= window_start)
+
+
+def test_local_store_writes_are_whole_and_verified(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    info = store.put_bytes("a/b", b"x" * 1000)
+    assert store.head("a/b") == info and store.get_bytes("a/b") == b"x" * 1000
+    assert not list((tmp_path / "objects" / "a").glob(".upload-*"))  # no temporary left
+    (tmp_path / "objects" / "a" / "b").write_bytes(b"y" * 1000)  # damaged in place
+    with pytest.raises(StoreError, match="damaged"):
+        store.get_bytes("a/b")
+    assert store.actual_sha256("a/b") != info.sha256
+    (tmp_path / "objects" / "a" / "b").unlink()  # lost
+    assert [o.size for o in store.list("a/")] == [-1]
+    with pytest.raises(StoreError):
+        store.put_bytes("../escape", b"")
+
+
+def test_describe_uses_the_api_time_format() -> None:
+    st_ = state([(2, 1795000000.25)], range(2, 4), (3 * SEGMENT_SIZE + 5, 1795000100.5))
+    out = catalog.describe(st_, "file:///x", "c")
+    assert out["earliest_restorable_time"] == "2026-11-18T11:06:40.250Z"
+    assert json.dumps(out)
