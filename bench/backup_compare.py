@@ -27,6 +27,7 @@ import psycopg
 
 from borealis.compute import postgres as pg
 from borealis.control.state import free_port
+from borealis.wal.lsn import parse_lsn
 
 
 def iso(when: float) -> str:
@@ -118,7 +119,8 @@ def main() -> None:
         deadline = time.monotonic() + 1800
         while time.monotonic() < deadline:
             st = json.loads(cli("backup", "status", "big", "--json", "--no-verify"))
-            images = [b for b in st["base_images"] if b["start_lsn"] >= lsn[0]]
+            images = [b for b in st["base_images"]
+                      if parse_lsn(b["start_lsn"]) >= parse_lsn(lsn[0])]
             if images and st["latest_restorable_time"]:
                 break
             time.sleep(2)

@@ -6,6 +6,7 @@ if anything it started is still running.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -33,6 +34,12 @@ TEST_ENV = {
     "BOREALIS_DATA_API_CALL_TIMEOUT_S": "6",
     "BOREALIS_DATA_API_IDLE_TRANSACTION_S": "15",
 }
+
+
+def iso(when: float) -> str:
+    """A time as Borealis takes it: ISO 8601, UTC, milliseconds."""
+    stamp = datetime.datetime.fromtimestamp(when, datetime.UTC)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def wait_for(what: str, check: Callable[[], T | None], timeout_s: float = 30.0,

@@ -13,11 +13,7 @@ import psycopg
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.harness import Borealis, ClusterView, wait_for
-
-
-def iso(when: float) -> str:
-    return dt.datetime.fromtimestamp(when, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+from tests.harness import Borealis, ClusterView, iso, wait_for
 
 
 def endpoint_dsn(view: ClusterView, kind: str) -> str:

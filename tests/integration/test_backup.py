@@ -3,7 +3,6 @@ folder store and against an S3-compatible server the test starts."""
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import shutil
@@ -19,11 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.harness import Borealis, ClusterView, wait_for
-
-
-def iso(when: float) -> str:
-    return dt.datetime.fromtimestamp(when, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+from tests.harness import Borealis, ClusterView, iso, wait_for
 
 
 def writer_dsn(view: ClusterView) -> str:
@@ -92,6 +87,13 @@ def test_restore_to_the_latest_time_loses_at_most_seconds(
             assert conn.execute("SELECT count(*) FROM recent").fetchone() == (20,)
     finally:
         borealis.cli("destroy", "src-latest", timeout_s=300)
+    # A time in a quiet spell (no commit after it in the archive) is restorable too.
+    borealis.cli("restore", "src", "--to-time", iso(acked + 0.5), "--new-cluster", "src-quiet")
+    try:
+        with psycopg.connect(writer_dsn(ClusterView(borealis, "src-quiet"))) as conn:
+            assert conn.execute("SELECT count(*) FROM recent").fetchone() == (20,)
+    finally:
+        borealis.cli("destroy", "src-quiet", timeout_s=300)
 
 
 def test_refused_restores_change_nothing(borealis: Borealis, source: ClusterView) -> None:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from borealis.fsync import fsync_dir
+
 CHUNK = 1 << 20
 
 
@@ -118,7 +120,7 @@ class LocalStore:
         meta.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(meta, json.dumps({"sha256": sha, "size": tmp.stat().st_size}).encode())
         os.replace(tmp, self._data(key))
-        _fsync_dir(self._data(key).parent)
+        fsync_dir(self._data(key).parent)
         if file_sha256(self._data(key)) != sha:  # verify what landed
             raise StoreError(f"upload of {key} did not verify")
         info = self.head(key)
@@ -284,11 +286,3 @@ def _write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -549,13 +549,11 @@ def parser() -> argparse.ArgumentParser:
     when.add_argument("--to-time", help="ISO 8601, e.g. 2026-11-23T04:55:00.250Z (UTC "
                       "without a zone)")
     when.add_argument("--latest", action="store_true", help="the latest restorable time")
-    rs.add_argument("--new-cluster", required=True)
-    rs.add_argument("--readers", type=int, default=0)
+    new_cluster_args(rs)
     rs.set_defaults(func=cmd_restore)
     cl = sub.add_parser("clone", help="a new cluster with a cluster's current state")
     cl.add_argument("cluster")
-    cl.add_argument("--new-cluster", required=True)
-    cl.add_argument("--readers", type=int, default=0)
+    new_cluster_args(cl)
     cl.set_defaults(func=cmd_clone)
     bt = sub.add_parser("backtrack", help="rewind a cluster in place to a time in its "
                         "backtrack window")
@@ -576,8 +574,7 @@ def parser() -> argparse.ArgumentParser:
     snd.set_defaults(func=cmd_snapshot_delete)
     snr = snsub.add_parser("restore", help="a new cluster from a snapshot")
     snr.add_argument("name")
-    snr.add_argument("--new-cluster", required=True)
-    snr.add_argument("--readers", type=int, default=0)
+    new_cluster_args(snr)
     snr.set_defaults(func=cmd_snapshot_restore)
     inst = sub.add_parser("instance", help="add or remove instances")
     isub = inst.add_subparsers(dest="instance_command", required=True)
@@ -608,6 +605,11 @@ def parser() -> argparse.ArgumentParser:
     de.add_argument("name")
     de.set_defaults(func=cmd_endpoint_delete)
     return p
+
+
+def new_cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--new-cluster", required=True, help="the cluster to create")
+    p.add_argument("--readers", type=int, default=0, help="readers besides its writer")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -95,8 +95,9 @@ class ControlPlane:
     async def supervise(self) -> None:
         while not self.stopping.is_set():
             for cluster in self.state.clusters():
-                if cluster.desired != "up" or self.locks[cluster.name].locked():
-                    continue
+                if (cluster.desired != "up" or cluster.status == "failed"
+                        or self.locks[cluster.name].locked()):
+                    continue  # a failed restore or backtrack is left as it is, to look at
                 async with self.locks[cluster.name]:
                     unhealthy = await self._check_nodes(cluster.name)
                     try:
@@ -990,10 +991,7 @@ def build_app(cp: ControlPlane, api: api_server.Api) -> web.Application:
         name = request.match_info["name"]
         need_cluster(name)
         body = await request.json()
-        new = body.get("new_cluster")
-        if not isinstance(new, str) or not _valid_name(new):
-            return _error(400, "new_cluster: 1-63 letters, digits or hyphens, starting "
-                               "with a letter")
+        new, readers = _new_cluster(body)
         target = None
         if body.get("to_time") is not None:
             try:
@@ -1003,9 +1001,6 @@ def build_app(cp: ControlPlane, api: api_server.Api) -> web.Application:
                                    "2026-11-23T04:55:00.250Z)")
         elif not body.get("latest"):
             return _error(400, "give to_time or latest")
-        readers = body.get("readers", 0)
-        if not isinstance(readers, int) or not 0 <= readers <= 15:
-            return _error(400, "readers must be an integer between 0 and 15")
         src, user, password = cp.restore_source(cluster=name)
         await asyncio.to_thread(cp.check_restore, src, new, target)
         cp.start_restore(src, user, password, new, target, readers)
@@ -1015,14 +1010,10 @@ def build_app(cp: ControlPlane, api: api_server.Api) -> web.Application:
     async def clone_cluster(request: web.Request) -> web.Response:
         name = request.match_info["name"]
         need_cluster(name)
-        body = await request.json()
-        new = body.get("new_cluster")
-        if not isinstance(new, str) or not _valid_name(new):
-            return _error(400, "new_cluster: 1-63 letters, digits or hyphens, starting "
-                               "with a letter")
+        new, readers = _new_cluster(await request.json())
         src, _, _ = cp.restore_source(cluster=name)
         await asyncio.to_thread(cp.check_restore, src, new, None)
-        cp.start_clone(name, new, int(body.get("readers") or 0))
+        cp.start_clone(name, new, readers)
         return web.json_response({"cluster": new, "status": "creating"})
 
     @routes.post("/v1/clusters/{name}/backtrack")
@@ -1064,14 +1055,10 @@ def build_app(cp: ControlPlane, api: api_server.Api) -> web.Application:
 
     @routes.post("/v1/snapshots/{name}/restore")
     async def restore_snapshot(request: web.Request) -> web.Response:
-        body = await request.json()
-        new = body.get("new_cluster")
-        if not isinstance(new, str) or not _valid_name(new):
-            return _error(400, "new_cluster: 1-63 letters, digits or hyphens, starting "
-                               "with a letter")
+        new, readers = _new_cluster(await request.json())
         src, user, password = cp.restore_source(snapshot=request.match_info["name"])
         await asyncio.to_thread(cp.check_restore, src, new, None)
-        cp.start_restore(src, user, password, new, None, int(body.get("readers") or 0))
+        cp.start_restore(src, user, password, new, None, readers)
         return web.json_response({"cluster": new, "status": "creating"})
 
     def snapshot_json(name: str) -> dict[str, Any]:
@@ -1108,6 +1095,17 @@ def build_app(cp: ControlPlane, api: api_server.Api) -> web.Application:
     app.add_routes(routes)
     api.add_routes(app)
     return app
+
+
+def _new_cluster(body: dict[str, Any]) -> tuple[str, int]:
+    """The new cluster's name and reader count of a restore, clone or snapshot restore."""
+    new, readers = body.get("new_cluster"), body.get("readers") or 0
+    if not isinstance(new, str) or not _valid_name(new):
+        raise ClusterError("new_cluster: 1-63 letters, digits or hyphens, starting with a "
+                           "letter")
+    if not isinstance(readers, int) or not 0 <= readers <= 15:
+        raise ClusterError("readers must be an integer between 0 and 15")
+    return new, readers
 
 
 def _valid_name(name: str) -> bool:

@@ -26,6 +26,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from borealis.fsync import fsync_dir
 from borealis.wal.lsn import SEGMENT_SIZE, history_name, parse_segment_name, segment_name
 from borealis.wal.timeline import TimelineEntry, parse_history
 from borealis.wal.verify import WalCorruption, WalVerifier
@@ -127,7 +128,7 @@ class SegmentStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     @property
     def empty(self) -> bool:
@@ -187,7 +188,7 @@ class SegmentStore:
             os.fdatasync(fd)
         self._dirty.clear()
         if self._dir_dirty:
-            _fsync_dir(self.wal_dir)
+            fsync_dir(self.wal_dir)
             self._dir_dirty = False
         self.flush_lsn = self.write_lsn
         return self.flush_lsn
@@ -258,7 +259,7 @@ class SegmentStore:
                     self._segments[segno].remove(tli)
             if not self._segments[segno]:
                 del self._segments[segno]
-        _fsync_dir(self.wal_dir)
+        fsync_dir(self.wal_dir)
         self.flush_lsn = self.write_lsn = min(self.flush_lsn, lsn)
         if self.manifest.start_lsn and lsn <= self.manifest.start_lsn:
             self.manifest.start_lsn = 0
@@ -350,11 +351,3 @@ class SegmentStore:
         self.sync()
         for key in list(self._fds):
             self._close(key)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
