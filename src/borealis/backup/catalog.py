@@ -201,7 +201,13 @@ def stage_wal(store: ObjectStore, prefix: str, state: BackupState, image: BaseIm
             continue
         if name.endswith(".partial") and target in names:
             continue  # the whole segment is there
-        store.get_file(f"{prefix}/wal/{name}", directory / target)
+        try:
+            store.get_file(f"{prefix}/wal/{name}", directory / target)
+        except StoreError:
+            if not name.endswith(".partial"):
+                raise
+            # Completed since the listing: the whole segment replaced its partial.
+            store.get_file(f"{prefix}/wal/{target}", directory / target)
         staged += (directory / target).stat().st_size
     return staged
 
