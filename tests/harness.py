@@ -13,7 +13,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -131,6 +132,18 @@ class Borealis:
                 if alive(pid, marker):
                     os.kill(pid, signal.SIGKILL)
         return leftovers
+
+
+@contextmanager
+def own_cluster(b: Borealis, name: str, readers: int) -> Iterator[ClusterView]:
+    """A cluster of the test module's own, destroyed after it."""
+    b.cli("up", "--cluster", name, "--readers", str(readers))
+    view = ClusterView(b, name)
+    view.wait_all_serving()
+    try:
+        yield view
+    finally:
+        b.cli("destroy", name, check=False, timeout_s=300)
 
 
 class ClusterView:

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.harness import Borealis, ClusterView, iso, wait_for
+from tests.harness import Borealis, ClusterView, iso, own_cluster, wait_for
 
 
 def endpoint_dsn(view: ClusterView, kind: str) -> str:
@@ -36,13 +36,8 @@ def restorable_after(b: Borealis, cluster: str, when: float) -> None:
 
 @pytest.fixture(scope="module")
 def rewind(borealis: Borealis) -> Iterator[ClusterView]:
-    borealis.cli("up", "--cluster", "rewind", "--readers", "1")
-    view = ClusterView(borealis, "rewind")
-    view.wait_all_serving()
-    try:
+    with own_cluster(borealis, "rewind", 1) as view:
         yield view
-    finally:
-        borealis.cli("destroy", "rewind", check=False, timeout_s=300)
 
 
 def test_backtrack_after_a_bad_delete(borealis: Borealis, rewind: ClusterView) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.harness import Borealis, ClusterView, iso, wait_for
+from tests.harness import Borealis, ClusterView, iso, own_cluster, wait_for
 
 
 def writer_dsn(view: ClusterView) -> str:
@@ -33,13 +33,8 @@ def backup_status(b: Borealis, cluster: str, verify: bool = True) -> dict[str, o
 
 @pytest.fixture(scope="module")
 def source(borealis: Borealis) -> Iterator[ClusterView]:
-    borealis.cli("up", "--cluster", "src", "--readers", "0")
-    view = ClusterView(borealis, "src")
-    view.wait_all_serving()
-    try:
+    with own_cluster(borealis, "src", 0) as view:
         yield view
-    finally:
-        borealis.cli("destroy", "src", check=False, timeout_s=300)
 
 
 def test_point_in_time_restore_holds_exactly_what_was_committed(

@@ -22,6 +22,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from borealis.backup.store import ObjectStore, open_store
@@ -62,20 +63,23 @@ class Archiver:
     async def run(self) -> None:
         while True:
             try:
-                await asyncio.to_thread(self.pass_once, time.monotonic(), time.time())
+                await self.pass_once(time.monotonic(), time.time())
             except Exception as exc:  # the store unreachable, a full disk: try again
                 log.warning("%s: archiving: %s", self.node.config.node_id, exc)
                 await asyncio.sleep(5)
             await asyncio.sleep(CHECK_INTERVAL_S)
 
-    def pass_once(self, now: float, wall: float) -> None:
+    async def pass_once(self, now: float, wall: float) -> None:
+        """The segment store is touched only here, on the node's event loop (its file
+        handles are not shared with threads); uploads run in worker threads, reading a
+        completed segment through a file handle of their own."""
         store = self.node.store
         if self.node.recovering or not store.manifest.sealed:
             return
         heard = self.node.vdl_heard_at
         vdl = min(self.node.vdl, store.flush_lsn)
         for timeline, content in sorted(store.manifest.histories.items()):
-            self._put_once(history_name(int(timeline)), content.encode())
+            await self._put_once(history_name(int(timeline)), content.encode())
         for segno in store.segment_numbers():
             if (segno + 1) * SEGMENT_SIZE > vdl or segno * SEGMENT_SIZE < store.manifest.start_lsn:
                 continue  # not all durable yet, or not all held here
@@ -88,28 +92,31 @@ class Archiver:
             since = self.complete_since.setdefault(name, now)
             if now - since < self.rank * self.stagger_s:
                 continue
-            if self.store.head(self.key(name)) is None:
-                self.store.put_file(self.key(name), store.segment_path(segno))
-                log.info("%s: archived %s", self.node.config.node_id, name)
-            self.store.delete(self.key(name + ".partial"))  # the whole segment replaces it
+            await asyncio.to_thread(self._upload_segment, name, store.segment_path(segno))
             self.archived.add(name)
         if wall - heard <= VDL_NEWS_MAX_AGE_S:  # else this node may not know the VDL
-            self._partial(vdl, now, heard - VDL_NEWS_MARGIN_S)
+            await self._partial(vdl, now, heard - VDL_NEWS_MARGIN_S)
 
-    def _put_once(self, name: str, data: bytes) -> None:
+    def _upload_segment(self, name: str, path: Path) -> None:
+        if self.store.head(self.key(name)) is None:
+            self.store.put_file(self.key(name), path)
+            log.info("%s: archived %s", self.node.config.node_id, name)
+        self.store.delete(self.key(name + ".partial"))  # the whole segment replaces it
+
+    async def _put_once(self, name: str, data: bytes) -> None:
         if name in self.archived:
             return
-        if self.store.head(self.key(name)) is None:
-            self.store.put_bytes(self.key(name), data)
+        if await asyncio.to_thread(self.store.head, self.key(name)) is None:
+            await asyncio.to_thread(self.store.put_bytes, self.key(name), data)
         self.archived.add(name)
 
-    def _partial(self, vdl: int, now: float, covered_until: float) -> None:
+    async def _partial(self, vdl: int, now: float, covered_until: float) -> None:
         """Upload the segment holding VDL (when it moved), then say in latest.json that
         every commit acknowledged before ``covered_until`` is archived."""
         if vdl == 0 or now - self.last_partial < PARTIAL_INTERVAL_S:
             return
         self.last_partial = now
-        if self.rank > 0 and not self._partial_stale(covered_until):
+        if self.rank > 0 and not await asyncio.to_thread(self._partial_stale, covered_until):
             return
         store = self.node.store
         segno = vdl // SEGMENT_SIZE
@@ -119,12 +126,14 @@ class Archiver:
             if tli is None or start < store.manifest.start_lsn:
                 return
             data = store.read(start, vdl, tli) + bytes(SEGMENT_SIZE - (vdl - start))
-            self.store.put_bytes(self.key(segment_name(tli, segno) + ".partial"), data)
-        elif vdl % SEGMENT_SIZE == 0 and self.store.head(
-                self.key(segment_name(store.timeline_for(segno - 1) or 1, segno - 1))) is None:
-            return  # VDL at a segment boundary: the segment before must be archived first
+            await asyncio.to_thread(self.store.put_bytes,
+                                    self.key(segment_name(tli, segno) + ".partial"), data)
+        elif vdl % SEGMENT_SIZE == 0:
+            before = segment_name(store.timeline_for(segno - 1) or 1, segno - 1)
+            if await asyncio.to_thread(self.store.head, self.key(before)) is None:
+                return  # VDL at a segment boundary: the segment before must be archived first
         name = segment_name(tli or store.manifest.timeline, segno)
-        self.store.put_bytes(self.key("latest.json"), json.dumps({
+        await asyncio.to_thread(self.store.put_bytes, self.key("latest.json"), json.dumps({
             "segment": name, "end_lsn": format_lsn(vdl), "time": covered_until,
             "node": self.node.config.node_id}).encode())
         self.last_partial_end = vdl
