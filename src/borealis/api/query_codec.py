@@ -21,8 +21,6 @@ from botocore.model import OperationModel, ServiceModel, Shape
 from borealis.api.errors import ApiError
 from borealis.api.times import format_time, parse_time
 
-MAX_BODY = 1 << 20  # query requests are small; a larger body is refused unread
-
 
 def parse_form(body: bytes) -> dict[str, str]:
     try:

@@ -23,7 +23,7 @@ from aiohttp import web
 from botocore.model import ServiceModel
 from botocore.validate import ParamValidator
 
-from borealis.api import identity, query_codec, sigv4
+from borealis.api import data_api, identity, query_codec, sigv4
 from borealis.api.data_api import DataApi
 from borealis.api.errors import ApiError
 from borealis.api.rds import RdsOperations, master_secret_name
@@ -190,7 +190,7 @@ class Api:
                            "ExecuteStatement")
         result = await call(params)
         body = json.dumps(result).encode()
-        if len(body) > query_codec.MAX_BODY + (1 << 10):
+        if len(body) > data_api.MAX_RESPONSE + (1 << 10):
             raise ApiError("BadRequestException", "Database returned more than the allowed "
                            "response size limit (1 MiB)")
         return web.Response(body=body, content_type="application/json",

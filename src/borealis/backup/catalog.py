@@ -12,7 +12,6 @@ that image's start to the segment holding the archive's newest position is prese
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import tarfile
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from borealis.api import times
 from borealis.backup.store import ObjectInfo, ObjectStore, StoreError
 from borealis.wal.lsn import SEGMENT_SIZE, format_lsn, parse_lsn, parse_segment_name
 
@@ -213,10 +213,7 @@ def stage_wal(store: ObjectStore, prefix: str, state: BackupState, image: BaseIm
 
 
 def format_time(when: float | None) -> str | None:
-    if when is None:
-        return None
-    from borealis.api.times import format_time as fmt
-    return fmt(dt.datetime.fromtimestamp(when, dt.UTC))
+    return None if when is None else times.format_time(when)
 
 
 def describe(state: BackupState, location: str, prefix: str) -> dict[str, Any]:
