@@ -98,3 +98,42 @@ def test_timeline_switch_inside_a_segment_copies_the_prefix(tmp_path: Path) -> N
     s.sync()
     assert s.read(SEG, SEG + 1010) == b"o" * 1000 + b"n" * 10
     assert s.read(SEG, SEG + 1000, timeline=1) == b"o" * 1000
+
+
+def test_drop_before_prunes_whole_segments_durably(tmp_path: Path) -> None:
+    s = open_store(tmp_path)
+    s.begin_at(SEG * 2)
+    b = wal(SEG * 2, SEG * 5 + SEG // 2)
+    s.write(SEG * 2, bytes(b.out))
+    s.sync()
+    s.save_manifest()
+    with pytest.raises(StoreError):
+        s.drop_before(SEG * 3 + 1)  # not a segment start
+    with pytest.raises(StoreError):
+        s.drop_before(SEG * 6)  # past what is held
+    s.drop_before(SEG * 4)
+    assert s.manifest.start_lsn == SEG * 4 and s.segment_numbers() == [4, 5]
+    with pytest.raises(StoreError):
+        s.read(SEG * 3, SEG * 4)
+    with pytest.raises(StoreError):
+        s.read_segment(1, 3, 0, 10)  # a dropped segment is not read by number either
+    assert s.read(SEG * 4, SEG * 5) == bytes(b.out[SEG * 2 : SEG * 3])
+    s.drop_before(SEG * 3)  # behind the start already: nothing happens
+    assert s.manifest.start_lsn == SEG * 4
+    s.close()
+    again = open_store(tmp_path)
+    assert again.manifest.start_lsn == SEG * 4 and again.flush_lsn == b.record_ends[-1]
+
+
+def test_open_removes_segments_a_crash_left_below_the_start(tmp_path: Path) -> None:
+    s = open_store(tmp_path)
+    s.begin_at(SEG * 2)
+    b = wal(SEG * 2, SEG * 4 + 100)
+    s.write(SEG * 2, bytes(b.out))
+    s.sync()
+    s.manifest.start_lsn = SEG * 3  # the manifest moved, the unlink did not happen
+    s.save_manifest()
+    s.close()
+    again = open_store(tmp_path)
+    assert again.segment_numbers() == [3, 4]
+    assert not (tmp_path / "wal" / "000000010000000000000002").exists()

@@ -34,12 +34,13 @@ from borealis.backup import catalog
 from borealis.backup import snapshot as snapshot_mod
 from borealis.backup.store import StoreError, open_store
 from borealis.compute import postgres as pg
-from borealis.control import backtrack, failover, probe, restore
+from borealis.control import backtrack, failover, probe, restore, wal_retention
 from borealis.control.cluster import ClusterError, ClusterRuntime
 from borealis.control.endpoints import ClusterEndpoints
 from borealis.control.failover_rules import FailoverRefused, VolumeStall
 from borealis.control.restore import check_restorable
 from borealis.control.state import AZS, State
+from borealis.storage.archive import RETAIN_FILE
 from borealis.storage.peers import PeerAddress, PeerConnection, PeerError, peer_states
 from borealis.wal.lsn import format_lsn, parse_lsn
 
@@ -57,7 +58,9 @@ SAMPLE_TIMEOUT_S = 1.0
 BASE_IMAGE_INTERVAL_S = float(os.environ.get("BOREALIS_BASE_IMAGE_INTERVAL_S", "3600"))
 # A new base image also after this much WAL, so a restore never replays much more.
 BASE_IMAGE_WAL_BYTES = int(os.environ.get("BOREALIS_BASE_IMAGE_WAL_BYTES", str(1 << 30)))
-PRUNE_INTERVAL_S = 60.0
+PRUNE_INTERVAL_S = float(os.environ.get("BOREALIS_PRUNE_INTERVAL_S", "60"))
+# WAL the storage nodes keep below VDL however old (readers catching up read it there).
+NODE_WAL_KEEP_BYTES = int(os.environ.get("BOREALIS_NODE_WAL_KEEP_BYTES", str(128 << 20)))
 
 
 def default_home() -> Path:
@@ -229,7 +232,8 @@ class ControlPlane:
         return parse_lsn(vdl) - start > BASE_IMAGE_WAL_BYTES
 
     def prune_backups(self, name: str) -> None:
-        """Drop what the retention window no longer needs (at most once a minute)."""
+        """Drop what the retention window no longer needs (at most once a minute), and
+        tell the storage nodes how much WAL they must keep."""
         now = time.time()
         if now - self.pruned_at.get(name, 0.0) < PRUNE_INTERVAL_S:
             return
@@ -243,6 +247,38 @@ class ControlPlane:
         if doomed:
             rt.event("backup", f"retention ({days} d): removed {len(doomed)} objects no "
                                "restore point in the window needs")
+        self._retain_node_wal(rt)
+
+    def _retain_node_wal(self, rt: ClusterRuntime) -> None:
+        """Write each node's ``retain.json``: below it, archived WAL may be dropped."""
+        try:
+            image_start: int | None = catalog.backup_label(rt.base_image_dir())[0]
+        except (OSError, StoreError):
+            image_start = None
+        instances = self.state.instances(rt.name)
+        redo = [self._redo_lsn(rt, i) if i.state == "available" else None for i in instances]
+        vdl = parse_lsn(str((rt.volume_status() or {}).get("vdl", "0/0")))
+        lsn = wal_retention.retain_from(image_start, redo, vdl, NODE_WAL_KEEP_BYTES)
+        if lsn is None:
+            return
+        body = json.dumps({"retain_from": format_lsn(lsn), "written": time.time()})
+        for node in self.state.storage_nodes(rt.name):
+            path = rt.node_dir(node.id) / "data" / RETAIN_FILE
+            with contextlib.suppress(OSError):  # a node being rebuilt: next time
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(body)
+                os.replace(tmp, path)
+
+    @staticmethod
+    def _redo_lsn(rt: ClusterRuntime, inst: Any) -> int | None:
+        """Where the instance's crash recovery would start (a reader: its restartpoint)."""
+        try:
+            with psycopg.connect(rt.dsn(inst), connect_timeout=2) as conn:
+                row = conn.execute("SELECT redo_lsn::text FROM pg_control_checkpoint()"
+                                   ).fetchone()
+        except psycopg.Error:
+            return None
+        return parse_lsn(row[0]) if row and row[0] else None
 
     def _image_stored(self, rt: ClusterRuntime) -> bool:
         """Whether the object store holds a base image of the cluster (checked once per

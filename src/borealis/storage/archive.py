@@ -12,12 +12,19 @@ Layout under ``<prefix>/wal/``: ``<PostgreSQL segment name>``, ``<name>.partial`
 reaches and the time its upload began; every commit acknowledged before that time is
 in the archive, which makes that time the latest restorable one).
 
-Invariant: nothing past VDL is ever archived (it may not be durable and may be cut).
+Pruning: the control plane writes ``retain.json`` into the node's directory, naming the
+oldest LSN any instance or base image may still need from the volume. Below it, every
+whole segment this node knows to be archived is dropped, so the node's disk holds about
+the WAL since the newest base image, not all WAL ever written.
+
+Invariants: nothing past VDL is ever archived (it may not be durable and may be cut);
+nothing is dropped that is not in the archive or that is at or past ``retain_from``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -26,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from borealis.backup.store import ObjectStore, open_store
-from borealis.wal.lsn import SEGMENT_SIZE, format_lsn, history_name, segment_name
+from borealis.wal.lsn import SEGMENT_SIZE, format_lsn, history_name, parse_lsn, segment_name
 
 if TYPE_CHECKING:
     from borealis.storage.node import StorageNode
@@ -39,6 +46,7 @@ CHECK_INTERVAL_S = 0.5
 # of a change); the latest restorable time is kept this far behind what was heard.
 VDL_NEWS_MARGIN_S = 0.25
 VDL_NEWS_MAX_AGE_S = 2.0
+RETAIN_FILE = "retain.json"
 
 
 @dataclass
@@ -96,6 +104,30 @@ class Archiver:
             self.archived.add(name)
         if wall - heard <= VDL_NEWS_MAX_AGE_S:  # else this node may not know the VDL
             await self._partial(vdl, now, heard - VDL_NEWS_MARGIN_S)
+        self._prune(min(self.retain_from(), vdl))
+
+    def retain_from(self) -> int:
+        """The control plane's word on what instances may still need (0: keep all)."""
+        path = self.node.config.directory / RETAIN_FILE
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            return parse_lsn(json.loads(path.read_text())["retain_from"])
+        return 0
+
+    def _prune(self, limit: int) -> None:
+        """Drop the leading whole segments below ``limit`` that the archive holds."""
+        store = self.node.store
+        if store.empty:
+            return
+        segno = store.manifest.start_lsn // SEGMENT_SIZE
+        while (segno + 1) * SEGMENT_SIZE <= min(limit, store.flush_lsn):
+            tli = store.timeline_for(segno)
+            if tli is None or segment_name(tli, segno) not in self.archived:
+                break
+            segno += 1
+        if segno * SEGMENT_SIZE > store.manifest.start_lsn:
+            log.info("%s: dropping archived WAL below %s", self.node.config.node_id,
+                     format_lsn(segno * SEGMENT_SIZE))
+            store.drop_before(segno * SEGMENT_SIZE)
 
     def _upload_segment(self, name: str, path: Path) -> None:
         if self.store.head(self.key(name)) is None:

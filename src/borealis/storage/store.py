@@ -88,6 +88,7 @@ class SegmentStore:
             self._segments.setdefault(segno, []).append(tli)
         for tlis in self._segments.values():
             tlis.sort()
+        self._unlink_below(self.manifest.start_lsn)  # a crash may have left some
         self.flush_lsn = self.write_lsn = self._contiguous_end()
 
     def _contiguous_end(self) -> int:
@@ -265,6 +266,30 @@ class SegmentStore:
             self.manifest.start_lsn = 0
             self.flush_lsn = self.write_lsn = 0
 
+    def drop_before(self, lsn: int) -> None:
+        """Stop holding WAL below ``lsn`` (a segment start, at most ``flush_lsn``): what the
+        archive and every reader already have is pruned. The manifest moves first, so a
+        crash between the two steps leaves only files that :meth:`open` removes."""
+        if lsn % self.segment_size or lsn > self.flush_lsn:
+            raise StoreError("WAL is dropped whole segments at a time, below the flush LSN")
+        if self.empty or lsn <= self.manifest.start_lsn:
+            return
+        self.manifest.start_lsn = lsn
+        self.save_manifest()
+        self._unlink_below(lsn)
+
+    def _unlink_below(self, lsn: int) -> None:
+        if not lsn:
+            return
+        doomed = [s for s in self._segments if (s + 1) * self.segment_size <= lsn]
+        for segno in doomed:
+            for tli in self._segments.pop(segno):
+                self._close((tli, segno))
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._path(tli, segno))
+        if doomed:
+            fsync_dir(self.wal_dir)
+
     def overwrite(self, start: int, data: bytes) -> None:
         """Replace held bytes in place (repair of a damaged range), durably."""
         if start + len(data) > self.flush_lsn:
@@ -305,6 +330,8 @@ class SegmentStore:
         return b"".join(parts)
 
     def read_segment(self, tli: int, segno: int, offset: int, size: int) -> bytes:
+        if tli not in self._segments.get(segno, ()):
+            raise StoreError(f"segment {segment_name(tli, segno)} is not held")
         data = os.pread(self._fd(tli, segno), size, offset)
         if len(data) != size:
             raise StoreError(f"short read of segment {segment_name(tli, segno)}")
