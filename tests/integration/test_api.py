@@ -115,7 +115,7 @@ def test_cluster_lifecycle_with_boto3(cluster: ClusterView) -> None:
         DBClusterEndpointIdentifier="life-old")["DBClusterEndpoints"][0]["Status"]
         == "available", 30)
     with psycopg.connect(host=ep["Endpoint"], **conninfo) as conn:
-        row = conn.execute("SELECT inet_server_port(), pg_is_in_recovery()").fetchone()
+        row = conn.execute("SELECT current_setting('port')::int, pg_is_in_recovery()").fetchone()
     assert row is not None and row[1] is True
     assert row[0] != ports["life-b"]["Port"]
     listed = rds.describe_db_cluster_endpoints(DBClusterIdentifier="life")["DBClusterEndpoints"]

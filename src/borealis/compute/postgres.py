@@ -185,6 +185,10 @@ class ServerSettings:
             "log_min_messages": "warning",
             "log_checkpoints": "off",
             "password_encryption": "'scram-sha-256'",
+            # Connections through an endpoint reach the server directly (the kernel steers
+            # them): a client that never finishes its startup is dropped here, after the
+            # same 10 s the endpoint proxy allows.
+            "authentication_timeout": "'10s'",
         }
         # Readers carry it too (a standby ignores it): a promoted reader then waits for the
         # volume from its first commit on, with no reload racing the promotion.

@@ -108,7 +108,8 @@ class ClusterEndpoints:
         for inst in self.state.instances(self.rt.name):
             available = inst.state == "available" and self.rt.instance_alive(inst)
             out.append(Backend(inst.id, "127.0.0.1", inst.port, inst.role, available,
-                               lag_ms.get(inst.id, 0) if inst.role == "reader" else 0))
+                               lag_ms.get(inst.id, 0) if inst.role == "reader" else 0,
+                               inst.pid if available else None))
         return out
 
     def specs(self) -> list[EndpointSpec]:

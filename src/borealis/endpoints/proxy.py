@@ -4,6 +4,12 @@ Who talks to it: clients (any PostgreSQL client; bytes are passed through untouc
 included), the instances behind it, and the control plane, which rewrites its config
 file whenever membership changes (the proxy watches the file) and reads its status file.
 
+Where the kernel allows (``kernel.py``), most connections never pass through it: the
+proxy decides, the kernel hands each new connection to the chosen instance's own
+listening socket, and this process only keeps the routes current, counts, and closes
+connections of instances that leave an endpoint. Connections the kernel does not steer
+(no member: held; an instance just restarted) reach its listeners and are forwarded.
+
 Invariants:
 - a connection is only ever forwarded to a member of its endpoint at the time it is made;
   when that instance leaves the endpoint, the connection is closed;
@@ -21,19 +27,30 @@ import functools
 import json
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
 from borealis import entrypoint
-from borealis.endpoints.routing import Backend, EndpointSpec, choose, members
+from borealis.endpoints import bpf
+from borealis.endpoints.kernel import (
+    MAX_ENDPOINTS,
+    MAX_LISTENERS,
+    Steering,
+    borrow_listener,
+    steered_backends,
+    tcp_sockets,
+)
+from borealis.endpoints.routing import Backend, EndpointSpec, choose, members, plan
 
 log = logging.getLogger("borealis.endpoints")
 
 CHUNK = 256 * 1024
 WATCH_S = 0.1
 SUSPECT_S = 10.0
+CENSUS_S = 0.5
 
 
 @dataclass
@@ -65,6 +82,8 @@ class Endpoint:
     counters: Counters = field(default_factory=Counters)
     links: set[Link] = field(default_factory=set)
     turn: int = 0
+    account_index: int | None = None  # its counters in the kernel, when steering
+    route: list[int] = field(default_factory=list)  # listener slots the kernel rotates over
 
     def active_by_backend(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -150,6 +169,10 @@ class Proxy:
         # server is listed as up only once it accepts connections) or SUSPECT_S passes.
         self.suspects: dict[str, float] = {}
         self.changed = asyncio.Event()
+        self.kernel: Steering | None = None
+        self.slots: dict[str, int] = {}  # backend id -> its listener's slot in the map
+        self.installed: dict[str, int] = {}  # backend id -> postmaster pid in the map
+        self._next_account = 0
 
     # -- configuration --------------------------------------------------------------------
 
@@ -195,6 +218,10 @@ class Proxy:
                 ep = Endpoint(spec)
                 ep.server = await asyncio.start_server(
                     functools.partial(self.handle, name), spec.host, spec.port)
+                if self.kernel is not None and self._next_account < MAX_ENDPOINTS:
+                    ep.account_index = self._next_account
+                    self._next_account += 1
+                    self.kernel.account(spec.host, spec.port, ep.account_index)
                 self.endpoints[name] = ep
                 log.info("endpoint %s (%s) on %s:%d", name, spec.type, spec.host, spec.port)
             else:
@@ -208,8 +235,19 @@ class Proxy:
                     link.close()
         self.changed.set()
         self.changed = asyncio.Event()
+        self._steer_logged()
+
+    def _steer_logged(self) -> None:
+        """Steering trouble never stops the proxy: unsteered connections are forwarded."""
+        try:
+            self.steer()
+        except OSError as exc:
+            log.warning("steering: %s", exc)
 
     async def _close_endpoint(self, ep: Endpoint) -> None:
+        if self.kernel is not None:
+            self.kernel.clear_route(ep.spec.host, ep.spec.port)
+            self.kernel.unaccount(ep.spec.host, ep.spec.port)
         if ep.server is not None:
             ep.server.close()
         for link in list(ep.links):
@@ -313,13 +351,93 @@ class Proxy:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), min(remaining, 0.5))
 
+    # -- steering -------------------------------------------------------------------------------
+
+    def steer(self) -> None:
+        """Bring the kernel's routes in line with membership and load: listening sockets
+        of available instances in the map, connections of instances that left an endpoint
+        closed, and each route refilled with least-connections picks."""
+        if self.kernel is None:
+            return
+        self._install_listeners()
+        census = self._census()
+        for ep in self.endpoints.values():
+            allowed = {b.id for b in members(ep.spec, self.backends)}
+            active = ep.active_by_backend()
+            for backend_id, pids in census.get(ep.spec.name, {}).items():
+                if backend_id not in allowed:
+                    log.info("closing %d connections of %s to %s: no longer a member",
+                             len(pids), ep.spec.name, backend_id)
+                    for pid in pids:  # what pg_terminate_backend does
+                        with contextlib.suppress(OSError):
+                            os.kill(pid, signal.SIGTERM)
+                    continue
+                active[backend_id] = active.get(backend_id, 0) + len(pids)
+            self._route(ep, active)
+
+    def _install_listeners(self) -> None:
+        assert self.kernel is not None
+        for b in self.backends:
+            if not b.available or b.pid is None:
+                if self.installed.pop(b.id, None) is not None:
+                    self.kernel.clear_listener(self.slots[b.id])
+                continue
+            if self.installed.get(b.id) == b.pid:
+                continue
+            if b.id not in self.slots:
+                if len(self.slots) >= MAX_LISTENERS:
+                    continue
+                self.slots[b.id] = len(self.slots)
+            try:
+                fd = borrow_listener(b.pid, b.host, b.port)
+            except OSError as exc:  # not listening yet, or gone: forwarded meanwhile
+                log.debug("no listening socket of %s yet: %s", b.id, exc)
+                self.installed.pop(b.id, None)
+                self.kernel.clear_listener(self.slots[b.id])
+                continue
+            try:
+                self.kernel.set_listener(self.slots[b.id], fd)
+            finally:
+                os.close(fd)  # the map holds the socket only while the postmaster does
+            self.installed[b.id] = b.pid
+            log.info("steering to %s (postmaster %d)", b.id, b.pid)
+
+    def _census(self) -> dict[str, dict[str, list[int]]]:
+        """Steered connections: endpoint -> instance -> the backends serving them."""
+        by_address = {(ep.spec.host, ep.spec.port): name for name, ep in self.endpoints.items()}
+        inodes = {s.inode: by_address[s.local] for s in tcp_sockets()
+                  if s.state == "01" and s.local in by_address}
+        out: dict[str, dict[str, list[int]]] = {}
+        if not inodes:
+            return out
+        for b in self.backends:
+            if b.pid is None:
+                continue
+            for inode, pid in steered_backends(b.pid, inodes).items():
+                out.setdefault(inodes[inode], {}).setdefault(b.id, []).append(pid)
+        return out
+
+    def _route(self, ep: Endpoint, active: dict[str, int]) -> None:
+        assert self.kernel is not None
+        candidates = [b for b in members(ep.spec, self.backends)
+                      if b.id in self.installed and b.id not in self.suspects]
+        picks = [self.slots[b.id] for b in plan(candidates, active, 0, bpf.ROUTE_SLOTS)]
+        if picks == ep.route:
+            return  # rewriting would restart the rotation
+        if picks:
+            self.kernel.set_route(ep.spec.host, ep.spec.port, picks)
+        else:  # none to hand connections to: they reach this process, which holds them
+            self.kernel.clear_route(ep.spec.host, ep.spec.port)
+        ep.route = picks
+
     # -- status --------------------------------------------------------------------------------
 
     def status(self) -> dict[str, object]:
         return {
             "pid": os.getpid(),
+            "steering": self.kernel is not None,
             "endpoints": {
-                name: {**ep.counters.__dict__,
+                name: {**self._metrics(ep),
                        "members": [b.id for b in members(ep.spec, self.backends)],
                        "address": [ep.spec.host, ep.spec.port]}
                 for name, ep in self.endpoints.items()
@@ -327,11 +445,27 @@ class Proxy:
             "updated": time.time(),
         }
 
+    def _metrics(self, ep: Endpoint) -> dict[str, int]:
+        """With steering, the kernel counts every connection to the endpoint's address
+        (forwarded ones too: they are accepted there as well); bytes of a connection
+        are added when it closes."""
+        out = dict(ep.counters.__dict__, steered=0)
+        if self.kernel is not None and ep.account_index is not None:
+            counted = self.kernel.counted(ep.account_index)
+            out.update(total=counted.accepted, active=counted.accepted - counted.closed,
+                       bytes_in=counted.bytes_in, bytes_out=counted.bytes_out,
+                       steered=max(0, counted.accepted - ep.counters.total))
+        return out
+
     async def run(self) -> None:
-        last_status = 0.0
+        self.kernel = Steering.open()
+        last_status = last_census = 0.0
         while True:
             await self.reload_if_changed()
             now = time.monotonic()
+            if now - last_census >= CENSUS_S:
+                last_census = now
+                self._steer_logged()
             if now - last_status >= 0.5:
                 last_status = now
                 tmp = self.status_path.with_suffix(".tmp")

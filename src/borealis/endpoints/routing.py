@@ -25,6 +25,7 @@ class Backend:
     role: str  # "writer" | "reader"
     available: bool = True
     lag_ms: int | None = 0
+    pid: int | None = None  # its postmaster, whose listening socket steering borrows
 
 
 @dataclass(frozen=True)
@@ -71,3 +72,18 @@ def choose(candidates: Sequence[Backend], active: Mapping[str, int], turn: int) 
     fewest = min(active.get(b.id, 0) for b in candidates)
     tied = sorted((b for b in candidates if active.get(b.id, 0) == fewest), key=lambda b: b.id)
     return tied[turn % len(tied)]
+
+
+def plan(candidates: Sequence[Backend], active: Mapping[str, int], turn: int,
+         length: int) -> list[Backend]:
+    """The next ``length`` picks of :func:`choose`, each counted as one more active
+    connection: the rotation the kernel follows between two looks at the counts."""
+    counts = dict(active)
+    out: list[Backend] = []
+    for i in range(length):
+        pick = choose(candidates, counts, turn + i)
+        if pick is None:
+            break
+        out.append(pick)
+        counts[pick.id] = counts.get(pick.id, 0) + 1
+    return out
