@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import collections
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -19,13 +21,26 @@ import pytest
 from tests.harness import Borealis, ClusterView, wait_for
 
 
-@pytest.fixture(scope="module")
-def ep(borealis: Borealis) -> Iterator[ClusterView]:
+@pytest.fixture(scope="module", params=["steering", "forwarding"])
+def ep(request: pytest.FixtureRequest, borealis: Borealis) -> Iterator[ClusterView]:
+    """Each test runs twice: with the kernel steering connections to instances (where
+    the host allows: root and Linux 5.9+), and with the proxy forwarding every byte (a
+    control plane of its own with steering turned off), as on hosts without BPF."""
+    home = None
+    if request.param == "forwarding":
+        home = Path(tempfile.mkdtemp(prefix="borealis-fwd-", dir="/tmp"))
+        borealis = Borealis(home, {"BOREALIS_ENDPOINT_STEERING": "0"})
     borealis.cli("up", "--cluster", "ep", "--readers", "2", timeout_s=300)
     view = ClusterView(borealis, "ep")
     view.wait_all_serving()
-    yield view
-    borealis.cli("destroy", "ep", check=False, timeout_s=300)
+    try:
+        yield view
+    finally:
+        borealis.cli("destroy", "ep", check=False, timeout_s=300)
+        if home is not None:
+            leftovers = borealis.close()
+            shutil.rmtree(home, ignore_errors=True)
+            assert not leftovers, leftovers
 
 
 def endpoint(view: ClusterView, name: str) -> dict[str, Any]:
@@ -70,9 +85,15 @@ def test_100_reader_connections_spread_evenly(ep: ClusterView) -> None:
                        lambda: (m := endpoint(ep, "ep-ro")["metrics"])["total"] >= 100
                        and m["active"] == 0 and m, 5)
     assert metrics["bytes_in"] > 0 and metrics["bytes_out"] > 0
+    steering = ep.status()["endpoint_proxy"]["steering"]
+    if ep.b.env.get("BOREALIS_ENDPOINT_STEERING") == "0":
+        assert not steering and metrics["steered"] == 0
+    elif os.geteuid() == 0:  # root on Linux 5.9+: the kernel hands them over
+        assert steering and metrics["steered"] >= 90, metrics
 
 
-def test_custom_endpoints(borealis: Borealis, ep: ClusterView) -> None:
+def test_custom_endpoints(ep: ClusterView) -> None:
+    borealis = ep.b
     writer, (r1, r2) = ep.writer(), ep.readers()
     borealis.cli("endpoint", "create", "ep-static", "--cluster", "ep", "--type", "ANY",
                  "--static", writer["id"], r1["id"])
@@ -100,7 +121,8 @@ def test_custom_endpoints(borealis: Borealis, ep: ClusterView) -> None:
     assert {e["type"] for e in ep.status()["endpoints"]} == {"WRITER", "READER", "INSTANCE"}
 
 
-def test_removed_reader_loses_its_connections(borealis: Borealis, ep: ClusterView) -> None:
+def test_removed_reader_loses_its_connections(ep: ClusterView) -> None:
+    borealis = ep.b
     victim = ep.readers()[-1]
     dsn = endpoint(ep, "ep-ro")["dsn"]
     conns = [psycopg.connect(dsn, autocommit=True) for _ in range(6)]
@@ -128,8 +150,8 @@ def test_removed_reader_loses_its_connections(borealis: Borealis, ep: ClusterVie
             c.close()
 
 
-def test_reader_endpoint_reaches_the_writer_without_readers(borealis: Borealis,
-                                                            ep: ClusterView) -> None:
+def test_reader_endpoint_reaches_the_writer_without_readers(ep: ClusterView) -> None:
+    borealis = ep.b
     for r in ep.readers():
         borealis.cli("instance", "remove", r["id"])
     assert endpoint(ep, "ep-ro")["members"] == [ep.writer()["id"]]

@@ -409,9 +409,20 @@ class ControlPlane:
             "storage_nodes": list(nodes),
             "endpoints": await asyncio.to_thread(ClusterEndpoints(rt).describe,
                                                  self.reader_lag.get(name, {})),
-            "endpoint_proxy": {"pid": self.state.proxy_pid(name) if await asyncio.to_thread(
-                ClusterEndpoints(rt).proxy_alive) else None},
+            "endpoint_proxy": await asyncio.to_thread(self._proxy_status, rt),
         }
+
+    def _proxy_status(self, rt: ClusterRuntime) -> dict[str, Any]:
+        """Its pid, and whether the kernel steers connections (else it forwards them)."""
+        endpoints = ClusterEndpoints(rt)
+        if not endpoints.proxy_alive():
+            return {"pid": None, "steering": False}
+        try:
+            steering = bool(json.loads((endpoints.dir / "status.json").read_text())
+                            .get("steering"))
+        except (OSError, ValueError):
+            steering = False
+        return {"pid": self.state.proxy_pid(rt.name), "steering": steering}
 
     async def _instance_status(self, rt: ClusterRuntime, inst: Any) -> dict[str, Any]:
         alive = await asyncio.to_thread(rt.instance_alive, inst)

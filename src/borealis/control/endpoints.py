@@ -165,7 +165,8 @@ class ClusterEndpoints:
                 "custom_type": row.custom_type, "static": row.static,
                 "excluded": row.excluded,
                 "metrics": {k: m.get(k, 0) for k in ("active", "total", "bytes_in",
-                                                     "bytes_out", "held", "timed_out")},
+                                                     "bytes_out", "held", "timed_out",
+                                                     "steered")},
             })
         return out
 
