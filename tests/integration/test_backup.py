@@ -3,6 +3,7 @@ folder store and against an S3-compatible server the test starts."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +31,38 @@ def backup_status(b: Borealis, cluster: str, verify: bool = True) -> dict[str, o
     args = ["backup", "status", cluster, "--json"] + ([] if verify else ["--no-verify"])
     result: dict[str, object] = json.loads(b.cli(*args).stdout)
     return result
+
+
+class watch_progress:  # noqa: N801 - used like a function
+    """Poll a cluster's ``progress`` (in ``status --json``) from a thread; ``stop``
+    returns the phases seen, after checking every report was consistent."""
+
+    def __init__(self, b: Borealis, cluster: str) -> None:
+        self.b, self.cluster = b, cluster
+        self.phases: set[str] = set()
+        self.inconsistent: list[object] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.is_set():
+            proc = self.b.cli("status", "--json", check=False)
+            with contextlib.suppress(ValueError, KeyError, StopIteration):
+                c = next(c for c in json.loads(proc.stdout)["clusters"]
+                         if c["name"] == self.cluster)
+                p = c.get("progress")
+                if p:
+                    if not (0 <= p["done"] <= p["total"] or p["total"] == 0):
+                        self.inconsistent.append(p)
+                    self.phases.add(p["phase"])
+            self.done.wait(0.1)
+
+    def stop(self) -> set[str]:
+        self.done.set()
+        self.thread.join(30)
+        assert not self.inconsistent, self.inconsistent
+        return self.phases
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +84,11 @@ def test_point_in_time_restore_holds_exactly_what_was_committed(
     wait_for("the target to be restorable", lambda: (lambda s: s["latest_restorable_time"]
              and s["latest_restorable_time"] >= iso(commits[-1]))(
         backup_status(borealis, "src", verify=False)), 30)
+    seen = watch_progress(borealis, "src-pitr")
     borealis.cli("restore", "src", "--to-time", iso(target), "--new-cluster", "src-pitr")
+    phases = seen.stop()
+    # The restore reported how far it was while it ran (what the CLI's bar shows).
+    assert phases and phases <= {"base image", "staging WAL", "replaying WAL", "starting"}
     try:
         restored = ClusterView(borealis, "src-pitr")
         with psycopg.connect(writer_dsn(restored), autocommit=True) as conn:

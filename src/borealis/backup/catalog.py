@@ -16,6 +16,7 @@ import json
 import os
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,20 +186,32 @@ def download_base_image(store: ObjectStore, image: BaseImage, datadir: Path) -> 
         tmp.unlink(missing_ok=True)
 
 
+def wal_to_stage(state: BackupState, image: BaseImage) -> list[tuple[str, int]]:
+    """The archived WAL files a restore from ``image`` may ask for, with their sizes."""
+    first = image.start_lsn // SEGMENT_SIZE
+    out = []
+    for o in state.objects:
+        if "/wal/" not in o.key:
+            continue
+        name = o.key.rsplit("/", 1)[1]
+        target = name.removesuffix(".partial")
+        if name.endswith(".history") or (len(target) == 24
+                                         and parse_segment_name(target)[1] >= first):
+            out.append((name, o.size))
+    return out
+
+
 def stage_wal(store: ObjectStore, prefix: str, state: BackupState, image: BaseImage,
-              directory: Path) -> int:
+              directory: Path, on_file: Callable[[int], None] | None = None) -> int:
     """Every archived WAL file the restore may ask for, verified, under its
-    PostgreSQL name (a partial as the whole segment it begins); returns bytes staged."""
+    PostgreSQL name (a partial as the whole segment it begins); returns bytes staged.
+    ``on_file`` hears the size of each file as it is staged."""
     directory.mkdir(parents=True, exist_ok=True)
     staged = 0
-    first = image.start_lsn // SEGMENT_SIZE
-    names = [o.key.rsplit("/", 1)[1] for o in state.objects if "/wal/" in o.key]
-    for name in names:
+    wanted = wal_to_stage(state, image)
+    names = [name for name, _size in wanted]
+    for name, _size in wanted:
         target = name.removesuffix(".partial")
-        if name.endswith(".history"):
-            pass
-        elif len(target) != 24 or parse_segment_name(target)[1] < first:
-            continue
         if name.endswith(".partial") and target in names:
             continue  # the whole segment is there
         try:
@@ -208,7 +221,10 @@ def stage_wal(store: ObjectStore, prefix: str, state: BackupState, image: BaseIm
                 raise
             # Completed since the listing: the whole segment replaced its partial.
             store.get_file(f"{prefix}/wal/{target}", directory / target)
-        staged += (directory / target).stat().st_size
+        size = (directory / target).stat().st_size
+        staged += size
+        if on_file is not None:
+            on_file(size)
     return staged
 
 

@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,14 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError, WaiterError
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from borealis.api import identity
@@ -356,27 +365,47 @@ def cmd_restore(args: argparse.Namespace) -> None:
     wait_restored(args.cluster, args.new_cluster)
 
 
-def wait_restored(source: str, new: str) -> None:
-    """Follow a restore's events until the new cluster is available."""
+Events = list[dict[str, Any]]
+
+
+def follow(cluster: str, what: str, done: Callable[[dict[str, Any], Events], bool],
+           since: int = 0) -> tuple[dict[str, Any], Events]:
+    """Show a long operation on ``cluster`` until ``done``: its events as they come, and
+    a progress bar while it reports one (base image, WAL staged, WAL replayed)."""
     deadline = time.monotonic() + 3600
-    seen = 0
-    with console.status(f"restoring {source} as {new}...") as spinner:
+    seen = since
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               TaskProgressColumn(), TextColumn("{task.fields[amount]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(what, total=None, amount="")
         while time.monotonic() < deadline:
-            st = request("GET", f"/v1/clusters/{new}")
-            events = request("GET", f"/v1/clusters/{new}/events")["events"]
+            st = request("GET", f"/v1/clusters/{cluster}")
+            events = request("GET", f"/v1/clusters/{cluster}/events")["events"]
             for e in events[seen:]:
-                spinner.update(f"restoring {source} as {new}: {e['message']}")
-                if "failed" in e["message"]:
+                bar.console.print(f"  {e['message']}", highlight=False, soft_wrap=True)
+                if "failed" in e["message"] and e["source"] in ("restore", "backtrack"):
                     raise CliError(e["message"])
             seen = len(events)
             if st["status"] == "failed":
-                raise CliError(f"the restore failed; see `borealis events {new}`")
-            if st["status"] == "available" and any("restored from" in e["message"]
-                                                   for e in events):
-                break
+                raise CliError(f"the {what} failed; see `borealis events {cluster}`")
+            if done(st, events):
+                return st, events
+            p = st.get("progress")
+            if p and p["total"]:
+                bar.update(task, description=f"{what}: {p['phase']}", total=p["total"],
+                           completed=p["done"], amount=f"{p['done'] / 2**20:.0f}/"
+                                                       f"{p['total'] / 2**20:.0f} MiB")
+            else:
+                bar.update(task, description=f"{what}: {p['phase'] if p else 'working'}",
+                           total=None, amount="")
             time.sleep(0.5)
-        else:
-            raise CliError("the restore did not finish within an hour")
+    raise CliError(f"the {what} did not finish within an hour")
+
+
+def wait_restored(source: str, new: str) -> None:
+    """Follow a restore until the new cluster is available."""
+    st, _ = follow(new, f"restore of {source} as {new}", lambda st, events: (
+        st["status"] == "available" and any("restored from" in e["message"] for e in events)))
     writer = next(e for e in st["endpoints"] if e["type"] == "WRITER")
     console.print(f"cluster {new} restored: psql \"{writer['dsn']}\"", soft_wrap=True,
                   highlight=False)
@@ -389,25 +418,10 @@ def cmd_clone(args: argparse.Namespace) -> None:
 
 
 def cmd_backtrack(args: argparse.Namespace) -> None:
+    before = len(request("GET", f"/v1/clusters/{args.cluster}/events")["events"])
     request("POST", f"/v1/clusters/{args.cluster}/backtrack", {"to_time": args.to_time})
-    deadline = time.monotonic() + 3600
-    seen = 0
-    with console.status(f"backtracking {args.cluster}...") as spinner:
-        while time.monotonic() < deadline:
-            st = request("GET", f"/v1/clusters/{args.cluster}")
-            events = request("GET", f"/v1/clusters/{args.cluster}/events")["events"]
-            new = events[seen:] if seen else [e for e in events if e["source"] == "backtrack"
-                                              ][-1:]
-            for e in new:
-                spinner.update(f"backtracking {args.cluster}: {e['message']}")
-            seen = len(events)
-            if st["status"] == "failed":
-                raise CliError(f"the backtrack failed; see `borealis events {args.cluster}`")
-            if st["status"] == "available":
-                break
-            time.sleep(0.5)
-        else:
-            raise CliError("the backtrack did not finish within an hour")
+    _, events = follow(args.cluster, "backtrack", lambda st, _e: st["status"] == "available",
+                       since=before)
     done = [e["message"] for e in events if e["source"] == "backtrack"]
     console.print(f"{args.cluster}: {done[-1] if done else 'backtracked'}", highlight=False)
 

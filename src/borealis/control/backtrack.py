@@ -30,7 +30,12 @@ from borealis.backup.store import open_store
 from borealis.control import failover
 from borealis.control.cluster import ClusterError, ClusterRuntime
 from borealis.control.failover_rules import EndOfLog
-from borealis.control.restore import RestoreSource, check_restorable, recover_into
+from borealis.control.restore import (
+    ProgressSink,
+    RestoreSource,
+    check_restorable,
+    recover_into,
+)
 from borealis.wal.timeline import parse_history
 
 DEFAULT_WINDOW_S = float(os.environ.get("BOREALIS_BACKTRACK_WINDOW_S", str(24 * 3600)))
@@ -53,7 +58,8 @@ def check(rt: ClusterRuntime, target: float, now: float) -> catalog.BackupState:
     return backups
 
 
-def backtrack(rt: ClusterRuntime, target: float, keep_endpoints: object) -> float:
+def backtrack(rt: ClusterRuntime, target: float, keep_endpoints: object,
+              progress: ProgressSink | None = None) -> float:
     """Rewind; returns the seconds it took."""
     began = time.monotonic()
     backups = check(rt, target, time.time())
@@ -78,7 +84,8 @@ def backtrack(rt: ClusterRuntime, target: float, keep_endpoints: object) -> floa
     shutil.rmtree(aside, ignore_errors=True)
     os.rename(datadir, aside)
     src = RestoreSource.of_cluster(rt)
-    recover_into(rt, writer, open_store(src.location), src.prefix, backups, image, target)
+    recover_into(rt, writer, open_store(src.location), src.prefix, backups, image, target,
+                 progress=progress or (lambda _p: None))
     timeline, switchpoint, parent = _new_timeline(rt, writer.id)
     rt.event("backtrack", f"writer {writer.id} rewound: timeline {timeline} starts at "
                           f"{switchpoint:X} (timeline {parent} ends there)")

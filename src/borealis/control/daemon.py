@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -87,6 +88,7 @@ class ControlPlane:
         self.background: set[asyncio.Task[None]] = set()
         self.images_stored: set[str] = set()
         self.pruned_at: dict[str, float] = {}
+        self.progress: dict[str, dict[str, Any]] = {}  # cluster -> a restore's Progress
         self.cluster_created_hooks: list[Callable[[str], None]] = []
         self.api_url = ""
 
@@ -410,6 +412,7 @@ class ControlPlane:
             "endpoints": await asyncio.to_thread(ClusterEndpoints(rt).describe,
                                                  self.reader_lag.get(name, {})),
             "endpoint_proxy": await asyncio.to_thread(self._proxy_status, rt),
+            "progress": self.progress.get(name),
         }
 
     def _proxy_status(self, rt: ClusterRuntime) -> dict[str, Any]:
@@ -796,11 +799,21 @@ class ControlPlane:
             try:
                 if prepare is not None:
                     prepare()
-                restore.restore(self.state, src, new, target, readers, local_image)
+                restore.restore(self.state, src, new, target, readers, local_image,
+                                self._progress_of(new))
             except Exception:
                 self.state.set_cluster(new, status="failed")
                 raise
+            finally:
+                self.progress.pop(new, None)
         self.spawn(new, f"restoring {src.label}", work)
+
+    def _progress_of(self, cluster: str) -> restore.ProgressSink:
+        """Where a restore or backtrack of ``cluster`` reports how far it is (shown by
+        ``GET /v1/clusters/NAME`` as ``progress`` while it runs)."""
+        def sink(p: restore.Progress) -> None:
+            self.progress[cluster] = dataclasses.asdict(p)
+        return sink
 
     def start_backtrack(self, name: str, target: float) -> dict[str, Any]:
         """Checked first (a refused backtrack changes nothing), then in the background.
@@ -812,13 +825,15 @@ class ControlPlane:
 
         def work() -> None:
             try:
-                backtrack.backtrack(rt, target, lambda: self._keep_endpoints(name))
+                backtrack.backtrack(rt, target, lambda: self._keep_endpoints(name),
+                                    self._progress_of(name))
                 backtrack.update_record(rt, record["id"], "completed")
             except Exception:
                 self.state.set_cluster(name, status="failed")
                 backtrack.update_record(rt, record["id"], "failed")
                 raise
             finally:
+                self.progress.pop(name, None)
                 self.writer_misses[name] = 0
         self.spawn(name, "backtrack", work)
         return record

@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +35,28 @@ from borealis.backup.store import ObjectStore, open_store
 from borealis.compute import postgres as pg
 from borealis.control.cluster import ClusterError, ClusterRuntime
 from borealis.control.state import Instance, State
+from borealis.wal.lsn import SEGMENT_SIZE, parse_lsn, parse_segment_name
 
 RECOVERY_TIMEOUT_S = 1800.0
 TARGET_NOT_REACHED = b"recovery ended before configured recovery target was reached"
+
+
+@dataclass
+class Progress:
+    """Where a restore is, for a progress bar: ``done`` of ``total`` ``unit`` in the
+    current phase (``total`` 0: a step with nothing to count)."""
+
+    phase: str  # "base image" | "staging WAL" | "replaying WAL" | "starting"
+    done: int = 0
+    total: int = 0
+    unit: str = "bytes"
+
+
+ProgressSink = Callable[[Progress], None]
+
+
+def _ignore(_: Progress) -> None:
+    pass
 
 
 def check_restorable(state: catalog.BackupState, target: float | None) -> float | None:
@@ -66,7 +86,8 @@ class RestoreSource:
 
 
 def restore(state: State, src: RestoreSource, new: str, target: float | None,
-            readers: int = 0, local_image: Path | None = None) -> None:
+            readers: int = 0, local_image: Path | None = None,
+            progress: ProgressSink = _ignore) -> None:
     """``local_image``: the source's own base image folder, copied (sharing blocks where
     the filesystem can) instead of downloaded when it is the image the restore uses."""
     store = open_store(src.location)
@@ -80,7 +101,8 @@ def restore(state: State, src: RestoreSource, new: str, target: float | None,
                         f"{image.key.rsplit('/', 1)[1]}")
     rt.start_storage()
     writer = state.add_instance(new, "writer", "az-a", 1)
-    recover_into(rt, writer, store, src.prefix, backups, image, target, local_image)
+    recover_into(rt, writer, store, src.prefix, backups, image, target, local_image, progress)
+    progress(Progress("starting"))
     current = state.instance(writer.id)
     assert current is not None
     rt.event("restore", "recovery complete; the restored writer is promoted")
@@ -94,10 +116,12 @@ def restore(state: State, src: RestoreSource, new: str, target: float | None,
 
 def recover_into(rt: ClusterRuntime, inst: Instance, store: ObjectStore, prefix: str,
                  backups: catalog.BackupState, image: catalog.BaseImage,
-                 target: float | None, local_image: Path | None = None) -> None:
+                 target: float | None, local_image: Path | None = None,
+                 progress: ProgressSink = _ignore) -> None:
     """A fresh data directory for ``inst`` from ``image``, recovered with the archived
     WAL to ``target`` (or the archive's end) and promoted onto a new timeline; returns
     with the server running as a writer, its restore settings removed."""
+    progress(Progress("base image", 0, image.size))
     datadir = rt.datadir(inst.id)
     shutil.rmtree(datadir, ignore_errors=True)
     rt.instance_dir(inst.id).mkdir(parents=True, exist_ok=True)
@@ -110,9 +134,17 @@ def recover_into(rt: ClusterRuntime, inst: Instance, store: ObjectStore, prefix:
         rt.event("restore", "base image copied from the source's local copy")
     else:
         catalog.download_base_image(store, image, datadir)
+    progress(Progress("base image", image.size, image.size))
     staged_dir = rt.instance_dir(inst.id) / "restore-wal"
     shutil.rmtree(staged_dir, ignore_errors=True)
-    staged = catalog.stage_wal(store, prefix, backups, image, staged_dir)
+    wal = Progress("staging WAL", 0, sum(size for _name, size in
+                                         catalog.wal_to_stage(backups, image)))
+
+    def staged_file(size: int) -> None:
+        wal.done = min(wal.total, wal.done + size)
+        progress(dataclasses.replace(wal))
+    progress(dataclasses.replace(wal))
+    staged = catalog.stage_wal(store, prefix, backups, image, staged_dir, staged_file)
     rt.event("restore", f"base image in place; {staged >> 20} MiB of archived WAL staged")
     settings = rt.server_settings(inst)
     extra = dict(settings.extra or {})
@@ -132,8 +164,9 @@ def recover_into(rt: ClusterRuntime, inst: Instance, store: ObjectStore, prefix:
     proc = pg.start_server(rt.bindir, datadir, log_path, rt.run_as)
     rt.state.set_instance(inst.id, pid=proc.pid, state="starting")
     rt.event("restore", f"replaying WAL (pid {proc.pid})")
+    replay = _replay_progress(image.start_lsn, staged_dir, progress)
     try:
-        _wait_promoted(rt, inst.id)
+        _wait_promoted(rt, inst.id, replay)
     except ClusterError:
         # No commit after T in the archive (a quiet spell): PostgreSQL stops short of a
         # target it never passes. The archive holds every commit before T, so its end
@@ -148,7 +181,7 @@ def recover_into(rt: ClusterRuntime, inst: Instance, store: ObjectStore, prefix:
         rt.run_as.own(datadir)
         proc = pg.start_server(rt.bindir, datadir, log_path, rt.run_as)
         rt.state.set_instance(inst.id, pid=proc.pid, state="starting")
-        _wait_promoted(rt, inst.id)
+        _wait_promoted(rt, inst.id, replay)
     shutil.rmtree(staged_dir, ignore_errors=True)
     current = rt.state.instance(inst.id)
     assert current is not None
@@ -157,7 +190,26 @@ def recover_into(rt: ClusterRuntime, inst: Instance, store: ObjectStore, prefix:
         os.kill(current.pid, signal.SIGHUP)
 
 
-def _wait_promoted(rt: ClusterRuntime, instance_id: str) -> None:
+def _replay_progress(start_lsn: int, staged_dir: Path, progress: ProgressSink
+                     ) -> Callable[[int | None], None]:
+    """Replay measured in WAL bytes from the image's start to the end of what was staged
+    (a restore to a time stops before that end; promotion completes the bar)."""
+    segments = [parse_segment_name(p.name)[1] for p in staged_dir.iterdir()
+                if len(p.name) == 24]
+    end = (max(segments) + 1) * SEGMENT_SIZE if segments else start_lsn
+    total = max(0, end - start_lsn)
+
+    def report(replayed: int | None) -> None:
+        done = total if replayed is None else min(total, max(0, replayed - start_lsn))
+        progress(Progress("replaying WAL", done, total))
+    report(start_lsn)
+    return report
+
+
+def _wait_promoted(rt: ClusterRuntime, instance_id: str,
+                   replayed: Callable[[int | None], None] | None = None) -> None:
+    """Until the instance is out of recovery; ``replayed`` hears its replay LSN as it
+    goes (None once promoted)."""
     deadline = time.monotonic() + RECOVERY_TIMEOUT_S
     while time.monotonic() < deadline:
         inst = rt.state.instance(instance_id)
@@ -167,10 +219,15 @@ def _wait_promoted(rt: ClusterRuntime, instance_id: str) -> None:
                                f"{rt.instance_dir(instance_id) / 'postgres.log'}")
         try:
             with psycopg.connect(rt.dsn(inst), connect_timeout=2) as conn:
-                row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
-            if row == (False,):
+                row = conn.execute("SELECT pg_is_in_recovery(), "
+                                   "pg_last_wal_replay_lsn()::text").fetchone()
+            if row is not None and row[0] is False:
                 rt.state.set_instance(instance_id, state="available")
+                if replayed is not None:
+                    replayed(None)
                 return
+            if replayed is not None and row is not None and row[1]:
+                replayed(parse_lsn(row[1]))
         except psycopg.Error:
             pass
         time.sleep(0.2)
