@@ -159,6 +159,16 @@ def steer_program(routes_fd: int, listeners_fd: int) -> bytes:
     return a.build()
 
 
+def _endpoint_counters(a: Assembler, accounted_fd: int, counters_fd: int) -> None:
+    """r0 = the counters of the endpoint whose address the socket has (r6: sock_ops
+    context); to "out" when it is no endpoint's."""
+    a.key_on_stack(6, _OPS_LOCAL_IP4, _OPS_LOCAL_PORT, -8)
+    a.lookup(accounted_fd, -8, "out")
+    a.op(_LDX_W, 2, 0, 0)  # the endpoint's index
+    a.op(_STX_W, 10, 2, -12)
+    a.lookup(counters_fd, -12, "out")
+
+
 def account_program(accounted_fd: int, counters_fd: int) -> bytes:
     a = Assembler()
     a.op(_MOV64_REG, 6, 1)
@@ -167,11 +177,7 @@ def account_program(accounted_fd: int, counters_fd: int) -> bytes:
     a.op(_JNE_IMM, 2, off="out", imm=_STATE_CB)
     a.op(_LDX_W, 2, 6, _OPS_ARG1)  # the new state
     a.op(_JNE_IMM, 2, off="out", imm=_TCP_CLOSE)
-    a.key_on_stack(6, _OPS_LOCAL_IP4, _OPS_LOCAL_PORT, -8)
-    a.lookup(accounted_fd, -8, "out")
-    a.op(_LDX_W, 2, 0, 0)
-    a.op(_STX_W, 10, 2, -12)
-    a.lookup(counters_fd, -12, "out")
+    _endpoint_counters(a, accounted_fd, counters_fd)
     a.op(_MOV64_IMM, 2, imm=1)
     a.op(_ATOMIC_DW, 0, 2, 8)  # closed += 1
     a.op(_LDX_DW, 2, 6, _OPS_BYTES_RECEIVED)
@@ -180,11 +186,7 @@ def account_program(accounted_fd: int, counters_fd: int) -> bytes:
     a.op(_ATOMIC_DW, 0, 2, 24)  # bytes_out
     a.op(_JA, off="out")
     a.label("established")
-    a.key_on_stack(6, _OPS_LOCAL_IP4, _OPS_LOCAL_PORT, -8)
-    a.lookup(accounted_fd, -8, "out")
-    a.op(_LDX_W, 2, 0, 0)
-    a.op(_STX_W, 10, 2, -12)
-    a.lookup(counters_fd, -12, "out")
+    _endpoint_counters(a, accounted_fd, counters_fd)
     a.op(_MOV64_IMM, 2, imm=1)
     a.op(_ATOMIC_DW, 0, 2, 0)  # accepted += 1
     a.op(_MOV64_REG, 1, 6)
