@@ -204,7 +204,7 @@ def wal_to_stage(state: BackupState, image: BaseImage) -> list[tuple[str, int]]:
 def stage_wal(store: ObjectStore, prefix: str, state: BackupState, image: BaseImage,
               directory: Path, on_file: Callable[[int], None] | None = None) -> int:
     """Every archived WAL file the restore may ask for, verified, under its
-    PostgreSQL name (a partial as the whole segment it begins); returns bytes staged.
+    PostgreSQL name (a partial zero-filled to a whole segment); returns bytes staged.
     ``on_file`` hears the size of each file as it is staged."""
     directory.mkdir(parents=True, exist_ok=True)
     staged = 0
@@ -221,6 +221,10 @@ def stage_wal(store: ObjectStore, prefix: str, state: BackupState, image: BaseIm
                 raise
             # Completed since the listing: the whole segment replaced its partial.
             store.get_file(f"{prefix}/wal/{target}", directory / target)
+        if name.endswith(".partial"):
+            # Archived as far as it reaches; PostgreSQL reads whole segments, and the
+            # zeros past the end are where its replay stops.
+            os.truncate(directory / target, SEGMENT_SIZE)
         size = (directory / target).stat().st_size
         staged += size
         if on_file is not None:

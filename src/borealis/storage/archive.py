@@ -4,7 +4,7 @@ Every node runs this loop, ranked by ``archive_rank`` (0-5): rank r handles a co
 segment only after it has been complete for r * ``archive_stagger_s`` seconds and finds
 it not yet archived, so normally one node uploads and the rest check (a duplicate upload
 is harmless: it is atomic and carries the same bytes). The segment holding VDL is
-uploaded as ``<name>.partial`` (zero-padded past VDL) every ``PARTIAL_INTERVAL_S`` by
+uploaded as ``<name>.partial`` (its bytes up to VDL) every ``PARTIAL_INTERVAL_S`` by
 rank 0, and by the next rank when rank 0 has not done so for a while.
 
 Layout under ``<prefix>/wal/``: ``<PostgreSQL segment name>``, ``<name>.partial``,
@@ -157,7 +157,7 @@ class Archiver:
         if vdl != self.last_partial_end and vdl % SEGMENT_SIZE:
             if tli is None or start < store.manifest.start_lsn:
                 return
-            data = store.read(start, vdl, tli) + bytes(SEGMENT_SIZE - (vdl - start))
+            data = store.read(start, vdl, tli)  # restores zero-fill it to a segment
             await asyncio.to_thread(self.store.put_bytes,
                                     self.key(segment_name(tli, segno) + ".partial"), data)
         elif vdl % SEGMENT_SIZE == 0:
