@@ -25,6 +25,7 @@ from typing import Any
 
 import psycopg
 
+from borealis.api.times import parse_time
 from borealis.compute import postgres as pg
 from borealis.control.state import free_port
 from borealis.wal.lsn import parse_lsn
@@ -93,6 +94,15 @@ def hand_restore(bindir: Path, run_as: pg.RunAs, writer: dict[str, Any], root: P
         proc.wait(60)
 
 
+def print_steps(cli: Cli, cluster: str) -> None:
+    """Where the time went: the cluster's events, seconds after the first."""
+    lines = [line.split("  ", 1) for line in cli("events", cluster).splitlines() if line]
+    events = [(parse_time(when).timestamp(), message) for when, message in lines]
+    first = events[0][0] if events else 0.0
+    for when, message in events:
+        print(f"  +{when - first:5.1f} s  {message[:90]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scale", type=int, default=70)
@@ -136,6 +146,7 @@ def main() -> None:
         cli("destroy", "big-pitr")
         clone = timed("borealis clone", lambda: cli("clone", "big", "--new-cluster",
                                                     "big-clone"))
+        print_steps(cli, "big-clone")
         cli("destroy", "big-clone")
         mark = time.time()
         time.sleep(1)

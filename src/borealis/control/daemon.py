@@ -779,13 +779,13 @@ class ControlPlane:
                     raise ClusterError(f"the archive of {source} did not reach the time of "
                                        "the clone request within 60 s")
                 time.sleep(0.2)
-        self.start_restore(src, user, password, new, None, readers, prepare=wait_current,
+        self.start_restore(src, user, password, new, None, readers, wal_ready=wait_current,
                            local_image=local if (local / "PG_VERSION").exists() else None,
                            label=f"clone of {source}")
 
     def start_restore(self, src: restore.RestoreSource, user: str, password: str, new: str,
                       target: float | None, readers: int,
-                      prepare: Callable[[], None] | None = None,
+                      wal_ready: Callable[[], None] | None = None,
                       local_image: Path | None = None, label: str | None = None) -> None:
         """After ``check_restore``: the new cluster exists at once (``creating``) and is
         restored in the background."""
@@ -797,10 +797,8 @@ class ControlPlane:
 
         def work() -> None:
             try:
-                if prepare is not None:
-                    prepare()
                 restore.restore(self.state, src, new, target, readers, local_image,
-                                self._progress_of(new))
+                                self._progress_of(new), wal_ready)
             except Exception:
                 self.state.set_cluster(new, status="failed")
                 raise

@@ -87,9 +87,12 @@ class RestoreSource:
 
 def restore(state: State, src: RestoreSource, new: str, target: float | None,
             readers: int = 0, local_image: Path | None = None,
-            progress: ProgressSink = _ignore) -> None:
+            progress: ProgressSink = _ignore,
+            wal_ready: Callable[[], None] | None = None) -> None:
     """``local_image``: the source's own base image folder, copied (sharing blocks where
-    the filesystem can) instead of downloaded when it is the image the restore uses."""
+    the filesystem can) instead of downloaded when it is the image the restore uses.
+    ``wal_ready``: waited for after the image is in place and before WAL is staged (a
+    clone waits there for the archive to reach the time it was asked for)."""
     store = open_store(src.location)
     backups = catalog.read_state(store, src.prefix)
     check_restorable(backups, target)
@@ -101,7 +104,8 @@ def restore(state: State, src: RestoreSource, new: str, target: float | None,
                         f"{image.key.rsplit('/', 1)[1]}")
     rt.start_storage()
     writer = state.add_instance(new, "writer", "az-a", 1)
-    recover_into(rt, writer, store, src.prefix, backups, image, target, local_image, progress)
+    recover_into(rt, writer, store, src.prefix, backups, image, target, local_image, progress,
+                 wal_ready)
     progress(Progress("starting"))
     current = state.instance(writer.id)
     assert current is not None
@@ -117,7 +121,8 @@ def restore(state: State, src: RestoreSource, new: str, target: float | None,
 def recover_into(rt: ClusterRuntime, inst: Instance, store: ObjectStore, prefix: str,
                  backups: catalog.BackupState, image: catalog.BaseImage,
                  target: float | None, local_image: Path | None = None,
-                 progress: ProgressSink = _ignore) -> None:
+                 progress: ProgressSink = _ignore,
+                 wal_ready: Callable[[], None] | None = None) -> None:
     """A fresh data directory for ``inst`` from ``image``, recovered with the archived
     WAL to ``target`` (or the archive's end) and promoted onto a new timeline; returns
     with the server running as a writer, its restore settings removed."""
@@ -135,6 +140,9 @@ def recover_into(rt: ClusterRuntime, inst: Instance, store: ObjectStore, prefix:
     else:
         catalog.download_base_image(store, image, datadir)
     progress(Progress("base image", image.size, image.size))
+    if wal_ready is not None:
+        wal_ready()
+        backups = catalog.read_state(store, prefix)  # what was archived meanwhile
     staged_dir = rt.instance_dir(inst.id) / "restore-wal"
     shutil.rmtree(staged_dir, ignore_errors=True)
     wal = Progress("staging WAL", 0, sum(size for _name, size in
