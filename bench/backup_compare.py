@@ -94,6 +94,16 @@ def hand_restore(bindir: Path, run_as: pg.RunAs, writer: dict[str, Any], root: P
         proc.wait(60)
 
 
+def wait_restorable(cli: Cli, point: float) -> float:
+    """Seconds until ``point`` is restorable (the archive catching up after the load)."""
+    while True:
+        st = json.loads(cli("backup", "status", "big", "--json", "--no-verify"))
+        latest = st["latest_restorable_time"]
+        if latest and parse_time(latest).timestamp() >= point:
+            return time.time() - point
+        time.sleep(0.5)
+
+
 def print_steps(cli: Cli, cluster: str) -> None:
     """Where the time went: the cluster's events, seconds after the first."""
     lines = [line.split("  ", 1) for line in cli("events", cluster).splitlines() if line]
@@ -139,6 +149,8 @@ def main() -> None:
             time.sleep(2)
         point = time.time()
         time.sleep(1)
+        lag_s = wait_restorable(cli, point)
+        print(f"the archive reached that point {lag_s:.1f} s later")
         hand = timed("hand restore (pg_basebackup + start)",
                      lambda: hand_restore(bindir, run_as, writer, root / "hand"))
         restore = timed("borealis restore --to-time", lambda: cli(

@@ -92,3 +92,21 @@ def test_describe_uses_the_api_time_format() -> None:
     out = catalog.describe(st_, "file:///x", "c")
     assert out["earliest_restorable_time"] == "2026-11-18T11:06:40.250Z"
     assert json.dumps(out)
+
+
+def test_streamed_reads_are_verified_at_their_end(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    store.put_bytes("k", bytes(range(256)) * 5000)
+    store.get_file("k", tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == bytes(range(256)) * 5000
+    data = tmp_path / "objects" / "k"
+    damaged = bytearray(data.read_bytes())
+    damaged[-1] ^= 1
+    data.write_bytes(bytes(damaged))
+    with pytest.raises(StoreError, match="damaged"):
+        store.get_file("k", tmp_path / "again")
+    assert not (tmp_path / "again").exists() and not list(tmp_path.glob("*.part"))
+    data.write_bytes(bytes(damaged[:-10]))  # truncated
+    with store.open_stream("k") as stream, pytest.raises(StoreError, match="damaged"):
+        while stream.read(4096):
+            pass

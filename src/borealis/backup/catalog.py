@@ -19,10 +19,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 from borealis.api import times
-from borealis.backup.store import ObjectInfo, ObjectStore, StoreError
+from borealis.backup.store import CHUNK, ObjectInfo, ObjectStore, StoreError
 from borealis.wal.lsn import SEGMENT_SIZE, format_lsn, parse_lsn, parse_segment_name
 
 
@@ -175,15 +175,17 @@ def upload_base_image(store: ObjectStore, prefix: str, datadir: Path, began: flo
 
 
 def download_base_image(store: ObjectStore, image: BaseImage, datadir: Path) -> None:
-    tmp = datadir.with_name(datadir.name + ".tar")
-    store.get_file(f"{image.key}/base.tar", tmp)
-    try:
-        datadir.mkdir(parents=True, exist_ok=True)
-        os.chmod(datadir, 0o700)
-        with tarfile.open(tmp) as tar:
+    """Unpack the image into ``datadir`` as it downloads (no copy of the tar on disk).
+    The checksum is known only at the end: a damaged image raises then, and the caller
+    discards the half-made directory."""
+    datadir.mkdir(parents=True, exist_ok=True)
+    os.chmod(datadir, 0o700)
+    with store.open_stream(f"{image.key}/base.tar") as stream:
+        # tarfile's stream mode needs only read(); the stubs ask for a whole file.
+        with tarfile.open(fileobj=cast(IO[bytes], stream), mode="r|", bufsize=CHUNK) as tar:
             tar.extractall(datadir, filter="tar")
-    finally:
-        tmp.unlink(missing_ok=True)
+        while stream.read(CHUNK):  # tar's end-of-archive padding: read to the checksum
+            pass
 
 
 def wal_to_stage(state: BackupState, image: BaseImage) -> list[tuple[str, int]]:

@@ -17,7 +17,6 @@ import base64
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import urllib.parse
 from dataclasses import dataclass
@@ -48,10 +47,53 @@ class ObjectStore(Protocol):
     def put_bytes(self, key: str, data: bytes) -> ObjectInfo: ...
     def get_file(self, key: str, path: Path) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
+    def open_stream(self, key: str) -> VerifiedStream: ...
     def head(self, key: str) -> ObjectInfo | None: ...
     def list(self, prefix: str) -> list[ObjectInfo]: ...
     def delete(self, key: str) -> None: ...
     def actual_sha256(self, key: str) -> str | None: ...
+
+
+class VerifiedStream:
+    """An object's bytes as a file to ``read`` from, in bounded memory, hashed as they go:
+    reaching the end with a different SHA-256 (or size) raises, so a consumer that reads
+    to the end never takes damaged bytes for good ones. Close it when done."""
+
+    def __init__(self, body: Any, key: str, sha256: str, size: int) -> None:
+        self.body, self.key, self.sha256, self.size = body, key, sha256, size
+        self.digest = hashlib.sha256()
+        self.seen = 0
+
+    def read(self, n: int = -1) -> bytes:
+        if n == 0:
+            return b""
+        data: bytes = self.body.read(n if n is not None and n >= 0 else CHUNK * 64)
+        if data:
+            self.digest.update(data)
+            self.seen += len(data)
+        elif self.digest.hexdigest() != self.sha256 or self.seen != self.size:
+            raise StoreError(f"{self.key} is damaged in the object store (checksum mismatch)")
+        return data
+
+    def copy_to(self, path: Path) -> None:
+        """The whole object into ``path``, atomically, verified."""
+        tmp = path.with_name(path.name + ".part")
+        try:
+            with open(tmp, "wb") as out:
+                while chunk := self.read(CHUNK):
+                    out.write(chunk)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self.body.close()
+
+    def __enter__(self) -> VerifiedStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def file_sha256(path: Path) -> str:
@@ -128,15 +170,14 @@ class LocalStore:
         return info
 
     def get_file(self, key: str, path: Path) -> None:
+        with self.open_stream(key) as stream:
+            stream.copy_to(path)
+
+    def open_stream(self, key: str) -> VerifiedStream:
         info = self.head(key)
         if info is None:
             raise StoreError(f"{key} is not in the object store {self.location}")
-        tmp = path.with_name(path.name + ".part")
-        shutil.copyfile(self._data(key), tmp)
-        if file_sha256(tmp) != info.sha256:
-            tmp.unlink(missing_ok=True)
-            raise StoreError(f"{key} is damaged in the object store (checksum mismatch)")
-        os.replace(tmp, path)
+        return VerifiedStream(open(self._data(key), "rb"), key, info.sha256, info.size)
 
     def get_bytes(self, key: str) -> bytes:
         info = self.head(key)
@@ -217,9 +258,17 @@ class S3Store:
         return info
 
     def get_file(self, key: str, path: Path) -> None:
-        tmp = path.with_name(path.name + ".part")
-        tmp.write_bytes(self.get_bytes(key))
-        os.replace(tmp, path)
+        with self.open_stream(key) as stream:
+            stream.copy_to(path)
+
+    def open_stream(self, key: str) -> VerifiedStream:
+        from botocore.exceptions import ClientError
+        try:
+            obj = self.s3.get_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            raise StoreError(f"{key}: {exc.response['Error']['Code']}") from None
+        return VerifiedStream(obj["Body"], key, obj.get("Metadata", {}).get("sha256", ""),
+                              int(obj["ContentLength"]))
 
     def get_bytes(self, key: str) -> bytes:
         from botocore.exceptions import ClientError
