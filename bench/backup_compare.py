@@ -116,10 +116,13 @@ def print_steps(cli: Cli, cluster: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scale", type=int, default=70)
+    parser.add_argument("--dir", default="/tmp", help="where the Borealis home and the hand "
+                        "restore live (a reflink filesystem, XFS or btrfs, lets a clone "
+                        "share the base image's blocks instead of copying them)")
     args = parser.parse_args()
     bindir = pg.find_bindir()
     run_as = pg.RunAs.detect()
-    root = Path(tempfile.mkdtemp(prefix="borealis-bench-backup-", dir="/tmp"))
+    root = Path(tempfile.mkdtemp(prefix="borealis-bench-backup-", dir=args.dir))
     run_as.ensure_traversable(root)
     cli = Cli(root / "home")
     try:
