@@ -113,7 +113,8 @@ def bench_plain(root: Path, run_as: pg.RunAs, bindir: Path, seconds: int, scale:
     s.dir.mkdir(parents=True)
     run_as.ensure_traversable(s.dir)
     pg.initdb(bindir, s.data, USER, PASSWORD, run_as)
-    settings(s, "reader", {"primary_conninfo": "''"})  # no standby.signal below
+    # A plain server: no standby.signal (removed below), no synchronous standby to wait for.
+    settings(s, "reader", {"primary_conninfo": "''", "synchronous_standby_names": "''"})
     (s.data / "standby.signal").unlink()
     s.start()
     try:
