@@ -201,19 +201,40 @@ class TcpSocket:
     inode: int
 
 
-def _address(text: str) -> tuple[str, int]:
-    ip_hex, port_hex = text.split(":")
-    return socket.inet_ntoa(struct.pack("<I", int(ip_hex, 16))), int(port_hex, 16)
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_NLM_F_REQUEST_DUMP = 0x1 | 0x300
+_STATE_CODES = {1: _TCP_ESTABLISHED, 10: _TCP_LISTEN}
 
 
 def tcp_sockets() -> list[TcpSocket]:
-    """The host's IPv4 TCP sockets, from ``/proc/net/tcp``."""
-    out = []
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        out.append(TcpSocket(_address(fields[1]), _address(fields[2]), fields[3],
-                             int(fields[9])))
-    return out
+    """The host's IPv4 TCP sockets that are established or listening, from the kernel's
+    sock_diag netlink interface (``/proc/net/tcp`` formats every socket as text,
+    thousands in TIME_WAIT included: far too slow to read twice a second)."""
+    request = struct.pack("<IHHII", 16 + 56, _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, 1, 0)
+    request += struct.pack("<BBBBI", socket.AF_INET, socket.IPPROTO_TCP, 0, 0,
+                           (1 << 1) | (1 << 10)) + bytes(48)
+    out: list[TcpSocket] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as nl:
+        nl.sendto(request, (0, 0))
+        while True:
+            data = nl.recv(1 << 16)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind = struct.unpack_from("<IH", data, offset)
+                if kind == _NLMSG_DONE:
+                    return out
+                if kind == _NLMSG_ERROR or length < 16:
+                    raise KernelError(0, "sock_diag refused the dump")
+                msg = data[offset + 16: offset + length]
+                state = _STATE_CODES.get(msg[1])
+                if state is not None:
+                    sport, dport = struct.unpack_from(">HH", msg, 4)
+                    out.append(TcpSocket((socket.inet_ntoa(msg[8:12]), sport),
+                                         (socket.inet_ntoa(msg[24:28]), dport), state,
+                                         struct.unpack_from("<I", msg, 68)[0]))
+                offset += (length + 3) & ~3
 
 
 def socket_inodes(pid: int) -> dict[int, int]:
