@@ -255,10 +255,10 @@ def children(pid: int) -> list[int]:
     return []
 
 
-def borrow_listener(pid: int, host: str, port: int) -> int:
-    """A descriptor of the listening socket ``pid`` has on (host, port): the caller puts
-    it in the map and closes it."""
-    inodes = {s.inode for s in tcp_sockets() if s.state == _TCP_LISTEN
+def borrow_listener(pid: int, host: str, port: int, sockets: list[TcpSocket]) -> int:
+    """A descriptor of the listening socket ``pid`` has on (host, port), found among
+    ``sockets`` (:func:`tcp_sockets`): the caller puts it in the map and closes it."""
+    inodes = {s.inode for s in sockets if s.state == _TCP_LISTEN
               and s.local == (host, port)}
     fds = [fd for inode, fd in socket_inodes(pid).items() if inode in inodes]
     if not fds:

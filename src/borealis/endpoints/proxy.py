@@ -39,6 +39,7 @@ from borealis.endpoints.kernel import (
     MAX_ENDPOINTS,
     MAX_LISTENERS,
     Steering,
+    TcpSocket,
     borrow_listener,
     steered_backends,
     tcp_sockets,
@@ -359,8 +360,9 @@ class Proxy:
         closed, and each route refilled with least-connections picks."""
         if self.kernel is None:
             return
-        self._install_listeners()
-        census = self._census()
+        sockets = tcp_sockets()  # one dump per pass, shared by both steps
+        self._install_listeners(sockets)
+        census = self._census(sockets)
         for ep in self.endpoints.values():
             allowed = {b.id for b in members(ep.spec, self.backends)}
             active = ep.active_by_backend()
@@ -375,7 +377,7 @@ class Proxy:
                 active[backend_id] = active.get(backend_id, 0) + len(pids)
             self._route(ep, active)
 
-    def _install_listeners(self) -> None:
+    def _install_listeners(self, sockets: list[TcpSocket]) -> None:
         assert self.kernel is not None
         for b in self.backends:
             if not b.available or b.pid is None:
@@ -389,7 +391,7 @@ class Proxy:
                     continue
                 self.slots[b.id] = len(self.slots)
             try:
-                fd = borrow_listener(b.pid, b.host, b.port)
+                fd = borrow_listener(b.pid, b.host, b.port, sockets)
             except OSError as exc:  # not listening yet, or gone: forwarded meanwhile
                 log.debug("no listening socket of %s yet: %s", b.id, exc)
                 self.installed.pop(b.id, None)
@@ -402,10 +404,10 @@ class Proxy:
             self.installed[b.id] = b.pid
             log.info("steering to %s (postmaster %d)", b.id, b.pid)
 
-    def _census(self) -> dict[str, dict[str, list[int]]]:
+    def _census(self, sockets: list[TcpSocket]) -> dict[str, dict[str, list[int]]]:
         """Steered connections: endpoint -> instance -> the backends serving them."""
         by_address = {(ep.spec.host, ep.spec.port): name for name, ep in self.endpoints.items()}
-        inodes = {s.inode: by_address[s.local] for s in tcp_sockets()
+        inodes = {s.inode: by_address[s.local] for s in sockets
                   if s.state == "01" and s.local in by_address}
         out: dict[str, dict[str, list[int]]] = {}
         if not inodes:
