@@ -166,14 +166,41 @@ def test_backup_status_finds_damaged_and_missing_objects(
     assert backup_status(borealis, "src")["verified"] is True
 
 
-def test_a_clone_and_its_source_change_apart(borealis: Borealis, source: ClusterView) -> None:
+def test_a_clone_holds_every_acknowledged_commit_and_changes_apart(
+        borealis: Borealis, source: ClusterView) -> None:
+    """A clone made while the source commits holds every commit acknowledged before it
+    was asked for, and a prefix of the source's commits (a consistent state)."""
     with psycopg.connect(writer_dsn(source), autocommit=True) as conn:
         conn.execute("CREATE TABLE shared_rows (v text)")
         conn.execute("INSERT INTO shared_rows VALUES ('before the clone')")
-    borealis.cli("clone", "src", "--new-cluster", "src-clone")
+        conn.execute("CREATE TABLE stream (i int PRIMARY KEY)")
+    acked: list[int] = []
+    stop = threading.Event()
+
+    def commit_steadily() -> None:
+        with psycopg.connect(writer_dsn(source), autocommit=True) as conn:
+            i = 0
+            while not stop.is_set():
+                conn.execute("INSERT INTO stream VALUES (%s)", (i,))
+                acked.append(i)
+                i += 1
+    writer = threading.Thread(target=commit_steadily, daemon=True)
+    writer.start()
+    wait_for("commits to flow", lambda: len(acked) > 20, 30)
+    asked_after = len(acked)
+    seen = watch_progress(borealis, "src-clone")
+    try:
+        borealis.cli("clone", "src", "--new-cluster", "src-clone")
+    finally:
+        stop.set()
+        writer.join(30)
+    phases = seen.stop()
+    assert phases and phases <= {"copying data", "replaying WAL", "starting"}
     try:
         clone = writer_dsn(ClusterView(borealis, "src-clone"))
         with psycopg.connect(clone, autocommit=True) as conn:
+            rows = [r[0] for r in conn.execute("SELECT i FROM stream ORDER BY i")]
+            assert rows == list(range(len(rows))) and len(rows) >= asked_after
             conn.execute("INSERT INTO shared_rows VALUES ('in the clone')")
         with psycopg.connect(writer_dsn(source), autocommit=True) as conn:
             conn.execute("INSERT INTO shared_rows VALUES ('in the source')")
@@ -182,8 +209,37 @@ def test_a_clone_and_its_source_change_apart(borealis: Borealis, source: Cluster
         with psycopg.connect(clone) as conn:
             assert sorted(r[0] for r in conn.execute("SELECT v FROM shared_rows")) == [
                 "before the clone", "in the clone"]
+        events = borealis.cli("events", "src-clone").stdout
+        assert "sharing blocks with the source" in events and "restore point" in events
     finally:
         borealis.cli("destroy", "src-clone", timeout_s=300)
+
+
+def test_copy_on_write_clones_through_the_rds_api(borealis: Borealis,
+                                                  source: ClusterView) -> None:
+    rds = borealis.client("rds")
+    with psycopg.connect(writer_dsn(source), autocommit=True) as conn:
+        conn.execute("CREATE TABLE cow (v text)")
+        conn.execute("INSERT INTO cow VALUES ('before the clone')")
+    with pytest.raises(Exception, match="InvalidParameterCombination"):
+        rds.restore_db_cluster_to_point_in_time(
+            DBClusterIdentifier="src-cow", SourceDBClusterIdentifier="src",
+            RestoreType="copy-on-write", RestoreToTime=time.time() - 1)
+    with pytest.raises(Exception, match="InvalidParameterValue"):
+        rds.restore_db_cluster_to_point_in_time(
+            DBClusterIdentifier="src-cow", SourceDBClusterIdentifier="src",
+            RestoreType="thin", UseLatestRestorableTime=True)
+    assert all(c["name"] != "src-cow" for c in borealis.status()["clusters"])
+    rds.restore_db_cluster_to_point_in_time(
+        DBClusterIdentifier="src-cow", SourceDBClusterIdentifier="src",
+        RestoreType="copy-on-write", UseLatestRestorableTime=True)
+    rds.get_waiter("db_cluster_available").wait(
+        DBClusterIdentifier="src-cow", WaiterConfig={"Delay": 1, "MaxAttempts": 300})
+    try:
+        with psycopg.connect(writer_dsn(ClusterView(borealis, "src-cow"))) as conn:
+            assert [r[0] for r in conn.execute("SELECT v FROM cow")] == ["before the clone"]
+    finally:
+        borealis.cli("destroy", "src-cow", timeout_s=300)
 
 
 def test_snapshots_and_restores_through_the_rds_api(

@@ -618,16 +618,34 @@ class RdsOperations:
         if "SourceDBClusterIdentifier" not in p:
             raise ApiError("InvalidParameterCombination", "SourceDBClusterIdentifier is "
                            "required.")
-        if p.get("RestoreType") == "copy-on-write":
-            raise not_built("copy-on-write clones (RestoreType copy-on-write)")
+        restore_type = p.get("RestoreType", "full-copy")
+        if restore_type not in ("full-copy", "copy-on-write"):
+            raise ApiError("InvalidParameterValue", f"Invalid RestoreType: {restore_type}. "
+                           "Valid values are full-copy and copy-on-write.")
         source = self._cluster(p["SourceDBClusterIdentifier"])
         latest = bool(p.get("UseLatestRestorableTime"))
         if latest == ("RestoreToTime" in p):
             raise ApiError("InvalidParameterCombination", "Give exactly one of RestoreToTime "
                            "and UseLatestRestorableTime.")
+        if restore_type == "copy-on-write":
+            if not latest:
+                raise ApiError("InvalidParameterCombination", "A copy-on-write clone holds "
+                               "the source's current state: give UseLatestRestorableTime, "
+                               "not RestoreToTime.")
+            return await self._clone(source.name, new)
         target = None if latest else p["RestoreToTime"].timestamp()
         src, user, password = self.cp.restore_source(cluster=source.name)
         return await self._restore(src, user, password, new, target)
+
+    async def _clone(self, source: str, new: str) -> dict[str, Any]:
+        if self.state.cluster(new) is not None:
+            raise ApiError("DBClusterAlreadyExistsFault", f"DBCluster {new} already exists.")
+        try:
+            await asyncio.to_thread(self.cp.check_clone, source, new)
+        except ClusterError as exc:
+            raise ApiError("InvalidRestoreFault", str(exc)) from None
+        self.cp.start_clone(source, new, 0)
+        return {"DBCluster": self.describe_cluster(self._cluster(new))}
 
     async def _restore(self, src: Any, user: str, password: str, new: str,
                        target: float | None) -> dict[str, Any]:

@@ -383,7 +383,7 @@ def follow(cluster: str, what: str, done: Callable[[dict[str, Any], Events], boo
             events = request("GET", f"/v1/clusters/{cluster}/events")["events"]
             for e in events[seen:]:
                 bar.console.print(f"  {e['message']}", highlight=False, soft_wrap=True)
-                if "failed" in e["message"] and e["source"] in ("restore", "backtrack"):
+                if "failed" in e["message"] and e["source"] in ("restore", "clone", "backtrack"):
                     raise CliError(e["message"])
             seen = len(events)
             if st["status"] == "failed":
@@ -402,19 +402,21 @@ def follow(cluster: str, what: str, done: Callable[[dict[str, Any], Events], boo
     raise CliError(f"the {what} did not finish within an hour")
 
 
-def wait_restored(source: str, new: str) -> None:
-    """Follow a restore until the new cluster is available."""
-    st, _ = follow(new, f"restore of {source} as {new}", lambda st, events: (
-        st["status"] == "available" and any("restored from" in e["message"] for e in events)))
+def wait_restored(source: str, new: str, what: str = "restore") -> None:
+    """Follow a restore or clone until the new cluster is available."""
+    finished = (f"cluster {new} restored from", f"cluster {new} cloned from")
+    st, _ = follow(new, f"{what} of {source} as {new}", lambda st, events: (
+        st["status"] == "available" and any(e["message"].startswith(finished)
+                                            for e in events)))
     writer = next(e for e in st["endpoints"] if e["type"] == "WRITER")
-    console.print(f"cluster {new} restored: psql \"{writer['dsn']}\"", soft_wrap=True,
+    console.print(f"cluster {new} ready: psql \"{writer['dsn']}\"", soft_wrap=True,
                   highlight=False)
 
 
 def cmd_clone(args: argparse.Namespace) -> None:
     request("POST", f"/v1/clusters/{args.cluster}/clone",
             {"new_cluster": args.new_cluster, "readers": args.readers})
-    wait_restored(args.cluster, args.new_cluster)
+    wait_restored(args.cluster, args.new_cluster, "clone")
 
 
 def cmd_backtrack(args: argparse.Namespace) -> None:

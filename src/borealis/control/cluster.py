@@ -268,13 +268,16 @@ class ClusterRuntime:
                               fsync=self.settings.writer_fsync if inst.role == "writer" else False)
         if inst.role == "reader":
             node = self.storage_node_for(inst)
-            c = self.cluster
-            s.primary_conninfo = (
-                f"host=127.0.0.1 port={node.pg_port} user={REPLICATION_USER} "
-                f"password={c.replication_password} application_name={inst.id} "
-                "sslmode=disable gssencmode=disable connect_timeout=5")
+            s.primary_conninfo = self.node_conninfo(node, inst.id)
             self.state.set_instance(inst.id, storage_node=node.id)
         return s
+
+    def node_conninfo(self, node: StorageNodeRow, application_name: str) -> str:
+        """How a hot standby streams this volume's WAL from ``node``."""
+        return (f"host=127.0.0.1 port={node.pg_port} user={REPLICATION_USER} "
+                f"password={self.cluster.replication_password} "
+                f"application_name={application_name} "
+                "sslmode=disable gssencmode=disable connect_timeout=5")
 
     def answering_nodes(self) -> list[StorageNodeRow]:
         """Storage nodes that run and answer (not found frozen or cut off)."""

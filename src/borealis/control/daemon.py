@@ -36,6 +36,7 @@ from borealis.backup import snapshot as snapshot_mod
 from borealis.backup.store import StoreError, open_store
 from borealis.compute import postgres as pg
 from borealis.control import backtrack, failover, probe, restore, wal_retention
+from borealis.control import clone as clone_mod
 from borealis.control.cluster import ClusterError, ClusterRuntime
 from borealis.control.endpoints import ClusterEndpoints
 from borealis.control.failover_rules import FailoverRefused, VolumeStall
@@ -760,51 +761,66 @@ class ControlPlane:
         backups = catalog.read_state(open_store(src.location), src.prefix)
         check_restorable(backups, target)
 
-    def start_clone(self, source: str, new: str, readers: int) -> None:
-        """A new cluster with the source's current state: once the archive holds every
-        commit acknowledged before now, a restore to its end, starting from the source's
-        local base image."""
-        src, user, password = self.restore_source(cluster=source)
-        requested = time.time()
-        rt = self.runtime(source)
-        local = rt.base_image_dir()
+    def check_clone(self, source: str, new: str) -> None:
+        """Raises ClusterError when the clone cannot be made (blocking: may read the
+        store)."""
+        if self.state.cluster(new) is not None:
+            raise ClusterError(f"cluster {new!r} already exists")
+        if not self._has_running_writer(source):
+            src, _, _ = self.restore_source(cluster=source)
+            self.check_restore(src, new, None)
 
-        def wait_current() -> None:
-            deadline = time.monotonic() + 60
-            while True:
-                backups = catalog.read_state(open_store(src.location), src.prefix)
-                if (backups.latest or 0) >= requested:
-                    return
-                if time.monotonic() > deadline:
-                    raise ClusterError(f"the archive of {source} did not reach the time of "
-                                       "the clone request within 60 s")
-                time.sleep(0.2)
-        self.start_restore(src, user, password, new, None, readers, wal_ready=wait_current,
+    def _has_running_writer(self, name: str) -> bool:
+        rt = self.runtime(name)
+        writer = rt.writer()
+        return writer is not None and rt.instance_alive(writer)
+
+    def start_clone(self, source: str, new: str, readers: int) -> None:
+        """After ``check_clone``: a new cluster with the source's current state, a live
+        copy of one of its instances (see clone.py). A source without a running writer
+        is cloned from its backups instead: a restore to their end."""
+        rt = self.runtime(source)
+        if self._has_running_writer(source):
+            c = rt.cluster
+            self._create_cluster_from(
+                new, c.master_user, c.master_password, f"clone of {source}",
+                lambda progress: clone_mod.clone(self.state, rt, new, readers, progress))
+            return
+        src, user, password = self.restore_source(cluster=source)
+        local = rt.base_image_dir()
+        self.start_restore(src, user, password, new, None, readers,
                            local_image=local if (local / "PG_VERSION").exists() else None,
-                           label=f"clone of {source}")
+                           label=f"clone of {source} (from its backups: no running writer)")
 
     def start_restore(self, src: restore.RestoreSource, user: str, password: str, new: str,
                       target: float | None, readers: int,
-                      wal_ready: Callable[[], None] | None = None,
                       local_image: Path | None = None, label: str | None = None) -> None:
         """After ``check_restore``: the new cluster exists at once (``creating``) and is
         restored in the background."""
+        self._create_cluster_from(
+            new, user, password, label or f"restore of {src.label}",
+            lambda progress: restore.restore(self.state, src, new, target, readers,
+                                             local_image, progress))
+
+    def _create_cluster_from(self, new: str, user: str, password: str, label: str,
+                             work: Callable[[restore.ProgressSink], None]) -> None:
+        """The new cluster exists at once (``creating``); ``work`` fills it in the
+        background, reporting progress, and a failure leaves it ``failed``."""
         if self.state.cluster(new) is not None:
             raise ClusterError(f"cluster {new!r} already exists")
         self.state.create_cluster(new, user, password)
-        self.state.event(new, "cluster", f"created by a {label or 'restore of ' + src.label}")
+        self.state.event(new, "cluster", f"created by a {label}")
         self.on_cluster_created(new)
 
-        def work() -> None:
+        def run() -> None:
             try:
-                restore.restore(self.state, src, new, target, readers, local_image,
-                                self._progress_of(new), wal_ready)
+                work(self._progress_of(new))
             except Exception:
                 self.state.set_cluster(new, status="failed")
                 raise
             finally:
                 self.progress.pop(new, None)
-        self.spawn(new, f"restoring {src.label}", work)
+        self.spawn(new, label, run)
 
     def _progress_of(self, cluster: str) -> restore.ProgressSink:
         """Where a restore or backtrack of ``cluster`` reports how far it is (shown by
@@ -1071,8 +1087,7 @@ def build_app(cp: ControlPlane, api: api_server.Api) -> web.Application:
         name = request.match_info["name"]
         need_cluster(name)
         new, readers = _new_cluster(await request.json())
-        src, _, _ = cp.restore_source(cluster=name)
-        await asyncio.to_thread(cp.check_restore, src, new, None)
+        await asyncio.to_thread(cp.check_clone, name, new)
         cp.start_clone(name, new, readers)
         return web.json_response({"cluster": new, "status": "creating"})
 

@@ -87,12 +87,9 @@ class RestoreSource:
 
 def restore(state: State, src: RestoreSource, new: str, target: float | None,
             readers: int = 0, local_image: Path | None = None,
-            progress: ProgressSink = _ignore,
-            wal_ready: Callable[[], None] | None = None) -> None:
+            progress: ProgressSink = _ignore) -> None:
     """``local_image``: the source's own base image folder, copied (sharing blocks where
-    the filesystem can) instead of downloaded when it is the image the restore uses.
-    ``wal_ready``: waited for after the image is in place and before WAL is staged (a
-    clone waits there for the archive to reach the time it was asked for)."""
+    the filesystem can) instead of downloaded when it is the image the restore uses."""
     store = open_store(src.location)
     backups = catalog.read_state(store, src.prefix)
     check_restorable(backups, target)
@@ -104,25 +101,30 @@ def restore(state: State, src: RestoreSource, new: str, target: float | None,
                         f"{image.key.rsplit('/', 1)[1]}")
     rt.start_storage()
     writer = state.add_instance(new, "writer", "az-a", 1)
-    recover_into(rt, writer, store, src.prefix, backups, image, target, local_image, progress,
-                 wal_ready)
-    progress(Progress("starting"))
-    current = state.instance(writer.id)
-    assert current is not None
+    recover_into(rt, writer, store, src.prefix, backups, image, target, local_image, progress)
     rt.event("restore", "recovery complete; the restored writer is promoted")
+    start_promoted(rt, writer.id, readers, progress)
+    rt.event("restore", f"cluster {new} restored from {src.label} as of {when}")
+
+
+def start_promoted(rt: ClusterRuntime, writer_id: str, readers: int,
+                   progress: ProgressSink = _ignore) -> None:
+    """A new cluster's writer, just promoted out of recovery, begins streaming to its own
+    volume; then its readers are added."""
+    progress(Progress("starting"))
+    current = rt.state.instance(writer_id)
+    assert current is not None
     # Its first base image is the supervisor's to take, after the cluster is usable.
     rt.provision_writer(current, base_image=False)
     for i in range(readers):
-        reader = state.add_instance(new, "reader", ["az-b", "az-c", "az-a"][i % 3], 1)
+        reader = rt.state.add_instance(rt.name, "reader", ["az-b", "az-c", "az-a"][i % 3], 1)
         rt.provision_reader(reader, current)
-    rt.event("restore", f"cluster {new} restored from {src.label} as of {when}")
 
 
 def recover_into(rt: ClusterRuntime, inst: Instance, store: ObjectStore, prefix: str,
                  backups: catalog.BackupState, image: catalog.BaseImage,
                  target: float | None, local_image: Path | None = None,
-                 progress: ProgressSink = _ignore,
-                 wal_ready: Callable[[], None] | None = None) -> None:
+                 progress: ProgressSink = _ignore) -> None:
     """A fresh data directory for ``inst`` from ``image``, recovered with the archived
     WAL to ``target`` (or the archive's end) and promoted onto a new timeline; returns
     with the server running as a writer, its restore settings removed."""
@@ -140,9 +142,6 @@ def recover_into(rt: ClusterRuntime, inst: Instance, store: ObjectStore, prefix:
     else:
         catalog.download_base_image(store, image, datadir)
     progress(Progress("base image", image.size, image.size))
-    if wal_ready is not None:
-        wal_ready()
-        backups = catalog.read_state(store, prefix)  # what was archived meanwhile
     staged_dir = rt.instance_dir(inst.id) / "restore-wal"
     shutil.rmtree(staged_dir, ignore_errors=True)
     wal = Progress("staging WAL", 0, sum(size for _name, size in
@@ -174,7 +173,7 @@ def recover_into(rt: ClusterRuntime, inst: Instance, store: ObjectStore, prefix:
     rt.event("restore", f"replaying WAL (pid {proc.pid})")
     replay = _replay_progress(image.start_lsn, staged_dir, progress)
     try:
-        _wait_promoted(rt, inst.id, replay)
+        wait_promoted(rt, inst.id, replay)
     except ClusterError:
         # No commit after T in the archive (a quiet spell): PostgreSQL stops short of a
         # target it never passes. The archive holds every commit before T, so its end
@@ -189,7 +188,7 @@ def recover_into(rt: ClusterRuntime, inst: Instance, store: ObjectStore, prefix:
         rt.run_as.own(datadir)
         proc = pg.start_server(rt.bindir, datadir, log_path, rt.run_as)
         rt.state.set_instance(inst.id, pid=proc.pid, state="starting")
-        _wait_promoted(rt, inst.id, replay)
+        wait_promoted(rt, inst.id, replay)
     shutil.rmtree(staged_dir, ignore_errors=True)
     current = rt.state.instance(inst.id)
     assert current is not None
@@ -214,7 +213,7 @@ def _replay_progress(start_lsn: int, staged_dir: Path, progress: ProgressSink
     return report
 
 
-def _wait_promoted(rt: ClusterRuntime, instance_id: str,
+def wait_promoted(rt: ClusterRuntime, instance_id: str,
                    replayed: Callable[[int | None], None] | None = None) -> None:
     """Until the instance is out of recovery; ``replayed`` hears its replay LSN as it
     goes (None once promoted)."""

@@ -320,6 +320,7 @@ class VolumeClient:
                     link.next_lsn = msg.flush_lsn
                     self.tracker.ack(node_id, self.epoch, msg.flush_lsn)
                     self._feed(link)
+                    self._write_status()  # the control plane waits for a write quorum
                 elif not link.ready and msg.epoch < self.epoch and self._begun.is_set():
                     self._begin(link)
             case vp.Refuse(reason, epoch, flush):
