@@ -88,7 +88,7 @@ def test_point_in_time_restore_holds_exactly_what_was_committed(
     borealis.cli("restore", "src", "--to-time", iso(target), "--new-cluster", "src-pitr")
     phases = seen.stop()
     # The restore reported how far it was while it ran (what the CLI's bar shows).
-    assert phases and phases <= {"base image", "staging WAL", "replaying WAL", "starting"}
+    assert phases and phases <= {"base image and WAL", "replaying WAL", "starting"}
     try:
         restored = ClusterView(borealis, "src-pitr")
         with psycopg.connect(writer_dsn(restored), autocommit=True) as conn:

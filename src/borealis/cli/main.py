@@ -19,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import boto3
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
@@ -484,6 +483,8 @@ def api_location() -> tuple[str, str]:
 
 
 def rds_client() -> Any:
+    import boto3  # here, not at the top: most commands never need it (0.2 s to import)
+
     url, region = api_location()
     key_id, secret = credentials()
     return boto3.client("rds", endpoint_url=url, region_name=region,

@@ -60,10 +60,12 @@ def clone(state: State, source: ClusterRuntime, new: str, readers: int,
         bar.done = min(total, bar.done + n)
         progress(dataclasses.replace(bar))
     progress(dataclasses.replace(bar))
+    began = time.monotonic()
     copy = live_copy.live_copy(source.dsn(copied), source.datadir(copied.id), datadir,
                                rt.run_as, on_copied)
-    rt.event("clone", f"{copy.total_bytes >> 20} MiB copied from {copied.id}, "
-                      f"{copy.shared_bytes >> 20} MiB of it sharing blocks with the source")
+    rt.event("clone", f"{copy.total_bytes >> 20} MiB copied from {copied.id} in "
+                      f"{time.monotonic() - began:.1f} s, {copy.shared_bytes >> 20} MiB of it "
+                      "sharing blocks with the source")
 
     point_name = f"borealis clone {new} {time.time():.3f}"
     with psycopg.connect(source.dsn(writer), autocommit=True) as conn:

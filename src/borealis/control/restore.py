@@ -22,8 +22,10 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +48,7 @@ class Progress:
     """Where a restore is, for a progress bar: ``done`` of ``total`` ``unit`` in the
     current phase (``total`` 0: a step with nothing to count)."""
 
-    phase: str  # "base image" | "staging WAL" | "replaying WAL" | "starting"
+    phase: str  # "base image and WAL" | "copying data" | "replaying WAL" | "starting"
     done: int = 0
     total: int = 0
     unit: str = "bytes"
@@ -128,30 +130,36 @@ def recover_into(rt: ClusterRuntime, inst: Instance, store: ObjectStore, prefix:
     """A fresh data directory for ``inst`` from ``image``, recovered with the archived
     WAL to ``target`` (or the archive's end) and promoted onto a new timeline; returns
     with the server running as a writer, its restore settings removed."""
-    progress(Progress("base image", 0, image.size))
     datadir = rt.datadir(inst.id)
     shutil.rmtree(datadir, ignore_errors=True)
     rt.instance_dir(inst.id).mkdir(parents=True, exist_ok=True)
     rt.run_as.ensure_traversable(rt.instance_dir(inst.id))
-    if local_image is not None and catalog.backup_label(local_image)[0] == image.start_lsn:
-        # The same image, on this host: copy it, sharing blocks (reflink) where the
-        # filesystem can, instead of unpacking the stored tar.
-        subprocess.run(["cp", "-a", "--reflink=auto", str(local_image), str(datadir)],
-                       check=True, capture_output=True, timeout=3600)
-        rt.event("restore", "base image copied from the source's local copy")
-    else:
-        catalog.download_base_image(store, image, datadir)
-    progress(Progress("base image", image.size, image.size))
     staged_dir = rt.instance_dir(inst.id) / "restore-wal"
     shutil.rmtree(staged_dir, ignore_errors=True)
-    wal = Progress("staging WAL", 0, sum(size for _name, size in
-                                         catalog.wal_to_stage(backups, image)))
+    # The image and the WAL are fetched side by side (one reads while the other writes
+    # and hashes), under one progress bar.
+    files = Progress("base image and WAL", 0, image.size + sum(
+        size for _name, size in catalog.wal_to_stage(backups, image)))
+    lock = threading.Lock()
 
-    def staged_file(size: int) -> None:
-        wal.done = min(wal.total, wal.done + size)
-        progress(dataclasses.replace(wal))
-    progress(dataclasses.replace(wal))
-    staged = catalog.stage_wal(store, prefix, backups, image, staged_dir, staged_file)
+    def fetched(size: int) -> None:
+        with lock:
+            files.done = min(files.total, files.done + size)
+            progress(dataclasses.replace(files))
+    progress(dataclasses.replace(files))
+    with ThreadPoolExecutor(1) as pool:
+        staging = pool.submit(catalog.stage_wal, store, prefix, backups, image, staged_dir,
+                              fetched)
+        if local_image is not None and catalog.backup_label(local_image)[0] == image.start_lsn:
+            # The same image, on this host: copy it, sharing blocks (reflink) where the
+            # filesystem can, instead of unpacking the stored tar.
+            subprocess.run(["cp", "-a", "--reflink=auto", str(local_image), str(datadir)],
+                           check=True, capture_output=True, timeout=3600)
+            rt.event("restore", "base image copied from the source's local copy")
+        else:
+            catalog.download_base_image(store, image, datadir)
+        fetched(image.size)
+        staged = staging.result()
     rt.event("restore", f"base image in place; {staged >> 20} MiB of archived WAL staged")
     settings = rt.server_settings(inst)
     extra = dict(settings.extra or {})
