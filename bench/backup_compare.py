@@ -187,6 +187,15 @@ def print_steps(cli: Cli, cluster: str) -> None:
         print(f"  +{when - first:5.1f} s  {message[:90]}")
 
 
+def print_failure(cli: Cli, root: Path) -> None:
+    """What the cluster's events and servers said, before the run's folder is removed."""
+    subprocess.run([sys.executable, "-m", "borealis.cli.main", "events", "big"], env=cli.env,
+                   timeout=60)
+    for log in sorted(root.glob("home/clusters/*/instances/*/postgres.log")):
+        print(f"-- {log.relative_to(root)}")
+        print("\n".join(log.read_text(errors="replace").splitlines()[-15:]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scale", type=int, default=70)
@@ -277,6 +286,9 @@ def main() -> None:
               f"hand PITR / clone {hand_pitr / clone:.1f}x, "
               f"hand copy / clone {copy / clone:.1f}x; "
               f"backtrack {back:.1f} s (target < 60 s)")
+    except BaseException:
+        print_failure(cli, root)
+        raise
     finally:
         if hand is not None and hand.receiver is not None and hand.receiver.poll() is None:
             hand.receiver.kill()

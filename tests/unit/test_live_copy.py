@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from borealis.compute import live_copy
+from borealis.compute import live_copy, tree_copy
 
 
 def make_datadir(root: Path) -> Path:
@@ -31,9 +31,8 @@ def make_datadir(root: Path) -> Path:
 
 def test_copy_keeps_data_and_leaves_out_what_a_base_backup_does(tmp_path: Path) -> None:
     data = make_datadir(tmp_path)
-    tally = live_copy._Tally()
     heard: list[int] = []
-    live_copy._copy_dir(data, tmp_path / "copy", tally, heard.append, top=True)
+    tally = tree_copy.copy_tree(data, tmp_path / "copy", heard.append)
     copy = tmp_path / "copy"
     for kept in ("PG_VERSION", "base/5/16384", "base/5/16384_fsm", "global/pg_control",
                  "pg_xact/0000"):
@@ -44,7 +43,7 @@ def test_copy_keeps_data_and_leaves_out_what_a_base_backup_does(tmp_path: Path) 
                      "global/pg_internal.init", "base/pgsql_tmp"):
         assert not (copy / left_out).exists()
     assert os.readlink(copy / "pg_tblspc" / "16400") == "/elsewhere"
-    assert sum(heard) == tally.total == live_copy.data_size(data)
+    assert sum(heard) == tally.total == tree_copy.data_size(data)
     assert oct((copy / "base").stat().st_mode & 0o777) == oct((data / "base").stat().st_mode
                                                                & 0o777)
 
@@ -53,8 +52,7 @@ def test_copy_refuses_an_existing_destination(tmp_path: Path) -> None:
     data = make_datadir(tmp_path)
     (tmp_path / "copy").mkdir()
     with pytest.raises(FileExistsError):
-        live_copy._copy_dir(data, tmp_path / "copy", live_copy._Tally(), lambda _n: None,
-                            top=True)
+        tree_copy.copy_tree(data, tmp_path / "copy")
 
 
 def test_label_start() -> None:
@@ -63,3 +61,14 @@ def test_label_start() -> None:
     assert live_copy._label_start(label) == 0x6000028
     with pytest.raises(ValueError):
         live_copy._label_start("BACKUP METHOD: streamed\n")
+
+
+def test_the_child_process_reports_progress_and_the_tally(tmp_path: Path) -> None:
+    data = make_datadir(tmp_path)
+    heard: list[int] = []
+    tally = live_copy._copy_files(data, tmp_path / "copy", heard.append)
+    assert tally["total"] == tree_copy.data_size(data)
+    assert tally["shared"] in (0, tally["total"])  # all cloned, or (here) all copied
+    assert sum(heard) == tally["total"]
+    with pytest.raises(Exception, match="copying"):
+        live_copy._copy_files(data, tmp_path / "copy", heard.append)  # it exists now

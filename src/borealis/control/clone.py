@@ -30,7 +30,7 @@ import time
 
 import psycopg
 
-from borealis.compute import live_copy
+from borealis.compute import live_copy, tree_copy
 from borealis.compute import postgres as pg
 from borealis.control.cluster import ClusterError, ClusterRuntime
 from borealis.control.restore import Progress, ProgressSink, start_promoted, wait_promoted
@@ -46,14 +46,14 @@ def clone(state: State, source: ClusterRuntime, new: str, readers: int,
     copied = next(iter(source.available_readers()), writer)
     rt = ClusterRuntime(state, new)
     rt.event("clone", f"cloning {source.name} from its {copied.role} {copied.id}")
-    rt.start_storage()
+    rt.start_storage()  # they start up (CPU-bound) while the data is copied (I/O-bound)
     inst = state.add_instance(new, "writer", "az-a", 1)
     datadir = rt.datadir(inst.id)
     shutil.rmtree(datadir, ignore_errors=True)
     rt.instance_dir(inst.id).mkdir(parents=True, exist_ok=True)
     rt.run_as.ensure_traversable(rt.instance_dir(inst.id))
 
-    total = live_copy.data_size(source.datadir(copied.id))
+    total = tree_copy.data_size(source.datadir(copied.id))
     bar = Progress("copying data", 0, total)
 
     def on_copied(n: int) -> None:
