@@ -169,7 +169,7 @@ def upload_base_image(store: ObjectStore, prefix: str, datadir: Path, began: flo
     folder = f"{prefix}/base/{start:016X}"
     tmp = datadir.with_name(datadir.name + ".tar")
     try:
-        with tarfile.open(tmp, "w") as tar:
+        with tarfile.TarFile(tmp, "w", copybufsize=CHUNK) as tar:  # see download_base_image
             tar.add(datadir, arcname=".")
         store.put_file(f"{folder}/base.tar", tmp)
     finally:
