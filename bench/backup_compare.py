@@ -159,7 +159,7 @@ class Hand:
                 except psycopg.Error:
                     pass
                 if proc.poll() is not None:
-                    log = (self.root / "hand.log").read_text().splitlines()[-5:]
+                    log = (self.root / "hand.log").read_text().splitlines()[-20:]
                     raise SystemExit("the hand-restored server stopped:\n" + "\n".join(log))
                 time.sleep(0.1)
             raise SystemExit("the hand-restored server did not start")

@@ -8,7 +8,8 @@ endpoints hold new connections meanwhile); fence the storage nodes in a new epoc
 rebuild the writer's data directory from the newest base image before T and the
 archived WAL, recovered to T and promoted onto a new timeline; seal the nodes at that
 timeline's switchpoint (the WAL after the rewind point is dropped); a new volume client
-streams the new timeline; readers are rebuilt from the writer; a new base image.
+streams the new timeline; readers are rebuilt from the writer; the cluster is available
+again, and a new base image is taken.
 
 Invariants: the rewind point is at or below VDL (T is at or before the latest restorable
 time, and everything archived is durable), so every node holds the log up to it; the old
@@ -17,6 +18,7 @@ data directory is kept aside until the rewound writer runs, never started again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -102,11 +104,17 @@ def backtrack(rt: ClusterRuntime, target: float, keep_endpoints: object,
     _switch(keep_endpoints)
     for reader in rt.readers():
         failover.rebuild_reader(rt, reader)
-    rt.take_base_image(current)
-    rt.state.set_cluster(rt.name, status="available")
+    for reader in rt.readers():
+        with contextlib.suppress(ClusterError):  # one that fails is the supervisor's
+            rt.wait_ready(reader)
+    _switch(keep_endpoints)  # the reader endpoint has its readers back
     took = time.monotonic() - began
     rt.event("backtrack", f"completed in {took:.1f} s: {rt.name} is as it was at "
                           f"{format_time(target)}")
+    rt.state.set_cluster(rt.name, status="available")
+    # The cluster serves already; a base image on the new timeline follows (still under
+    # the cluster's lock), so a rebuilt writer need not replay from before the rewind.
+    rt.take_base_image(current)
     return took
 
 
