@@ -169,7 +169,7 @@ def upload_base_image(store: ObjectStore, prefix: str, datadir: Path, began: flo
     folder = f"{prefix}/base/{start:016X}"
     tmp = datadir.with_name(datadir.name + ".tar")
     try:
-        with tarfile.TarFile(tmp, "w", copybufsize=CHUNK) as tar:  # see download_base_image
+        with tarfile.TarFile(tmp, "w", copybufsize=CHUNK) as tar:  # see unpack_base_image
             tar.add(datadir, arcname=".")
         store.put_file(f"{folder}/base.tar", tmp)
     finally:
@@ -181,13 +181,13 @@ def upload_base_image(store: ObjectStore, prefix: str, datadir: Path, began: flo
     return folder
 
 
-def download_base_image(store: ObjectStore, image: BaseImage, datadir: Path) -> None:
-    """Unpack the image into ``datadir`` as it downloads (no copy of the tar on disk).
-    The checksum is known only at the end: a damaged image raises then, and the caller
-    discards the half-made directory."""
+def unpack_base_image(store: ObjectStore, key: str, datadir: Path) -> None:
+    """Unpack the image in the folder ``key`` into ``datadir`` as it downloads (no copy
+    of the tar on disk). The checksum is known only at the end: a damaged image raises
+    then, and the caller discards the half-made directory."""
     datadir.mkdir(parents=True, exist_ok=True)
     os.chmod(datadir, 0o700)
-    with store.open_stream(f"{image.key}/base.tar") as stream:
+    with store.open_stream(f"{key}/base.tar") as stream:
         # tarfile's stream mode needs only read(); the stubs ask for a whole file. Its
         # default copy buffer (16 KiB) makes unpacking 7x slower than with 1 MiB.
         # (copybufsize is passed on to TarFile; the stubs list it for TarFile only.)

@@ -32,7 +32,7 @@ from pathlib import Path
 import psycopg
 
 from borealis.api.times import format_time
-from borealis.backup import catalog
+from borealis.backup import catalog, image_fetch
 from borealis.backup.store import ObjectStore, open_store
 from borealis.compute import postgres as pg
 from borealis.control.cluster import ClusterError, ClusterRuntime
@@ -157,7 +157,7 @@ def recover_into(rt: ClusterRuntime, inst: Instance, store: ObjectStore, prefix:
                            check=True, capture_output=True, timeout=3600)
             rt.event("restore", "base image copied from the source's local copy")
         else:
-            catalog.download_base_image(store, image, datadir)
+            image_fetch.fetch(store, image.key, datadir)
         fetched(image.size)
         staged = staging.result()
     rt.event("restore", f"base image in place; {staged >> 20} MiB of archived WAL staged")
