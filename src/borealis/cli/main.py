@@ -404,9 +404,11 @@ def follow(cluster: str, what: str, done: Callable[[dict[str, Any], Events], boo
 def wait_restored(source: str, new: str, what: str = "restore") -> None:
     """Follow a restore or clone until the new cluster is available."""
     finished = (f"cluster {new} restored from", f"cluster {new} cloned from")
+    # The endpoints are set up just after the last step's event: wait for them too.
     st, _ = follow(new, f"{what} of {source} as {new}", lambda st, events: (
-        st["status"] == "available" and any(e["message"].startswith(finished)
-                                            for e in events)))
+        st["status"] == "available"
+        and any(e["message"].startswith(finished) for e in events)
+        and any(e["type"] == "WRITER" for e in st.get("endpoints") or [])))
     writer = next(e for e in st["endpoints"] if e["type"] == "WRITER")
     console.print(f"cluster {new} ready: psql \"{writer['dsn']}\"", soft_wrap=True,
                   highlight=False)
