@@ -64,9 +64,10 @@ def _copy_files(source: Path, dest: Path, copied: Callable[[int], None]) -> dict
         last = line.strip()
         if last.isdigit():
             copied(int(last))
-    err = proc.stderr.read()
+    err = proc.stderr.read().strip().splitlines()
     if proc.wait() != 0:
-        raise ComputeError(f"copying {source} failed: {err.strip().splitlines()[-1:]}")
+        raise ComputeError(f"copying {source} failed: "
+                           f"{err[-1] if err else 'exit status ' + str(proc.returncode)}")
     result: dict[str, int] = json.loads(last)
     return result
 

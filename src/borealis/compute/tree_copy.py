@@ -52,7 +52,7 @@ def copy_tree(source: Path, dest: Path, copied: Callable[[int], None] | None = N
 
 
 def data_size(source: Path) -> int:
-    """Bytes ``live_copy`` would copy (for a progress bar; files may grow meanwhile)."""
+    """Bytes :func:`copy_tree` would copy (for a progress bar; files may grow meanwhile)."""
     total = 0
     for root, dirs, files in os.walk(source):
         dirs[:] = [d for d in dirs if not d.startswith("pgsql_tmp")

@@ -23,9 +23,6 @@ copied) and one restore-point record; one of its storage nodes serves one more s
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import signal
 import time
 
 import psycopg
@@ -33,7 +30,13 @@ import psycopg
 from borealis.compute import live_copy, tree_copy
 from borealis.compute import postgres as pg
 from borealis.control.cluster import ClusterError, ClusterRuntime
-from borealis.control.restore import Progress, ProgressSink, start_promoted, wait_promoted
+from borealis.control.restore import (
+    Progress,
+    ProgressSink,
+    drop_recovery_settings,
+    start_promoted,
+    wait_promoted,
+)
 from borealis.control.state import State
 from borealis.wal.lsn import format_lsn, parse_lsn
 
@@ -48,10 +51,7 @@ def clone(state: State, source: ClusterRuntime, new: str, readers: int,
     rt.event("clone", f"cloning {source.name} from its {copied.role} {copied.id}")
     rt.start_storage()  # they start up (CPU-bound) while the data is copied (I/O-bound)
     inst = state.add_instance(new, "writer", "az-a", 1)
-    datadir = rt.datadir(inst.id)
-    shutil.rmtree(datadir, ignore_errors=True)
-    rt.instance_dir(inst.id).mkdir(parents=True, exist_ok=True)
-    rt.run_as.ensure_traversable(rt.instance_dir(inst.id))
+    datadir = rt.fresh_datadir(inst.id)
 
     total = tree_copy.data_size(source.datadir(copied.id))
     bar = Progress("copying data", 0, total)
@@ -92,11 +92,7 @@ def clone(state: State, source: ClusterRuntime, new: str, readers: int,
         done = span if lsn is None else min(span, max(0, lsn - copy.start_lsn))
         progress(Progress("replaying WAL", done, span))
     wait_promoted(rt, inst.id, replayed)
-    current = state.instance(inst.id)
-    assert current is not None
-    pg.write_settings(datadir, rt.server_settings(current), rt.run_as)  # no recovery settings
-    if current.pid is not None:
-        os.kill(current.pid, signal.SIGHUP)
+    drop_recovery_settings(rt, inst.id)
     rt.event("clone", "the clone's writer is promoted at the restore point")
     start_promoted(rt, inst.id, readers, progress)
     rt.event("clone", f"cluster {new} cloned from {source.name}")

@@ -95,6 +95,15 @@ class ClusterRuntime:
     def datadir(self, instance_id: str) -> Path:
         return self.instance_dir(instance_id) / "data"
 
+    def fresh_datadir(self, instance_id: str) -> Path:
+        """The instance's data directory path, with whatever was there removed and its
+        instance folder ready (reachable by the server's OS user)."""
+        datadir = self.datadir(instance_id)
+        shutil.rmtree(datadir, ignore_errors=True)
+        self.instance_dir(instance_id).mkdir(parents=True, exist_ok=True)
+        self.run_as.ensure_traversable(self.instance_dir(instance_id))
+        return datadir
+
     def base_image_dir(self) -> Path:
         return self.dir / "base" / "data"
 
@@ -132,10 +141,7 @@ class ClusterRuntime:
         image = self.base_image_dir()
         if not (image / "PG_VERSION").exists():
             raise ClusterError(f"{self.name} has no base image")
-        datadir = self.datadir(inst.id)
-        shutil.rmtree(datadir, ignore_errors=True)
-        self.instance_dir(inst.id).mkdir(parents=True, exist_ok=True)
-        self.run_as.ensure_traversable(self.instance_dir(inst.id))
+        datadir = self.fresh_datadir(inst.id)
         shutil.copytree(image, datadir, symlinks=True)
         os.chmod(datadir, 0o700)
         self.run_as.own(datadir)

@@ -130,10 +130,7 @@ def recover_into(rt: ClusterRuntime, inst: Instance, store: ObjectStore, prefix:
     """A fresh data directory for ``inst`` from ``image``, recovered with the archived
     WAL to ``target`` (or the archive's end) and promoted onto a new timeline; returns
     with the server running as a writer, its restore settings removed."""
-    datadir = rt.datadir(inst.id)
-    shutil.rmtree(datadir, ignore_errors=True)
-    rt.instance_dir(inst.id).mkdir(parents=True, exist_ok=True)
-    rt.run_as.ensure_traversable(rt.instance_dir(inst.id))
+    datadir = rt.fresh_datadir(inst.id)
     staged_dir = rt.instance_dir(inst.id) / "restore-wal"
     shutil.rmtree(staged_dir, ignore_errors=True)
     # The image and the WAL are fetched side by side (one reads while the other writes
@@ -198,9 +195,15 @@ def recover_into(rt: ClusterRuntime, inst: Instance, store: ObjectStore, prefix:
         rt.state.set_instance(inst.id, pid=proc.pid, state="starting")
         wait_promoted(rt, inst.id, replay)
     shutil.rmtree(staged_dir, ignore_errors=True)
-    current = rt.state.instance(inst.id)
+    drop_recovery_settings(rt, inst.id)
+
+
+def drop_recovery_settings(rt: ClusterRuntime, instance_id: str) -> None:
+    """A promoted server gets its role's own settings back (no restore command, recovery
+    target or upstream), reloaded in place."""
+    current = rt.state.instance(instance_id)
     assert current is not None
-    pg.write_settings(datadir, rt.server_settings(current), rt.run_as)  # no restore settings
+    pg.write_settings(rt.datadir(instance_id), rt.server_settings(current), rt.run_as)
     if current.pid is not None:
         os.kill(current.pid, signal.SIGHUP)
 
