@@ -35,6 +35,16 @@ log = logging.getLogger("borealis.control")
 REPLICATION_USER = "borealis_replica"
 
 
+@dataclass(frozen=True)
+class StagedImage:
+    """A base image copied and stored, not yet the cluster's local image."""
+
+    path: Path
+    folder: str  # where the object store holds it
+    source_id: str
+    epoch: int  # the cluster's epoch when the copy began
+
+
 class ClusterError(Exception):
     pass
 
@@ -118,23 +128,48 @@ class ClusterRuntime:
     def take_base_image(self, source: Instance) -> None:
         """A copy of the data directory without WAL (the volume holds the WAL): what a
         writer is rebuilt from when there is no reader to promote. Replaced atomically."""
+        self.install_base_image(self.stage_base_image(source))
+
+    def stage_base_image(self, source: Instance) -> StagedImage:
+        """Copy ``source`` beside the current base image and store the copy in the object
+        store; the current image is not touched (it may be in use meanwhile). Each
+        staging has a folder of its own, so a background one and one taken under the
+        cluster's lock (backtrack) never share it."""
         c = self.cluster
-        final = self.base_image_dir()
-        tmp = final.with_name("data.new")
+        staging = self.base_image_dir().with_name(f"data.new.{os.urandom(4).hex()}")
         began = time.time()
-        pg.base_copy(self.bindir, source.port, c.master_user, c.master_password, tmp,
-                     self.run_as)
-        # Continuous backup: the same image goes to the object store, where restores
-        # to a point in time start from.
-        folder = catalog.upload_base_image(open_store(self.object_store_location),
-                                           self.backup_prefix, tmp, began)
+        try:
+            pg.base_copy(self.bindir, source.port, c.master_user, c.master_password,
+                         staging, self.run_as)
+            # Continuous backup: the same image goes to the object store, where restores
+            # to a point in time start from.
+            folder = catalog.upload_base_image(open_store(self.object_store_location),
+                                               self.backup_prefix, staging, began)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return StagedImage(staging, folder, source.id, c.epoch)
+
+    def install_base_image(self, staged: StagedImage) -> None:
+        """Make a staged copy the local base image. Callers hold the cluster's lock: the
+        swap leaves a moment with no image, which nothing that reads it may see."""
+        final = self.base_image_dir()
         old = final.with_name("data.old")
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
             os.rename(final, old)
-        os.rename(tmp, final)
+        os.rename(staged.path, final)
         shutil.rmtree(old, ignore_errors=True)
-        self.event("backup", f"base image taken from {source.id} and stored at {folder}")
+        self.event("backup", f"base image taken from {staged.source_id} and stored at "
+                             f"{staged.folder}")
+
+    def clear_staged_images(self) -> None:
+        """Remove copies a stopped control plane left half made (none is in use then)."""
+        for leftover in (self.dir / "base").glob("data.new*"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
 
     def restore_base_image(self, inst: Instance) -> None:
         """A fresh data directory for ``inst`` from the base image; never its old one."""
@@ -518,8 +553,17 @@ class ClusterRuntime:
 
     def destroy(self) -> None:
         self.down()
+        self.remove()
+
+    def remove(self) -> None:
+        """A stopped cluster's files and records."""
         shutil.rmtree(self.dir, ignore_errors=True)
         self.state.delete_cluster(self.name)
+
+    def remove_if_gone(self) -> None:
+        """What a background copy made after its cluster was removed."""
+        if self.state.cluster(self.name) is None:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _write_private(path: Path, text: str) -> None:

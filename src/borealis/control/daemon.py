@@ -60,6 +60,8 @@ SAMPLE_TIMEOUT_S = 1.0
 BASE_IMAGE_INTERVAL_S = float(os.environ.get("BOREALIS_BASE_IMAGE_INTERVAL_S", "3600"))
 # A new base image also after this much WAL, so a restore never replays much more.
 BASE_IMAGE_WAL_BYTES = int(os.environ.get("BOREALIS_BASE_IMAGE_WAL_BYTES", str(1 << 30)))
+# After a failed base image (its source went away, a full disk), wait this long to retry.
+BASE_IMAGE_RETRY_S = float(os.environ.get("BOREALIS_BASE_IMAGE_RETRY_S", "30"))
 PRUNE_INTERVAL_S = float(os.environ.get("BOREALIS_PRUNE_INTERVAL_S", "60"))
 # WAL the storage nodes keep below VDL however old (readers catching up read it there).
 NODE_WAL_KEEP_BYTES = int(os.environ.get("BOREALIS_NODE_WAL_KEEP_BYTES", str(128 << 20)))
@@ -88,6 +90,12 @@ class ControlPlane:
         self.writer_misses: dict[str, int] = collections.defaultdict(int)
         self.background: set[asyncio.Task[None]] = set()
         self.images_stored: set[str] = set()
+        # Base images are copied in the background, one per cluster at a time: a copy of
+        # a large database takes long, and the cluster's supervision (failover included)
+        # must not wait for it. The tick names the source, the loop starts the task.
+        self.image_due: dict[str, str] = {}  # cluster -> instance id to copy
+        self.image_tasks: dict[str, asyncio.Task[None]] = {}
+        self.image_failed_at: dict[str, float] = {}
         self.pruned_at: dict[str, float] = {}
         self.progress: dict[str, dict[str, Any]] = {}  # cluster -> a restore's Progress
         self.cluster_created_hooks: list[Callable[[str], None]] = []
@@ -114,6 +122,7 @@ class ControlPlane:
                         self.failures[cluster.name] += 1
                         if self.failures[cluster.name] % 20 == 1:
                             log.exception("supervising %s: %s", cluster.name, exc)
+                    self._start_base_image(cluster.name)
                     await self._sample_writer(cluster.name)
                     await self._sample_readers(cluster.name)
                     try:
@@ -220,9 +229,53 @@ class ControlPlane:
         if (age is not None and age < BASE_IMAGE_INTERVAL_S and self._image_stored(rt)
                 and not self._much_wal_since_image(rt)):
             return
+        if (writer.state != "available" or rt.name in self.image_tasks
+                or time.monotonic() - self.image_failed_at.get(rt.name, -1e9)
+                < BASE_IMAGE_RETRY_S):
+            return
         readers = rt.available_readers()
-        if writer.state == "available":
-            rt.take_base_image(readers[0] if readers else writer)
+        self.image_due[rt.name] = (readers[0] if readers else writer).id
+
+    def _start_base_image(self, name: str) -> None:
+        source_id = self.image_due.pop(name, None)
+        if source_id is None or name in self.image_tasks:
+            return
+        task = asyncio.create_task(self._base_image(name, source_id))
+        self.image_tasks[name] = task
+        task.add_done_callback(lambda _: self.image_tasks.pop(name, None))
+
+    async def _base_image(self, name: str, source_id: str) -> None:
+        """Copy and store a base image without the cluster's lock; only the swap into
+        place takes it. A copy begun before an epoch change is stored but not made the
+        local image: after a backtrack it may hold changes the rewind undid (after a
+        failover it would do; the next tick takes a new one either way)."""
+        rt = self.runtime(name)
+        source = self.state.instance(source_id)
+        if source is None:
+            return
+        try:
+            staged = await asyncio.to_thread(rt.stage_base_image, source)
+        except Exception as exc:
+            self.image_failed_at[name] = time.monotonic()
+            await asyncio.to_thread(rt.remove_if_gone)
+            cluster = self.state.cluster(name)
+            if cluster is not None and cluster.desired == "up" and not self.stopping.is_set():
+                rt.event("backup", f"base image from {source_id} failed; trying again in "
+                                   f"{BASE_IMAGE_RETRY_S:.0f} s: {_last_line(exc)}")
+            return
+        async with self.locks[name]:
+            cluster = self.state.cluster(name)
+            same_cluster = cluster is not None and staged.folder.startswith(
+                self.runtime(name).backup_prefix + "/")
+            if not same_cluster or cluster is None or cluster.epoch != staged.epoch:
+                await asyncio.to_thread(shutil.rmtree, staged.path, True)
+                await asyncio.to_thread(rt.remove_if_gone)
+                if same_cluster:
+                    rt.event("backup", f"base image from {source_id} stored at "
+                                       f"{staged.folder}; not kept locally: epoch "
+                                       f"{staged.epoch} ended while it was copied")
+                return
+            await asyncio.to_thread(rt.install_base_image, staged)
 
     def _much_wal_since_image(self, rt: ClusterRuntime) -> bool:
         """BASE_IMAGE_WAL_BYTES of WAL written since the local base image began: a restore
@@ -502,16 +555,28 @@ class ControlPlane:
                 rt = self.runtime(cluster.name)
                 await asyncio.to_thread(ClusterEndpoints(rt).stop_proxy)
                 await asyncio.to_thread(rt.down)
+        # With their sources stopped, base images being copied end at once.
+        await asyncio.gather(*(self._image_settled(c.name) for c in self.state.clusters()))
 
     async def destroy(self, name: str) -> None:
         for inst in self.state.instances(name):
             sampler = self.samplers.pop(inst.id, None)
             if sampler is not None:
                 await sampler.close()
+        rt = self.runtime(name)
         async with self.locks[name]:
-            rt = self.runtime(name)
             await asyncio.to_thread(ClusterEndpoints(rt).stop_proxy)
-            await asyncio.to_thread(rt.destroy)
+            await asyncio.to_thread(rt.down)
+        await self._image_settled(name)  # not to write into the folder removed next
+        async with self.locks[name]:
+            await asyncio.to_thread(rt.remove)
+
+    async def _image_settled(self, name: str) -> None:
+        """Wait for the cluster's background base image, if one is being taken (callers
+        do not hold the cluster's lock: its last step takes it)."""
+        task = self.image_tasks.get(name)
+        if task is not None:
+            await asyncio.wait([task])
 
     async def add_instance(self, name: str, az: str | None, tier: int,
                            instance_id: str | None) -> dict[str, Any]:
@@ -1202,8 +1267,15 @@ def api_address(state: State, port: int) -> tuple[str, int]:
     return host, port
 
 
+def _last_line(exc: Exception) -> str:
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
 async def serve(home: Path, port: int) -> None:
     cp = ControlPlane(home)
+    for cluster in cp.state.clusters():
+        cp.runtime(cluster.name).clear_staged_images()
     api = api_server.Api(cp)
     app = build_app(cp, api)
     runner = web.AppRunner(app, access_log=None)
