@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from borealis.control.failover_rules import (
     Candidate,
     FailoverRefused,
+    WriterWatch,
     choose_writer,
     end_of_log,
 )
@@ -65,3 +66,51 @@ def test_a_volume_stall_is_vdl_standing_still_with_wal_waiting() -> None:
     assert s.observe(3, 150, 300, 5.0) == 0.0  # VDL moved
     assert s.observe(4, 150, 300, 6.0) == 0.0  # a new epoch starts afresh
     assert s.observe(4, 150, 150, 9.0) == 0.0
+
+
+def probes(watch: WriterWatch, seen: list[tuple[float, float | None]]) -> list[int]:
+    """Failed probes begun at the given times, each with the writer last heard at."""
+    return [watch.probe_failed(at, heard) for at, heard in seen]
+
+
+def test_a_frozen_writer_adds_up_misses() -> None:
+    # Frozen at 9.9: the last answer the volume client got, reported ever after.
+    watch = WriterWatch()
+    assert probes(watch, [(10.0, 9.8), (10.5, 9.9), (11.0, 9.9), (11.5, 9.9)]) == [1, 2, 3, 4]
+
+
+def test_a_writer_that_answers_is_not_lost() -> None:
+    # Refusing connections, answering the volume client every quarter second (each
+    # report up to a quarter second late).
+    watch = WriterWatch()
+    counts = probes(watch, [(10.0 + 0.5 * i, 10.0 + 0.5 * i - 0.3) for i in range(20)])
+    assert max(counts) < 3
+
+
+def test_a_probe_under_way_when_the_writer_froze_costs_one_miss_at_most() -> None:
+    # The probe begun at 10.0 hangs until its timeout; the writer answered at 10.1
+    # for the last time.
+    watch = WriterWatch()
+    assert probes(watch, [(10.0, 10.1), (11.5, 10.1), (12.0, 10.1), (12.5, 10.1)]) \
+        == [1, 1, 2, 3]
+
+
+def test_without_reports_only_probes_count() -> None:
+    watch = WriterWatch()
+    assert probes(watch, [(1.0, None), (2.0, None), (3.0, None)]) == [1, 2, 3]
+    watch.probe_ok()
+    assert watch.probe_failed(4.0, None) == 1
+
+
+@given(st.lists(st.floats(0, 5), min_size=1, max_size=30), st.floats(-100, 0))
+def test_a_writer_unheard_since_the_first_miss_always_reaches_the_limit(
+        gaps: list[float], last_heard: float) -> None:
+    """However probes are spaced, a writer last heard before the first failed probe
+    began has every failed probe counted."""
+    watch = WriterWatch()
+    at = 100.0
+    counts = []
+    for gap in gaps:
+        at += gap
+        counts.append(watch.probe_failed(at, 100.0 + last_heard))
+    assert counts == list(range(1, len(gaps) + 1))

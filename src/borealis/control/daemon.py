@@ -39,7 +39,7 @@ from borealis.control import backtrack, failover, probe, restore, wal_retention
 from borealis.control import clone as clone_mod
 from borealis.control.cluster import ClusterError, ClusterRuntime
 from borealis.control.endpoints import ClusterEndpoints
-from borealis.control.failover_rules import FailoverRefused, VolumeStall
+from borealis.control.failover_rules import FailoverRefused, VolumeStall, WriterWatch
 from borealis.control.restore import check_restorable
 from borealis.control.state import AZS, State
 from borealis.storage.archive import RETAIN_FILE
@@ -87,7 +87,7 @@ class ControlPlane:
         self.node_misses: dict[tuple[str, str], int] = collections.defaultdict(int)
         self.volume_stalls: dict[str, VolumeStall] = {}
         # Consecutive failed writer checks per cluster.
-        self.writer_misses: dict[str, int] = collections.defaultdict(int)
+        self.writer_watch: dict[str, WriterWatch] = collections.defaultdict(WriterWatch)
         self.background: set[asyncio.Task[None]] = set()
         self.images_stored: set[str] = set()
         # Base images are copied in the background, one per cluster at a time: a copy of
@@ -117,7 +117,8 @@ class ControlPlane:
                     try:
                         await asyncio.to_thread(self._supervise_cluster, cluster.name,
                                                 unhealthy,
-                                                self.writer_misses[cluster.name] >= WRITER_MISSES)
+                                                self.writer_watch[cluster.name].misses
+                                                >= WRITER_MISSES)
                     except Exception as exc:
                         self.failures[cluster.name] += 1
                         if self.failures[cluster.name] % 20 == 1:
@@ -148,14 +149,15 @@ class ControlPlane:
         rt = self.runtime(name)
         writer = rt.writer()
         if writer is None or writer.state != "available":
-            self.writer_misses[name] = 0
+            self.writer_watch[name].probe_ok()
             return
+        watch = self.writer_watch[name]
+        started_at = time.time()
         try:
             await probe.value_once(rt.dsn(writer), "SELECT 1", WRITER_CHECK_TIMEOUT_S)
-            self.writer_misses[name] = 0
+            watch.probe_ok()
         except (psycopg.Error, OSError, TimeoutError, probe.ProbeTimeout):
-            self.writer_misses[name] += 1
-            if self.writer_misses[name] == WRITER_MISSES:
+            if watch.probe_failed(started_at, _writer_heard_at(rt)) == WRITER_MISSES:
                 rt.event("supervisor", f"writer {writer.id} failed {WRITER_MISSES} checks "
                                        "in a row")
 
@@ -350,7 +352,7 @@ class ControlPlane:
     def _writer_lost(self, rt: ClusterRuntime, writer: Any, why: str) -> None:
         """Fail over to a reader, or with none rebuild the writer from the base image;
         with neither, restart the writer in place."""
-        self.writer_misses[rt.name] = 0
+        self.writer_watch[rt.name].probe_ok()
         if ((rt.available_readers() or rt.base_image_age_s() is not None)
                 and writer.state in ("available", "stopped")):
             try:
@@ -599,7 +601,7 @@ class ControlPlane:
                 rt.event("failover", f"stopped: {exc}")
                 raise ClusterError(str(exc)) from None
             finally:
-                self.writer_misses[name] = 0
+                self.writer_watch[name].probe_ok()
         return await self.cluster_status(name)
 
     # -- operations that return at once (the RDS API's way): the work goes on in the
@@ -753,7 +755,7 @@ class ControlPlane:
                 rt.event("failover", f"stopped: {exc}")
                 raise
             finally:
-                self.writer_misses[name] = 0
+                self.writer_watch[name].probe_ok()
                 if self.state.cluster(name) and rt.cluster.status == "failing-over" \
                         and rt.writer() is not None:
                     self.state.set_cluster(name, status="available")
@@ -913,7 +915,7 @@ class ControlPlane:
                 raise
             finally:
                 self.progress.pop(name, None)
-                self.writer_misses[name] = 0
+                self.writer_watch[name].probe_ok()
         self.spawn(name, "backtrack", work)
         return record
 
@@ -1265,6 +1267,12 @@ def api_address(state: State, port: int) -> tuple[str, int]:
     if not port:
         port = int(state.setting_once("api_port", lambda: str(state.allocate_port())))
     return host, port
+
+
+def _writer_heard_at(rt: ClusterRuntime) -> float | None:
+    """When the writer last answered its volume client (wall clock), if known."""
+    heard = (rt.volume_status() or {}).get("writer_heard")
+    return float(str(heard)) if heard else None
 
 
 def _last_line(exc: Exception) -> str:

@@ -78,3 +78,34 @@ class VolumeStall:
         if self._key != (epoch, vdl):
             self._key, self._since = (epoch, vdl), now
         return now - self._since
+
+
+class WriterWatch:
+    """Is the writer gone or frozen? Probes (a new connection and ``SELECT 1``) that
+    failed in a row, unless the writer was heard from since they began.
+
+    The volume client asks the writer's WAL sender for an immediate reply every quarter
+    second and reports when it last heard from it. A writer that answers is alive: a
+    probe can fail because new connections wait (the host busy with I/O) or are refused
+    (every connection slot taken), and failing over then would end every working
+    session. A frozen writer answers nothing, so its misses add up.
+    """
+
+    def __init__(self) -> None:
+        self.misses = 0
+        self._first_miss_at = 0.0
+
+    def probe_ok(self) -> None:
+        self.misses = 0
+
+    def probe_failed(self, started_at: float, heard_at: float | None) -> int:
+        """Count a failed probe begun at ``started_at`` (wall clock), given when the
+        writer last answered the volume client (None if unknown); returns the misses in
+        a row. The answer is judged against the first miss, not this one: the report
+        of it may be a quarter second old."""
+        if self.misses and heard_at is not None and heard_at > self._first_miss_at:
+            self.misses = 0  # it answered since the misses began: slow, not gone
+        if self.misses == 0:
+            self._first_miss_at = started_at
+        self.misses += 1
+        return self.misses

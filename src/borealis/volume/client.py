@@ -44,6 +44,10 @@ SLOT_NAME = "borealis_volume"
 RECONNECT_S = 0.2
 HEARTBEAT_S = 0.01
 STATUS_S = 1.0
+# How often the writer is asked for an immediate reply, and the status file rewritten:
+# the control plane tells a live writer that takes no new connection from a frozen one
+# by when it last answered (``writer_heard``).
+PING_S = 0.25
 MAX_NODE_BACKLOG = 64 * 1024 * 1024
 XMIN_HOLD_S = 30.0
 _xlogdata = struct.Struct(">qqq")
@@ -150,6 +154,7 @@ class VolumeClient:
         self._begun = asyncio.Event()
         self._last_xmin = 0
         self._last_xmin_at = 0.0
+        self.writer_heard_at = 0.0  # wall clock of the writer's last message
 
     # -- writer side -----------------------------------------------------------------
 
@@ -200,10 +205,14 @@ class VolumeClient:
         parts: list[bytes] = []
         batch_start = self.received
         reply = False
+        heard = False
         while True:
             nbytes, data = conn.get_copy_data(1)
             if nbytes == 0:
+                if heard:
+                    self.writer_heard_at = time.time()
                 break
+            heard = True
             if nbytes < 0:
                 self._finish(f"writer ended the stream: {_err(conn) or 'end of timeline'}")
                 return
@@ -237,10 +246,10 @@ class VolumeClient:
         if reply:
             self.send_status()
 
-    def send_status(self) -> None:
+    def send_status(self, reply_requested: bool = False) -> None:
         """Report VDL as write, flush and apply: the writer releases commits up to it."""
         vdl = self.tracker.vdl
-        msg = rp.StandbyStatus(vdl, vdl, vdl, rp.pg_now_us(), False)
+        msg = rp.StandbyStatus(vdl, vdl, vdl, rp.pg_now_us(), reply_requested)
         self._put(msg.encode())
         self.reported_vdl = vdl
 
@@ -406,10 +415,14 @@ class VolumeClient:
         return [lk.last_state for lk in self.links.values() if lk.last_state]
 
     async def _periodic(self) -> None:
-        last_status = 0.0
+        last_status = last_ping = 0.0
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             now = time.monotonic()
+            if now - last_ping >= PING_S:
+                last_ping = now
+                self.send_status(reply_requested=True)
+                self._write_status()
             if self._vdl_dirty:
                 self._vdl_dirty = False
                 for link in self.links.values():
@@ -440,6 +453,7 @@ class VolumeClient:
                       "flush_lsn": format_lsn(lk.flush_lsn), "reconnects": lk.reconnects}
                 for nid, lk in self.links.items()
             },
+            "writer_heard": self.writer_heard_at or None,
             "stopped": self.exit_reason or None,
             "updated": time.time(),
         }
