@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cpu_account  # bench/, beside this file
 import psycopg
 
 from borealis.compute import postgres as pg
@@ -83,28 +84,70 @@ def sql(dsn: str, statement: str) -> None:
         conn.execute(statement)
 
 
-def pgbench(bindir: Path, dsn: str, args: list[str], timeout_s: float = 1800) -> str:
+def pgbench_command(bindir: Path, dsn: str, args: list[str]) -> tuple[list[str], dict[str, str]]:
     parts = dict(p.split("=", 1) for p in dsn.split())
     env = {**os.environ, "PGPASSWORD": parts["password"]}
-    cmd = [str(bindir / "pgbench"), "-h", parts["host"], "-p", parts["port"], "-U", parts["user"],
-           *args, parts["dbname"]]
+    return [str(bindir / "pgbench"), "-h", parts["host"], "-p", parts["port"], "-U",
+            parts["user"], *args, parts["dbname"]], env
+
+
+def pgbench(bindir: Path, dsn: str, args: list[str], timeout_s: float = 1800) -> str:
+    cmd, env = pgbench_command(bindir, dsn, args)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     if out.returncode != 0:
         raise RuntimeError(f"pgbench failed: {out.stderr}")
     return out.stdout
 
 
-def run_workloads(bindir: Path, dsn: str, seconds: int, scale: int) -> dict[str, tuple[float,
-                                                                                      float]]:
+def commits(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT sum(xact_commit) FROM pg_stat_database").fetchone()
+    return int(row[0]) if row else 0
+
+
+def measured_pgbench(bindir: Path, dsn: str, args: list[str], seconds: int, clients: int
+                     ) -> tuple[str, dict[str, float]]:
+    """pgbench, with CPU by component sampled over its middle (once its clients are
+    connected, until a second before it ends)."""
+    cmd, env = pgbench_command(bindir, dsn, [*args, "-T", str(seconds)])
+    launched = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                row = conn.execute("SELECT count(*) FROM pg_stat_activity "
+                                   "WHERE application_name = 'pgbench'").fetchone()
+            if row and row[0] >= clients:
+                break
+            time.sleep(0.05)
+        started, before, first = time.monotonic(), cpu_account.snapshot(), commits(dsn)
+        time.sleep(max(1.0, seconds - (started - launched) - 1.0))
+        after, last = cpu_account.snapshot(), commits(dsn)
+        out, err = proc.communicate(timeout=seconds + 600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"pgbench failed: {err}")
+    return out, cpu_account.per_transaction_us(before, after, last - first)
+
+
+def run_workloads(bindir: Path, dsn: str, seconds: int, scale: int
+                  ) -> dict[str, tuple[float, float, dict[str, float]]]:
     pgbench(bindir, dsn, ["-i", "-s", str(scale), "-q"])
     results = {}
     for name, args in WORKLOADS:
         sql(dsn, "CHECKPOINT")
-        out = pgbench(bindir, dsn, [*args, "-T", str(seconds)])
+        clients = int(args[args.index("-c") + 1])
+        out, costs = measured_pgbench(bindir, dsn, args, seconds, clients)
         tps = float(re.search(r"tps = ([\d.]+) \(without initial", out).group(1))  # type: ignore[union-attr]
         lat = float(re.search(r"latency average = ([\d.]+) ms", out).group(1))  # type: ignore[union-attr]
-        results[name] = (tps, lat)
-        print(f"    {name:<8} {tps:8.0f} TPS  {lat:6.2f} ms", flush=True)
+        results[name] = (tps, lat, costs)
+        print(f"    {name:<8} {tps:8.0f} TPS  {lat:6.2f} ms   cpu "
+              f"{cpu_account.format_row(costs)}", flush=True)
     return results
 
 
@@ -191,7 +234,7 @@ def main() -> None:
     run_as = pg.RunAs.detect()
     root = Path(tempfile.mkdtemp(prefix="borealis-bench-", dir="/tmp"))
     run_as.ensure_traversable(root)
-    results: dict[str, dict[str, tuple[float, float]]] = {}
+    results: dict[str, dict[str, tuple[float, float, dict[str, float]]]] = {}
     try:
         for name in args.only or ["plain", "pair", "borealis"]:
             print(f"== {name}", flush=True)
@@ -217,6 +260,17 @@ def main() -> None:
                 r = results.get(ref, {}).get(wl)
                 row += f"  {b[0] / r[0]:6.2f}" if r else "       -"
         print(row)
+    print("\nCPU per transaction (us, all processes; 'copies' = all but backends, pgbench "
+          "and other)")
+    print(f"{'workload':<9}" + "".join(f"{n:>22}" for n in results))
+    for wl, _ in WORKLOADS:
+        cells = []
+        for n in results:
+            costs = results[n][wl][2]
+            copies = sum(v for k, v in costs.items()
+                         if k not in cpu_account.WORKLOAD and k != "other")
+            cells.append(f"{sum(costs.values()):>8.0f} (copies {copies:>5.0f})")
+        print(f"{wl:<9}" + "".join(f"{c:>22}" for c in cells))
 
 
 if __name__ == "__main__":
