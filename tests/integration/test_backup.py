@@ -340,6 +340,15 @@ def test_backups_to_s3(s3_server: str) -> None:
         b.cli("restore", "s3c", "--latest", "--new-cluster", "s3c-copy")
         with psycopg.connect(writer_dsn(ClusterView(b, "s3c-copy"))) as conn:
             assert conn.execute("SELECT count(*) FROM t").fetchone() == (1000,)
+        # That restore copied the source's base image from this host (WAL came from S3);
+        # a snapshot restored after its source is gone fetches the image from S3 too.
+        assert "copied from the source's local copy" in b.cli("events", "s3c-copy").stdout
+        b.cli("snapshot", "create", "s3c", "s3c-snap")
+        b.cli("destroy", "s3c")
+        b.cli("snapshot", "restore", "s3c-snap", "--new-cluster", "s3c-from-snap")
+        with psycopg.connect(writer_dsn(ClusterView(b, "s3c-from-snap"))) as conn:
+            assert conn.execute("SELECT count(*) FROM t").fetchone() == (1000,)
+        assert "local copy" not in b.cli("events", "s3c-from-snap").stdout
     finally:
         leftovers = b.close()
         shutil.rmtree(home, ignore_errors=True)

@@ -87,7 +87,7 @@ def backtrack(rt: ClusterRuntime, target: float, keep_endpoints: object,
     os.rename(datadir, aside)
     src = RestoreSource.of_cluster(rt)
     recover_into(rt, writer, open_store(src.location), src.prefix, backups, image, target,
-                 progress=progress or (lambda _p: None))
+                 src.local_image, progress or (lambda _p: None))
     timeline, switchpoint, parent = _new_timeline(rt, writer.id)
     rt.event("backtrack", f"writer {writer.id} rewound: timeline {timeline} starts at "
                           f"{switchpoint:X} (timeline {parent} ends there)")

@@ -854,20 +854,16 @@ class ControlPlane:
                 lambda progress: clone_mod.clone(self.state, rt, new, readers, progress))
             return
         src, user, password = self.restore_source(cluster=source)
-        local = rt.base_image_dir()
         self.start_restore(src, user, password, new, None, readers,
-                           local_image=local if (local / "PG_VERSION").exists() else None,
                            label=f"clone of {source} (from its backups: no running writer)")
 
     def start_restore(self, src: restore.RestoreSource, user: str, password: str, new: str,
-                      target: float | None, readers: int,
-                      local_image: Path | None = None, label: str | None = None) -> None:
+                      target: float | None, readers: int, label: str | None = None) -> None:
         """After ``check_restore``: the new cluster exists at once (``creating``) and is
         restored in the background."""
         self._create_cluster_from(
             new, user, password, label or f"restore of {src.label}",
-            lambda progress: restore.restore(self.state, src, new, target, readers,
-                                             local_image, progress))
+            lambda progress: restore.restore(self.state, src, new, target, readers, progress))
 
     def _create_cluster_from(self, new: str, user: str, password: str, label: str,
                              work: Callable[[restore.ProgressSink], None]) -> None:

@@ -33,7 +33,7 @@ import psycopg
 
 from borealis.api.times import format_time
 from borealis.backup import catalog, image_fetch
-from borealis.backup.store import ObjectStore, open_store
+from borealis.backup.store import ObjectStore, StoreError, open_store
 from borealis.compute import postgres as pg
 from borealis.control.cluster import ClusterError, ClusterRuntime
 from borealis.control.state import Instance, State
@@ -81,17 +81,20 @@ class RestoreSource:
     label: str  # "cluster src" | "snapshot s1"
     location: str
     prefix: str
+    # The source cluster's own base image folder on this host: when it is the image a
+    # restore starts from, it is copied (blocks shared where the filesystem can) instead
+    # of unpacked from the object store.
+    local_image: Path | None = None
 
     @classmethod
     def of_cluster(cls, rt: ClusterRuntime) -> RestoreSource:
-        return cls(f"cluster {rt.name}", rt.object_store_location, rt.backup_prefix)
+        image = rt.base_image_dir()
+        return cls(f"cluster {rt.name}", rt.object_store_location, rt.backup_prefix,
+                   image if (image / "PG_VERSION").exists() else None)
 
 
 def restore(state: State, src: RestoreSource, new: str, target: float | None,
-            readers: int = 0, local_image: Path | None = None,
-            progress: ProgressSink = _ignore) -> None:
-    """``local_image``: the source's own base image folder, copied (sharing blocks where
-    the filesystem can) instead of downloaded when it is the image the restore uses."""
+            readers: int = 0, progress: ProgressSink = _ignore) -> None:
     store = open_store(src.location)
     backups = catalog.read_state(store, src.prefix)
     check_restorable(backups, target)
@@ -103,7 +106,8 @@ def restore(state: State, src: RestoreSource, new: str, target: float | None,
                         f"{image.key.rsplit('/', 1)[1]}")
     rt.start_storage()
     writer = state.add_instance(new, "writer", "az-a", 1)
-    recover_into(rt, writer, store, src.prefix, backups, image, target, local_image, progress)
+    recover_into(rt, writer, store, src.prefix, backups, image, target, src.local_image,
+                 progress)
     rt.event("restore", "recovery complete; the restored writer is promoted")
     start_promoted(rt, writer.id, readers, progress)
     rt.event("restore", f"cluster {new} restored from {src.label} as of {when}")
@@ -147,13 +151,11 @@ def recover_into(rt: ClusterRuntime, inst: Instance, store: ObjectStore, prefix:
     with ThreadPoolExecutor(1) as pool:
         staging = pool.submit(catalog.stage_wal, store, prefix, backups, image, staged_dir,
                               fetched)
-        if local_image is not None and catalog.backup_label(local_image)[0] == image.start_lsn:
-            # The same image, on this host: copy it, sharing blocks (reflink) where the
-            # filesystem can, instead of unpacking the stored tar.
-            subprocess.run(["cp", "-a", "--reflink=auto", str(local_image), str(datadir)],
-                           check=True, capture_output=True, timeout=3600)
+        if local_image is not None and copy_local_image(local_image, datadir,
+                                                        image.start_lsn):
             rt.event("restore", "base image copied from the source's local copy")
         else:
+            datadir = rt.fresh_datadir(inst.id)  # whatever a failed local copy left
             image_fetch.fetch(store, image.key, datadir)
         fetched(image.size)
         staged = staging.result()
@@ -196,6 +198,23 @@ def recover_into(rt: ClusterRuntime, inst: Instance, store: ObjectStore, prefix:
         wait_promoted(rt, inst.id, replay)
     shutil.rmtree(staged_dir, ignore_errors=True)
     drop_recovery_settings(rt, inst.id)
+
+
+def copy_local_image(local_image: Path, datadir: Path, start_lsn: int) -> bool:
+    """Copy the source's local base image to ``datadir`` if it is the image starting at
+    ``start_lsn``; False if it is not, or if it was replaced while being copied (the
+    source takes its images without the restore's lock: a swap changes the folder's
+    inode, or what the copy holds)."""
+    try:
+        before = local_image.stat().st_ino
+        if catalog.backup_label(local_image)[0] != start_lsn:
+            return False
+        subprocess.run(["cp", "-a", "--reflink=auto", str(local_image), str(datadir)],
+                       check=True, capture_output=True, timeout=3600)
+        return (local_image.stat().st_ino == before
+                and catalog.backup_label(datadir)[0] == start_lsn)
+    except (OSError, StoreError, subprocess.CalledProcessError):
+        return False
 
 
 def drop_recovery_settings(rt: ClusterRuntime, instance_id: str) -> None:
