@@ -15,6 +15,7 @@ from borealis.backup.store import LocalStore, StoreError
 from borealis.control.cluster import ClusterError
 from borealis.control.restore import check_restorable
 from borealis.wal.lsn import SEGMENT_SIZE, format_lsn, segment_name
+from borealis.wal.timeline import parse_history
 
 DAY = 86400.0
 
@@ -110,3 +111,37 @@ def test_streamed_reads_are_verified_at_their_end(tmp_path: Path) -> None:
     with store.open_stream("k") as stream, pytest.raises(StoreError, match="damaged"):
         while stream.read(4096):
             pass
+
+
+def image_at(segment: int, timeline: int, ended: float) -> catalog.BaseImage:
+    lsn = segment * SEGMENT_SIZE + 0x28
+    return catalog.BaseImage(f"c/base/{lsn:016X}", lsn, timeline, ended - 5, ended, 100)
+
+
+def test_an_image_past_a_backtracks_rewind_point_is_not_used() -> None:
+    """Backtracked at time 400 to a point in segment 6: timeline 1 ends there and
+    timeline 2 starts. An image taken on timeline 1 after that point holds the undone
+    changes; recovery from it cannot follow timeline 2."""
+    switch = 6 * SEGMENT_SIZE + 0x1000
+    before = image_at(4, 1, 100.0)
+    undone = image_at(7, 1, 300.0)  # after the rewind point, before the backtrack
+    after = image_at(8, 2, 450.0)  # the new timeline's own
+    st_ = catalog.BackupState([before, undone, after], {}, None, [],
+                              history=parse_history(2, f"1\t0/{switch:X}\tbacktrack\n"))
+    assert st_.on_history(before) and not st_.on_history(undone) and st_.on_history(after)
+    assert st_.image_for(420.0) == before  # not `undone`, though it ended later
+    assert st_.image_for(460.0) == after
+    # An image on a timeline the history never had (a branch left behind) is not used.
+    assert not st_.on_history(image_at(9, 3, 500.0))
+
+
+def test_read_state_takes_the_newest_timelines_history(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    store.put_bytes("c/wal/00000002.history", b"1\t0/6001000\tbacktrack\n")
+    store.put_bytes("c/wal/00000003.history",
+                    b"1\t0/6001000\tbacktrack\n2\t0/9000000\tfailover\n")
+    history = catalog.read_state(store, "c").history
+    assert history is not None
+    assert [(e.timeline, e.end) for e in history] == [(1, 0x6001000), (2, 0x9000000),
+                                                       (3, None)]
+    assert catalog.read_state(LocalStore(tmp_path / "empty"), "c").history is None

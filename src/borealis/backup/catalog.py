@@ -24,6 +24,7 @@ from typing import IO, Any, cast
 from borealis.api import times
 from borealis.backup.store import CHUNK, ObjectInfo, ObjectStore, StoreError
 from borealis.wal.lsn import SEGMENT_SIZE, format_lsn, parse_lsn, parse_segment_name
+from borealis.wal.timeline import TimelineEntry, parse_history
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,10 @@ class BackupState:
     partial: dict[str, Any] | None  # latest.json
     objects: list[ObjectInfo]
     missing: list[str] = field(default_factory=list)
+    # The newest archived timeline's history (None: only timeline 1 was ever archived).
+    # A base image on a timeline that left it (one a backtrack abandoned) or past where
+    # its timeline left it holds changes the current history does not have.
+    history: list[TimelineEntry] | None = None
 
     @property
     def bytes_stored(self) -> int:
@@ -71,8 +76,15 @@ class BackupState:
         return [s for s in range(first, last + 1) if s not in self.segments]
 
     def image_for(self, when: float) -> BaseImage | None:
-        usable = [b for b in self.base_images if b.ended <= when]
+        usable = [b for b in self.base_images if b.ended <= when and self.on_history(b)]
         return max(usable, key=lambda b: b.ended) if usable else None
+
+    def on_history(self, image: BaseImage) -> bool:
+        """Whether recovery from ``image`` can follow the newest timeline."""
+        if self.history is None:
+            return True
+        entry = next((e for e in self.history if e.timeline == image.timeline), None)
+        return entry is not None and (entry.end is None or image.start_lsn < entry.end)
 
 
 def read_state(store: ObjectStore, prefix: str) -> BackupState:
@@ -80,6 +92,7 @@ def read_state(store: ObjectStore, prefix: str) -> BackupState:
     images = []
     segments: dict[int, list[str]] = {}
     partial = None
+    newest_history: tuple[int, str] | None = None  # (timeline, key)
     missing = [o.key for o in objects if o.size < 0]
     for o in objects:
         rel = o.key[len(prefix) + 1:]
@@ -94,13 +107,21 @@ def read_state(store: ObjectStore, prefix: str) -> BackupState:
                                     tar.size))
         elif rel == "wal/latest.json" and o.size >= 0:
             partial = json.loads(store.get_bytes(o.key))
+        elif rel.startswith("wal/") and rel.endswith(".history") and o.size >= 0:
+            tli = int(rel[4:-len(".history")], 16)
+            if newest_history is None or tli > newest_history[0]:
+                newest_history = (tli, o.key)
         elif rel.startswith("wal/") and o.size >= 0:
             name = rel[4:].removesuffix(".partial")
             if len(name) == 24:
                 _, segno = parse_segment_name(name)
                 segments.setdefault(segno, []).append(rel[4:])
     images.sort(key=lambda b: b.ended)
-    return BackupState(images, segments, partial, objects, missing)
+    history = None
+    if newest_history is not None:
+        tli, key = newest_history
+        history = parse_history(tli, store.get_bytes(key).decode())
+    return BackupState(images, segments, partial, objects, missing, history)
 
 
 def prune_plan(state: BackupState, now: float, retention_days: int) -> list[str]:
