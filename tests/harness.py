@@ -9,9 +9,11 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -132,6 +134,24 @@ class Borealis:
                 if alive(pid, marker):
                     os.kill(pid, signal.SIGKILL)
         return leftovers
+
+
+@contextmanager
+def own_control_plane(prefix: str, env: dict[str, str], cluster: str, readers: int
+                      ) -> Iterator[tuple[Borealis, ClusterView]]:
+    """A control plane of the test module's own (its own home and settings) with one
+    cluster up; everything stopped and removed after it."""
+    home = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    b = Borealis(home, env)
+    try:
+        b.cli("up", "--cluster", cluster, "--readers", str(readers))
+        view = ClusterView(b, cluster)
+        view.wait_all_serving()
+        yield b, view
+    finally:
+        leftovers = b.close()
+        shutil.rmtree(home, ignore_errors=True)
+        assert not leftovers, leftovers
 
 
 @contextmanager

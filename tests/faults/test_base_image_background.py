@@ -5,50 +5,29 @@ never becomes the local image of an epoch it did not see."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
 
-from tests.harness import Borealis, ClusterView, wait_for
+from borealis.control import processes
+from tests.harness import Borealis, ClusterView, own_control_plane, wait_for
 
 
 @pytest.fixture(scope="module")
 def imaging() -> Iterator[tuple[Borealis, ClusterView]]:
     """A control plane that takes a base image after every 16 MiB of WAL and retries a
     failed one after a second."""
-    home = Path(tempfile.mkdtemp(prefix="borealis-image-", dir="/tmp"))
-    b = Borealis(home, {"BOREALIS_BASE_IMAGE_WAL_BYTES": str(16 << 20),
-                        "BOREALIS_BASE_IMAGE_RETRY_S": "1"})
-    try:
-        b.cli("up", "--cluster", "img", "--readers", "1")
-        view = ClusterView(b, "img")
-        view.wait_all_serving()
-        yield b, view
-    finally:
-        leftovers = b.close()
-        shutil.rmtree(home, ignore_errors=True)
-        assert not leftovers, leftovers
+    with own_control_plane("borealis-image-", {
+            "BOREALIS_BASE_IMAGE_WAL_BYTES": str(16 << 20),
+            "BOREALIS_BASE_IMAGE_RETRY_S": "1"}, "img", readers=1) as plane:
+        yield plane
 
 
 def children_named(parent: int, name: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            argv0 = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0]
-        except OSError:
-            continue
-        ppid = int(stat[stat.rfind(")") + 2:].split()[1])
-        if ppid == parent and os.path.basename(argv0) == name.encode():
-            found.append(int(entry))
-    return found
+    return [pid for pid in processes.children(parent)
+            if os.path.basename(processes.cmdline(pid).split(" ")[0]) == name]
 
 
 def events(b: Borealis) -> str:

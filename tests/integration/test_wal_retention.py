@@ -7,14 +7,12 @@ import json
 import os
 import shutil
 import signal
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
 
-from tests.harness import Borealis, ClusterView, wait_for
+from tests.harness import Borealis, ClusterView, own_control_plane, wait_for
 from tests.integration.test_backup import backup_status, writer_dsn
 
 SEGMENT = 16 << 20
@@ -37,18 +35,10 @@ def lowest_segment_held(view: ClusterView, node_id: str) -> int:
 def pruning() -> Iterator[tuple[Borealis, ClusterView]]:
     """A control plane of its own: prune every second, keep no margin, and take a new
     base image after 40 MiB of WAL (so the image, and with it what nodes keep, moves)."""
-    home = Path(tempfile.mkdtemp(prefix="borealis-retain-", dir="/tmp"))
-    b = Borealis(home, {"BOREALIS_PRUNE_INTERVAL_S": "1", "BOREALIS_NODE_WAL_KEEP_BYTES": "0",
-                        "BOREALIS_BASE_IMAGE_WAL_BYTES": str(40 << 20)})
-    try:
-        b.cli("up", "--cluster", "r", "--readers", "1")
-        view = ClusterView(b, "r")
-        view.wait_all_serving()
-        yield b, view
-    finally:
-        leftovers = b.close()
-        shutil.rmtree(home, ignore_errors=True)
-        assert not leftovers, leftovers
+    with own_control_plane("borealis-retain-", {
+            "BOREALIS_PRUNE_INTERVAL_S": "1", "BOREALIS_NODE_WAL_KEEP_BYTES": "0",
+            "BOREALIS_BASE_IMAGE_WAL_BYTES": str(40 << 20)}, "r", readers=1) as plane:
+        yield plane
 
 
 def test_nodes_drop_archived_wal_no_instance_needs(
