@@ -224,6 +224,11 @@ def write_settings(datadir: Path, settings: ServerSettings, run_as: RunAs) -> No
         run_as.own(standby_signal)
 
 
+# A copy takes as long as the database is large (100 GiB at 200 MB/s: over 8 minutes);
+# the limit is for a copy that hangs (a frozen source), not a slow one.
+BASE_COPY_TIMEOUT_S = 6 * 3600.0
+
+
 def base_copy(bindir: Path, source_port: int, user: str, password: str, datadir: Path,
               run_as: RunAs) -> None:
     """A reader's data directory: ``pg_basebackup`` without WAL.
@@ -238,7 +243,7 @@ def base_copy(bindir: Path, source_port: int, user: str, password: str, datadir:
         os.chown(datadir.parent, run_as.uid, run_as.gid)
     run([str(bindir / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(source_port), "-U", user,
          "-D", str(datadir), "-X", "none", "-c", "fast", "--no-sync", "--no-manifest"],
-        run_as, env={"PGPASSWORD": password})
+        run_as, env={"PGPASSWORD": password}, timeout_s=BASE_COPY_TIMEOUT_S)
     for stale in ("postmaster.pid", "postmaster.opts", "standby.signal"):
         (datadir / stale).unlink(missing_ok=True)
 
