@@ -210,10 +210,10 @@ def copy_local_image(local_image: Path, datadir: Path, start_lsn: int) -> bool:
         if catalog.backup_label(local_image)[0] != start_lsn:
             return False
         subprocess.run(["cp", "-a", "--reflink=auto", str(local_image), str(datadir)],
-                       check=True, capture_output=True, timeout=3600)
+                       check=True, capture_output=True, timeout=pg.BASE_COPY_TIMEOUT_S)
         return (local_image.stat().st_ino == before
                 and catalog.backup_label(datadir)[0] == start_lsn)
-    except (OSError, StoreError, subprocess.CalledProcessError):
+    except (OSError, StoreError, subprocess.SubprocessError):
         return False
 
 
