@@ -249,8 +249,8 @@ class ControlPlane:
     async def _base_image(self, name: str, source_id: str) -> None:
         """Copy and store a base image without the cluster's lock; only the swap into
         place takes it. A copy begun before an epoch change is stored but not made the
-        local image: after a backtrack it may hold changes the rewind undid (after a
-        failover it would do; the next tick takes a new one either way)."""
+        local image: after a backtrack it may hold changes the rewind undid. (After a
+        failover it would still serve; the next tick takes a new one either way.)"""
         rt = self.runtime(name)
         source = self.state.instance(source_id)
         if source is None:
