@@ -29,6 +29,7 @@ from borealis.compute import postgres as pg
 from borealis.control import processes
 from borealis.control.state import Cluster, Instance, State, StorageNodeRow
 from borealis.storage.peers import PeerAddress
+from borealis.wal.lsn import parse_lsn
 
 log = logging.getLogger("borealis.control")
 
@@ -138,6 +139,8 @@ class ClusterRuntime:
         c = self.cluster
         staging = self.base_image_dir().with_name(f"data.new.{os.urandom(4).hex()}")
         began = time.time()
+        if source.role == "reader":
+            self._recent_restartpoint_on(source)
         try:
             pg.base_copy(self.bindir, source.port, c.master_user, c.master_password,
                          staging, self.run_as)
@@ -149,6 +152,33 @@ class ClusterRuntime:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return StagedImage(staging, folder, source.id, c.epoch)
+
+    def _recent_restartpoint_on(self, reader: Instance, timeout_s: float = 10.0) -> None:
+        """A copy of a reader starts at its newest restartpoint, and a reader can only
+        make one at a checkpoint it has replayed: without a fresh checkpoint on the
+        writer, the image would start where the last one did (a restore from it would
+        replay all the WAL since, and it would count as no newer). So: a checkpoint on
+        the writer, and the reader replaying past it. Best effort: the copy goes on
+        either way."""
+        writer = self.writer()
+        if writer is None:
+            return
+        try:
+            with psycopg.connect(self.dsn(writer), autocommit=True, connect_timeout=5) as conn:
+                conn.execute("CHECKPOINT")
+                row = conn.execute(
+                    "SELECT checkpoint_lsn::text FROM pg_control_checkpoint()").fetchone()
+            target = parse_lsn(str(row[0])) if row else 0
+            deadline = time.monotonic() + timeout_s
+            with psycopg.connect(self.dsn(reader), autocommit=True, connect_timeout=5) as conn:
+                while time.monotonic() < deadline:
+                    got = conn.execute("SELECT pg_last_wal_replay_lsn()::text").fetchone()
+                    if got and got[0] and parse_lsn(str(got[0])) >= target:
+                        return
+                    time.sleep(0.02)
+        except psycopg.Error as exc:
+            log.info("%s: no fresh restartpoint before copying %s: %s", self.name, reader.id,
+                     exc)
 
     def install_base_image(self, staged: StagedImage) -> None:
         """Make a staged copy the local base image. Callers hold the cluster's lock: the
