@@ -55,5 +55,5 @@ def test_an_image_swapped_during_the_copy_is_not_used(tmp_path: Path,
         os.rename(image, tmp_path / "base" / "data.old")
         os.rename(newer, image)
         return done
-    monkeypatch.setattr(restore.subprocess, "run", copy_then_swap)
+    monkeypatch.setattr(subprocess, "run", copy_then_swap)
     assert not restore.copy_local_image(image, tmp_path / "restored", 0x2000028)

@@ -248,6 +248,19 @@ def base_copy(bindir: Path, source_port: int, user: str, password: str, datadir:
         (datadir / stale).unlink(missing_ok=True)
 
 
+def copy_data_dir(source: Path, dest: Path) -> None:
+    """A stopped or immutable data directory copied as it is (modes, owners, links),
+    blocks shared where the filesystem can (reflink), else copied in the kernel."""
+    try:
+        subprocess.run(["cp", "-a", "--reflink=auto", str(source), str(dest)], check=True,
+                       capture_output=True, text=True, timeout=BASE_COPY_TIMEOUT_S)
+    except subprocess.CalledProcessError as exc:
+        raise ComputeError(f"copying {source} failed: {exc.stderr.strip()}") from None
+    except subprocess.TimeoutExpired:
+        raise ComputeError(f"copying {source} timed out after {BASE_COPY_TIMEOUT_S}s") \
+            from None
+
+
 def server_command(bindir: Path, datadir: Path) -> list[str]:
     return [str(bindir / "postgres"), "-D", str(datadir)]
 

@@ -207,7 +207,7 @@ class ClusterRuntime:
         if not (image / "PG_VERSION").exists():
             raise ClusterError(f"{self.name} has no base image")
         datadir = self.fresh_datadir(inst.id)
-        shutil.copytree(image, datadir, symlinks=True)
+        pg.copy_data_dir(image, datadir)
         os.chmod(datadir, 0o700)
         self.run_as.own(datadir)
 

@@ -267,9 +267,10 @@ class ControlPlane:
             return
         async with self.locks[name]:
             cluster = self.state.cluster(name)
+            # A cluster of the same name made anew has another backup prefix.
             same_cluster = cluster is not None and staged.folder.startswith(
-                self.runtime(name).backup_prefix + "/")
-            if not same_cluster or cluster is None or cluster.epoch != staged.epoch:
+                rt.backup_prefix + "/")
+            if cluster is None or not same_cluster or cluster.epoch != staged.epoch:
                 await asyncio.to_thread(shutil.rmtree, staged.path, True)
                 await asyncio.to_thread(rt.remove_if_gone)
                 if same_cluster:

@@ -21,7 +21,6 @@ import datetime as dt
 import os
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -209,11 +208,10 @@ def copy_local_image(local_image: Path, datadir: Path, start_lsn: int) -> bool:
         before = local_image.stat().st_ino
         if catalog.backup_label(local_image)[0] != start_lsn:
             return False
-        subprocess.run(["cp", "-a", "--reflink=auto", str(local_image), str(datadir)],
-                       check=True, capture_output=True, timeout=pg.BASE_COPY_TIMEOUT_S)
+        pg.copy_data_dir(local_image, datadir)
         return (local_image.stat().st_ino == before
                 and catalog.backup_label(datadir)[0] == start_lsn)
-    except (OSError, StoreError, subprocess.SubprocessError):
+    except (OSError, StoreError, pg.ComputeError):
         return False
 
 

@@ -428,9 +428,8 @@ class VolumeClient:
                 for link in self.links.values():
                     if link.ready:
                         link.send(vp.Heartbeat(self.epoch, self.tracker.vdl))
-            if now - last_status >= STATUS_S:
+            if now - last_status >= STATUS_S:  # status and the file: every PING_S above
                 last_status = now
-                self.send_status()
                 self.send_feedback()
                 for link in self.links.values():
                     if link.ready:
@@ -439,7 +438,6 @@ class VolumeClient:
                         link.send(vp.StatusRequest())
                 acked = [lk.flush_lsn for lk in self.links.values() if lk.ready]
                 self.buffer.trim(min(acked) if len(acked) == len(self.links) else 0)
-                self._write_status()
 
     def _write_status(self) -> None:
         status = {
