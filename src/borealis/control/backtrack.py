@@ -71,12 +71,16 @@ def backtrack(rt: ClusterRuntime, target: float, keep_endpoints: object,
     assert writer is not None
     rt.state.set_cluster(rt.name, status="backtracking")
     rt.event("backtrack", f"started: rewinding to {format_time(target)}")
+    # The endpoints hold new connections before any instance stops: one let through to
+    # a server shutting down would be refused, not held.
+    for inst in [writer, *rt.readers()]:
+        rt.state.set_instance(inst.id, state="rebuilding")
+    _switch(keep_endpoints)
     for reader in rt.readers():
         rt.stop_instance(reader)
         rt.state.set_instance(reader.id, state="rebuilding")
     rt.stop_instance(writer)
     rt.stop_volume_client()
-    _switch(keep_endpoints)
     epoch = rt.state.next_epoch(rt.name)
     fenced = failover.fence(rt, epoch)
     rt.event("backtrack", f"epoch {epoch}: fenced {len(fenced)} storage nodes")
