@@ -4,6 +4,7 @@ RDS API, with connections through the cluster endpoint held while it happens."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -77,6 +78,15 @@ def test_backtrack_after_a_bad_delete(borealis: Borealis, rewind: ClusterView) -
     with psycopg.connect(reader) as conn:
         assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
     rewind.wait_nodes_caught_up()
+    # The backtrack ends without waiting for a base image; one on the new timeline
+    # follows in the background.
+    with psycopg.connect(writer) as conn:
+        row = conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()
+    assert row is not None
+    timeline = int(row[0][:8], 16)
+    wait_for("a base image on the new timeline", lambda: any(
+        b["timeline"] == timeline for b in json.loads(borealis.cli(
+            "backup", "status", "rewind", "--json", "--no-verify").stdout)["base_images"]), 60)
 
 
 def test_backtrack_through_the_rds_api(borealis: Borealis, rewind: ClusterView) -> None:

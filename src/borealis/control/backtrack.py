@@ -9,7 +9,7 @@ rebuild the writer's data directory from the newest base image before T and the
 archived WAL, recovered to T and promoted onto a new timeline; seal the nodes at that
 timeline's switchpoint (the WAL after the rewind point is dropped); a new volume client
 streams the new timeline; readers are rebuilt from the writer; the cluster is available
-again, and a new base image is taken.
+again; the control plane then takes a base image on the new timeline in the background.
 
 Invariants: the rewind point is at or below VDL (T is at or before the latest restorable
 time, and everything archived is durable), so every node holds the log up to it; the old
@@ -116,9 +116,6 @@ def backtrack(rt: ClusterRuntime, target: float, keep_endpoints: object,
     rt.event("backtrack", f"completed in {took:.1f} s: {rt.name} is as it was at "
                           f"{format_time(target)}")
     rt.state.set_cluster(rt.name, status="available")
-    # The cluster serves already; a base image on the new timeline follows (still under
-    # the cluster's lock), so a rebuilt writer need not replay from before the rewind.
-    rt.take_base_image(current)
     return took
 
 

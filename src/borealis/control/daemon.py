@@ -94,6 +94,7 @@ class ControlPlane:
         # a large database takes long, and the cluster's supervision (failover included)
         # must not wait for it. The tick names the source, the loop starts the task.
         self.image_due: dict[str, str] = {}  # cluster -> instance id to copy
+        self.image_wanted: set[str] = set()  # a new one however recent the last (backtrack)
         self.image_tasks: dict[str, asyncio.Task[None]] = {}
         self.image_failed_at: dict[str, float] = {}
         self.pruned_at: dict[str, float] = {}
@@ -228,7 +229,8 @@ class ControlPlane:
         """Keep the base image recent, so rebuilding a writer replays little WAL; taken
         from a reader when there is one (the writer has enough to do)."""
         age = rt.base_image_age_s()
-        if (age is not None and age < BASE_IMAGE_INTERVAL_S and self._image_stored(rt)
+        if (rt.name not in self.image_wanted and age is not None
+                and age < BASE_IMAGE_INTERVAL_S and self._image_stored(rt)
                 and not self._much_wal_since_image(rt)):
             return
         if (writer.state != "available" or rt.name in self.image_tasks
@@ -239,9 +241,12 @@ class ControlPlane:
         self.image_due[rt.name] = (readers[0] if readers else writer).id
 
     def _start_base_image(self, name: str) -> None:
+        if name in self.image_tasks:
+            return  # a copy in flight: what is due waits for it
         source_id = self.image_due.pop(name, None)
-        if source_id is None or name in self.image_tasks:
+        if source_id is None:
             return
+        self.image_wanted.discard(name)
         task = asyncio.create_task(self._base_image(name, source_id))
         self.image_tasks[name] = task
         task.add_done_callback(lambda _: self.image_tasks.pop(name, None))
@@ -906,6 +911,10 @@ class ControlPlane:
                 backtrack.backtrack(rt, target, lambda: self._keep_endpoints(name),
                                     self._progress_of(name))
                 backtrack.update_record(rt, record["id"], "completed")
+                # The local image predates the rewind point: a writer rebuilt from it
+                # would replay across the timeline switch. A new one is taken in the
+                # background (a copy in flight belongs to the ended epoch and is dropped).
+                self.image_wanted.add(name)
             except Exception:
                 self.state.set_cluster(name, status="failed")
                 backtrack.update_record(rt, record["id"], "failed")
