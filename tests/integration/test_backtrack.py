@@ -35,6 +35,9 @@ def restorable_after(b: Borealis, cluster: str, when: float) -> None:
         dt.datetime.min.replace(tzinfo=dt.UTC)).timestamp() > when, 30)
 
 
+UNDONE: dict[str, float] = {}
+
+
 @pytest.fixture(scope="module")
 def rewind(borealis: Borealis) -> Iterator[ClusterView]:
     with own_cluster(borealis, "rewind", 1) as view:
@@ -49,6 +52,8 @@ def test_backtrack_after_a_bad_delete(borealis: Borealis, rewind: ClusterView) -
     time.sleep(0.5)
     with psycopg.connect(writer, autocommit=True) as conn:
         conn.execute("DELETE FROM orders")
+    time.sleep(0.3)
+    UNDONE["after_delete"] = time.time()  # a state the backtrack below undoes
     restorable_after(borealis, "rewind", time.time())
     epoch = rewind.status()["epoch"]
 
@@ -114,3 +119,23 @@ def test_backtrack_through_the_rds_api(borealis: Borealis, rewind: ClusterView) 
     rds.get_waiter("db_cluster_available").wait(DBClusterIdentifier="rewind",
                                                 WaiterConfig={"Delay": 1, "MaxAttempts": 60})
     assert count(writer) == 101
+
+
+def test_a_time_a_backtrack_undid(borealis: Borealis, rewind: ClusterView) -> None:
+    """The DELETE was real from its commit until the backtrack undid it: a restore to a
+    time between follows the timeline the cluster had then, and shows no rows. A
+    backtrack to that time is refused (it would need WAL the nodes dropped)."""
+    when = UNDONE["after_delete"]
+    epoch = rewind.status()["epoch"]
+    refused = borealis.cli("backtrack", "rewind", "--to-time", iso(when), check=False)
+    assert refused.returncode != 0 and "undid" in refused.stderr, refused.stderr
+    assert rewind.status()["epoch"] == epoch
+    borealis.cli("restore", "rewind", "--to-time", iso(when), "--new-cluster", "rewind-past")
+    try:
+        past = endpoint_dsn(ClusterView(borealis, "rewind-past"), "WRITER")
+        assert count(past) == 0
+        events = borealis.cli("events", "rewind-past").stdout
+        assert "which a backtrack at" in events
+    finally:
+        borealis.cli("destroy", "rewind-past", timeout_s=300)
+    assert count(endpoint_dsn(rewind, "WRITER")) == 101  # the source is as it was

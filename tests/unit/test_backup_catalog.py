@@ -127,7 +127,7 @@ def test_an_image_past_a_backtracks_rewind_point_is_not_used() -> None:
     undone = image_at(7, 1, 300.0)  # after the rewind point, before the backtrack
     after = image_at(8, 2, 450.0)  # the new timeline's own
     st_ = catalog.BackupState([before, undone, after], {}, None, [],
-                              history=parse_history(2, f"1\t0/{switch:X}\tbacktrack\n"))
+                              histories={2: parse_history(2, f"1\t0/{switch:X}\tbacktrack\n")})
     assert st_.on_history(before) and not st_.on_history(undone) and st_.on_history(after)
     assert st_.image_for(420.0) == before  # not `undone`, though it ended later
     assert st_.image_for(460.0) == after
@@ -145,3 +145,70 @@ def test_read_state_takes_the_newest_timelines_history(tmp_path: Path) -> None:
     assert [(e.timeline, e.end) for e in history] == [(1, 0x6001000), (2, 0x9000000),
                                                        (3, None)]
     assert catalog.read_state(LocalStore(tmp_path / "empty"), "c").history is None
+
+
+def test_a_time_a_backtrack_undid_is_restored_along_the_timeline_it_left() -> None:
+    """Timeline 1 until a backtrack at time 400 rewound to a point in segment 6 (time
+    250) and started timeline 2. At time 300 the cluster was on timeline 1, past the
+    rewind point: that state is on timeline 1 only. A failover at time 600 started
+    timeline 3 from timeline 2, which undoes nothing: times before it follow the newest."""
+    switch = 6 * SEGMENT_SIZE + 0x1000
+    before = image_at(4, 1, 100.0)
+    undone = image_at(7, 1, 300.0)  # after the rewind point, before the backtrack
+    after = image_at(8, 2, 450.0)
+    left = catalog.LeftTimeline(1, 2, 400.0, 400.0)
+    st_ = catalog.BackupState(
+        [before, undone, after], {}, None, [],
+        histories={2: parse_history(2, f"1\t0/{switch:X}\tbacktrack\n"),
+                   3: parse_history(3, f"1\t0/{switch:X}\tbacktrack\n2\t0/9000000\tx\n")},
+        left=[left])
+    assert st_.timeline_at(320.0) == left and st_.timeline_at(200.0) == left
+    assert st_.timeline_at(400.0) is None and st_.timeline_at(650.0) is None
+    # Along timeline 1 the undone image serves; along the newest it never does.
+    assert st_.image_for(350.0, 1) == undone and st_.image_for(350.0) == before
+    assert st_.image_for(460.0, 1) == undone  # timeline 2's image is not on timeline 1
+    assert st_.on_history(after, 2) and not st_.on_history(after, 1)
+    assert st_.image_for(460.0, 3) == after  # a timeline's ancestors serve it
+    assert st_.image_for(460.0, 5) is None  # no history archived for it
+
+
+def test_backtracks_left_behind_in_order() -> None:
+    """Two backtracks: 1 left at 400 (for 2), 2 left at 700 (for 3). A time before 400
+    was on timeline 1, one between the two on timeline 2."""
+    first, second = catalog.LeftTimeline(1, 2, 400.0, 399.0), catalog.LeftTimeline(
+        2, 3, 700.0, 700.0)
+    st_ = catalog.BackupState([], {}, None, [], left=[second, first])
+    assert st_.timeline_at(100.0) == first and st_.timeline_at(500.0) == second
+    assert st_.timeline_at(800.0) is None
+
+
+def test_read_state_reads_the_timelines_backtracks_left(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    left = catalog.LeftTimeline(1, 2, 400.5, 399.25)
+    catalog.record_left_timeline(store, "c", left)
+    store.put_bytes("c/wal/00000002.history", b"1\t0/6001000\tbacktrack\n")
+    state = catalog.read_state(store, "c")
+    assert state.left == [left] and set(state.histories) == {2}
+
+
+def test_a_left_timeline_is_archived_whole_from_the_writers_wal(tmp_path: Path) -> None:
+    """The stopped writer's pg_wal: segments 3 and 4 of timeline 1 (4 in use up to
+    0/4000100), 5 recycled ahead, and one of another timeline. The archive holds 3 and a
+    shorter partial of 4."""
+    store, wal = LocalStore(tmp_path / "store"), tmp_path / "pg_wal"
+    wal.mkdir()
+    for name in ("000000010000000000000003", "000000010000000000000004",
+                 "000000010000000000000005", "000000020000000000000003"):
+        (wal / name).write_bytes(bytes([int(name[-1])]) * SEGMENT_SIZE)
+    (wal / "00000001.history").write_text("")
+    store.put_file("c/wal/000000010000000000000003", wal / "000000010000000000000003")
+    store.put_bytes("c/wal/000000010000000000000004.partial", b"\x04" * 0x80)
+    end = 4 * SEGMENT_SIZE + 0x100
+    assert catalog.archive_timeline_end(store, "c", wal, 1, end) == 0x100
+    assert store.get_bytes("c/wal/000000010000000000000004.partial") == b"\x04" * 0x100
+    names = {o.key.rsplit("/", 1)[1] for o in store.list("c/wal/")}
+    assert names == {"000000010000000000000003", "000000010000000000000004.partial"}
+    # A longer partial already there is kept; a whole segment missing is uploaded.
+    store.delete("c/wal/000000010000000000000003")
+    assert catalog.archive_timeline_end(store, "c", wal, 1, end - 0x10) == SEGMENT_SIZE
+    assert store.head("c/wal/000000010000000000000004.partial").size == 0x100

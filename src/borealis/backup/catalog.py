@@ -4,7 +4,9 @@ the calls that read and write them).
 Layout under ``clusters/<name>/<created>/``:
 - ``base/<start LSN as 16 hex digits>/base.tar`` and ``manifest.json`` (start LSN,
   timeline, the time the copy began and ended);
-- ``wal/`` as the storage nodes archive it (see ``storage/archive.py``).
+- ``wal/`` as the storage nodes archive it (see ``storage/archive.py``);
+- ``timelines/<successor TLI>.json``: a timeline a backtrack left, and when (see
+  :class:`LeftTimeline`).
 
 A time T is restorable when a base image ended at or before T and every WAL segment from
 that image's start to the segment holding the archive's newest position is present.
@@ -37,6 +39,27 @@ class BaseImage:
     size: int
 
 
+@dataclass(frozen=True)
+class LeftTimeline:
+    """A timeline a backtrack left. It was the cluster's until ``at``: its commits after
+    the rewind point were real until then, and stay in the archive. A restore to a time
+    before ``at`` follows it (or one of its ancestors), not the newest timeline."""
+    timeline: int  # the timeline the cluster was on
+    successor: int  # the one the backtrack started
+    at: float  # no commit on ``timeline`` after this time
+    archived_until: float  # every commit on it acknowledged before this is archived
+
+    def to_json(self) -> bytes:
+        return json.dumps({"timeline": self.timeline, "successor": self.successor,
+                           "at": self.at, "archived_until": self.archived_until}).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> LeftTimeline:
+        m = json.loads(data)
+        return cls(int(m["timeline"]), int(m["successor"]), float(m["at"]),
+                   float(m["archived_until"]))
+
+
 @dataclass
 class BackupState:
     base_images: list[BaseImage]
@@ -44,10 +67,31 @@ class BackupState:
     partial: dict[str, Any] | None  # latest.json
     objects: list[ObjectInfo]
     missing: list[str] = field(default_factory=list)
-    # The newest archived timeline's history (None: only timeline 1 was ever archived).
-    # A base image on a timeline that left it (one a backtrack abandoned) or past where
-    # its timeline left it holds changes the current history does not have.
-    history: list[TimelineEntry] | None = None
+    # Every archived timeline's history (none: only timeline 1 was ever archived). A
+    # base image on a timeline that a history does not have (one a backtrack left), or
+    # past where its timeline ends in it, holds changes that history does not have.
+    histories: dict[int, list[TimelineEntry]] = field(default_factory=dict)
+    left: list[LeftTimeline] = field(default_factory=list)
+
+    @property
+    def history(self) -> list[TimelineEntry] | None:
+        """The newest timeline's history."""
+        return self.histories[max(self.histories)] if self.histories else None
+
+    def history_of(self, timeline: int | None) -> list[TimelineEntry] | None:
+        """``timeline``'s history (None: the newest's; timeline 1 has one entry)."""
+        if timeline is None:
+            return self.history
+        if timeline == 1:
+            return [TimelineEntry(1, 0, None)]
+        return self.histories.get(timeline)
+
+    def timeline_at(self, when: float) -> LeftTimeline | None:
+        """The timeline a backtrack left that was the cluster's at ``when``; None when
+        the newest timeline's history holds the state at ``when``. (A failover's new
+        timeline undoes nothing acknowledged: only backtracks leave commits behind.)"""
+        later = [t for t in self.left if t.at > when]
+        return min(later, key=lambda t: t.at) if later else None
 
     @property
     def bytes_stored(self) -> int:
@@ -75,15 +119,19 @@ class BackupState:
             last = max(last, (parse_lsn(self.partial["end_lsn"]) - 1) // SEGMENT_SIZE)
         return [s for s in range(first, last + 1) if s not in self.segments]
 
-    def image_for(self, when: float) -> BaseImage | None:
-        usable = [b for b in self.base_images if b.ended <= when and self.on_history(b)]
+    def image_for(self, when: float, timeline: int | None = None) -> BaseImage | None:
+        """The newest image ended by ``when`` that recovery along ``timeline`` (None:
+        the newest) can start from."""
+        usable = [b for b in self.base_images
+                  if b.ended <= when and self.on_history(b, timeline)]
         return max(usable, key=lambda b: b.ended) if usable else None
 
-    def on_history(self, image: BaseImage) -> bool:
-        """Whether recovery from ``image`` can follow the newest timeline."""
-        if self.history is None:
-            return True
-        entry = next((e for e in self.history if e.timeline == image.timeline), None)
+    def on_history(self, image: BaseImage, timeline: int | None = None) -> bool:
+        """Whether recovery from ``image`` can follow ``timeline`` (None: the newest)."""
+        history = self.history_of(timeline)
+        if history is None:
+            return timeline is None  # nothing archived past timeline 1
+        entry = next((e for e in history if e.timeline == image.timeline), None)
         return entry is not None and (entry.end is None or image.start_lsn < entry.end)
 
 
@@ -92,7 +140,8 @@ def read_state(store: ObjectStore, prefix: str) -> BackupState:
     images = []
     segments: dict[int, list[str]] = {}
     partial = None
-    newest_history: tuple[int, str] | None = None  # (timeline, key)
+    histories: dict[int, list[TimelineEntry]] = {}
+    left = []
     missing = [o.key for o in objects if o.size < 0]
     for o in objects:
         rel = o.key[len(prefix) + 1:]
@@ -109,19 +158,50 @@ def read_state(store: ObjectStore, prefix: str) -> BackupState:
             partial = json.loads(store.get_bytes(o.key))
         elif rel.startswith("wal/") and rel.endswith(".history") and o.size >= 0:
             tli = int(rel[4:-len(".history")], 16)
-            if newest_history is None or tli > newest_history[0]:
-                newest_history = (tli, o.key)
+            histories[tli] = parse_history(tli, store.get_bytes(o.key).decode())
+        elif rel.startswith("timelines/") and rel.endswith(".json") and o.size >= 0:
+            left.append(LeftTimeline.from_json(store.get_bytes(o.key)))
         elif rel.startswith("wal/") and o.size >= 0:
             name = rel[4:].removesuffix(".partial")
             if len(name) == 24:
                 _, segno = parse_segment_name(name)
                 segments.setdefault(segno, []).append(rel[4:])
     images.sort(key=lambda b: b.ended)
-    history = None
-    if newest_history is not None:
-        tli, key = newest_history
-        history = parse_history(tli, store.get_bytes(key).decode())
-    return BackupState(images, segments, partial, objects, missing, history)
+    return BackupState(images, segments, partial, objects, missing, histories, left)
+
+
+def record_left_timeline(store: ObjectStore, prefix: str, left: LeftTimeline) -> None:
+    store.put_bytes(f"{prefix}/timelines/{left.successor:08X}.json", left.to_json())
+
+
+def archive_timeline_end(store: ObjectStore, prefix: str, wal_dir: Path, timeline: int,
+                         end: int) -> int:
+    """Archive what a stopped writer's ``pg_wal`` holds of ``timeline`` below ``end``
+    (durable: at or below VDL) and the archive lacks: whole segments, and the last one's
+    bytes as its ``.partial`` unless a partial as long is there. The storage nodes
+    archive on their own, but they stop saying the newest part once the volume client
+    is gone; a backtrack, about to cut the log, makes sure the timeline it leaves is
+    whole in the archive. Returns the bytes uploaded."""
+    held = {o.key.rsplit("/", 1)[1]: o.size for o in store.list(f"{prefix}/wal/")}
+    uploaded = 0
+    for path in sorted(wal_dir.iterdir()):
+        try:
+            tli, segno = parse_segment_name(path.name)
+        except ValueError:
+            continue
+        start = segno * SEGMENT_SIZE
+        if tli != timeline or start >= end:
+            continue  # another timeline's, or recycled ahead of use
+        key = f"{prefix}/wal/{path.name}"
+        if start + SEGMENT_SIZE <= end:
+            if path.name not in held:
+                uploaded += store.put_file(key, path).size
+            continue
+        with open(path, "rb") as f:
+            data = f.read(end - start)
+        if path.name not in held and held.get(path.name + ".partial", -1) < len(data):
+            uploaded += store.put_bytes(key + ".partial", data).size
+    return uploaded
 
 
 def prune_plan(state: BackupState, now: float, retention_days: int) -> list[str]:

@@ -19,11 +19,13 @@ data directory is kept aside until the rewound writer runs, never started again.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from borealis.api.times import format_time
@@ -38,6 +40,7 @@ from borealis.control.restore import (
     check_restorable,
     recover_into,
 )
+from borealis.wal.lsn import format_lsn, parse_lsn
 from borealis.wal.timeline import parse_history
 
 DEFAULT_WINDOW_S = float(os.environ.get("BOREALIS_BACKTRACK_WINDOW_S", str(24 * 3600)))
@@ -57,6 +60,14 @@ def check(rt: ClusterRuntime, target: float, now: float) -> catalog.BackupState:
         raise ClusterError(f"cluster {rt.name} has no writer")
     backups = catalog.read_state(open_store(rt.object_store_location), rt.backup_prefix)
     check_restorable(backups, target)
+    left = backups.timeline_at(target)
+    if left is not None:
+        # Its WAL after the rewind point is gone from the volume; only the archive has it.
+        raise ClusterError(
+            f"{format_time(target)} falls in the period the backtrack at "
+            f"{format_time(left.at)} undid: a backtrack follows the cluster's current "
+            "history only. Restore that time into a new cluster (borealis restore "
+            "--to-time), which follows the timeline the cluster had then")
     return backups
 
 
@@ -71,8 +82,9 @@ def backtrack(rt: ClusterRuntime, target: float, keep_endpoints: object,
     assert writer is not None
     rt.state.set_cluster(rt.name, status="backtracking")
     rt.event("backtrack", f"started: rewinding to {format_time(target)}")
-    # The endpoints hold new connections before any instance stops: one let through to
-    # a server shutting down would be refused, not held.
+    # The endpoints hold new connections before any instance stops (``keep_endpoints``
+    # returns once the proxy applied that): one let through to a server shutting down
+    # would be refused, not held.
     for inst in [writer, *rt.readers()]:
         rt.state.set_instance(inst.id, state="rebuilding")
     _switch(keep_endpoints)
@@ -80,7 +92,9 @@ def backtrack(rt: ClusterRuntime, target: float, keep_endpoints: object,
         rt.stop_instance(reader)
         rt.state.set_instance(reader.id, state="rebuilding")
     rt.stop_instance(writer)
+    stopped_at = time.time()
     rt.stop_volume_client()
+    left = _archive_the_end(rt, rt.datadir(writer.id) / "pg_wal", stopped_at)
     epoch = rt.state.next_epoch(rt.name)
     fenced = failover.fence(rt, epoch)
     rt.event("backtrack", f"epoch {epoch}: fenced {len(fenced)} storage nodes")
@@ -95,6 +109,11 @@ def backtrack(rt: ClusterRuntime, target: float, keep_endpoints: object,
     timeline, switchpoint, parent = _new_timeline(rt, writer.id)
     rt.event("backtrack", f"writer {writer.id} rewound: timeline {timeline} starts at "
                           f"{switchpoint:X} (timeline {parent} ends there)")
+    # Before the nodes drop what the rewind undid: restores to a time in that period
+    # follow the timeline the cluster was on (see catalog.LeftTimeline).
+    catalog.record_left_timeline(open_store(rt.object_store_location), rt.backup_prefix,
+                                 dataclasses.replace(left, successor=timeline,
+                                                     timeline=left.timeline or parent))
     sealed = failover.seal(rt, epoch, EndOfLog(switchpoint, fenced[0].node_id, parent),
                            [s.node_id for s in fenced])
     rt.event("backtrack", f"{len(sealed)} storage nodes dropped the WAL after the rewind "
@@ -117,6 +136,29 @@ def backtrack(rt: ClusterRuntime, target: float, keep_endpoints: object,
                           f"{format_time(target)}")
     rt.state.set_cluster(rt.name, status="available")
     return took
+
+
+def _archive_the_end(rt: ClusterRuntime, wal_dir: Path, stopped_at: float
+                     ) -> catalog.LeftTimeline:
+    """With the writer and its volume client stopped, the timeline being left whole in
+    the archive, from the writer's own ``pg_wal`` up to the volume's final VDL (restores
+    to a time in the period the rewind undoes need it, and the nodes are about to drop
+    it). Returns that timeline (successor still 0: not known yet) and how far in time
+    its archive reaches."""
+    status = rt.volume_status() or {}
+    timeline = int(str(status.get("timeline", 0)))
+    end = parse_lsn(str(status.get("vdl", "0/0")))
+    # A volume client that saw the writer end its stream wrote its final VDL: every
+    # commit ever acknowledged is below it. Else its last status covers what was
+    # acknowledged before it was written.
+    until = stopped_at if status.get("stopped") else float(str(status.get("updated", 0)))
+    if timeline and end:
+        uploaded = catalog.archive_timeline_end(open_store(rt.object_store_location),
+                                                rt.backup_prefix, wal_dir, timeline, end)
+        if uploaded:
+            rt.event("backtrack", f"archived the last {uploaded >> 10} KiB of timeline "
+                                  f"{timeline} (to {format_lsn(end)}) from the writer")
+    return catalog.LeftTimeline(timeline, 0, stopped_at, until)
 
 
 def records(rt: ClusterRuntime) -> list[dict[str, Any]]:

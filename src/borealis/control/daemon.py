@@ -422,7 +422,9 @@ class ControlPlane:
             else:
                 lags[reader.id] = None if lsn is None else self.lag_ms(name, lsn)
 
-    def _keep_endpoints(self, name: str) -> None:
+    def _keep_endpoints(self, name: str, settle: bool = False) -> None:
+        """The endpoints as the cluster is; with ``settle``, returns once the proxy has
+        applied them (before an instance they no longer route to is stopped)."""
         cluster = self.state.cluster(name)
         if cluster is None or cluster.desired != "up":  # deleted or stopped: no proxy
             return
@@ -430,6 +432,8 @@ class ControlPlane:
         eps.ensure_rows()
         eps.write_config(self.reader_lag.get(name, {}))
         eps.ensure_proxy()
+        if settle and not eps.wait_applied():
+            log.warning("%s: the endpoint proxy did not apply its config in time", name)
 
     def lag_ms(self, name: str, replay_lsn: int) -> int | None:
         """How long ago the writer first had WAL that this reader has not replayed."""
@@ -908,7 +912,7 @@ class ControlPlane:
 
         def work() -> None:
             try:
-                backtrack.backtrack(rt, target, lambda: self._keep_endpoints(name),
+                backtrack.backtrack(rt, target, lambda: self._keep_endpoints(name, True),
                                     self._progress_of(name))
                 backtrack.update_record(rt, record["id"], "completed")
                 # The local image predates the rewind point: a writer rebuilt from it

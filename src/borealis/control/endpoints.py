@@ -11,16 +11,24 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 from borealis.control import processes
 from borealis.control.cluster import ClusterError, ClusterRuntime, _write_private
 from borealis.control.state import EndpointRow
-from borealis.endpoints.routing import Backend, EndpointSpec, members
+from borealis.endpoints.routing import (
+    APPLIED_FILE,
+    Backend,
+    EndpointSpec,
+    config_digest,
+    members,
+)
 
 MAX_CUSTOM = 5
 HOLD_TIMEOUT_S = float(os.environ.get("BOREALIS_ENDPOINT_HOLD_S", "30"))
+APPLY_TIMEOUT_S = 2.0  # the proxy reads its config every 0.1 s
 MAX_READER_LAG_MS = int(os.environ.get("BOREALIS_ENDPOINT_MAX_LAG_MS", "30000"))
 
 
@@ -185,6 +193,22 @@ class ClusterEndpoints:
         self.state.set_proxy_pid(self.rt.name, pid)
         self.rt.event("endpoint", f"endpoint proxy started (pid {pid})")
         return True
+
+    def wait_applied(self, timeout_s: float = APPLY_TIMEOUT_S) -> bool:
+        """Until the running proxy has applied the config as it is now (it reads it every
+        0.1 s); False when it did not in time, or none runs."""
+        deadline = time.monotonic() + timeout_s
+        while self.proxy_alive():
+            try:
+                if ((self.dir / APPLIED_FILE).read_text()
+                        == config_digest(self.config_path.read_text())):
+                    return True
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return False
 
     def stop_proxy(self) -> None:
         processes.stop(self.state.proxy_pid(self.rt.name), str(self.config_path),

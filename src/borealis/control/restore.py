@@ -74,6 +74,19 @@ def check_restorable(state: catalog.BackupState, target: float | None) -> float 
     return target
 
 
+def timeline_for(state: catalog.BackupState, target: float | None
+                 ) -> catalog.LeftTimeline | None:
+    """The timeline a backtrack left that holds the state at ``target`` (None: the newest
+    timeline holds it), or ClusterError when its archive stops short of ``target``."""
+    left = state.timeline_at(target) if target is not None else None
+    if left is not None and target is not None and target > left.archived_until:
+        raise ClusterError(
+            f"{format_time(target)} falls in the period a backtrack at {format_time(left.at)} "
+            f"undid, and the archive of that period (timeline {left.timeline}) ends at "
+            f"{format_time(left.archived_until)}")
+    return left
+
+
 @dataclass(frozen=True)
 class RestoreSource:
     """Where a restore reads from: a cluster's continuous backup or a snapshot."""
@@ -97,16 +110,22 @@ def restore(state: State, src: RestoreSource, new: str, target: float | None,
     store = open_store(src.location)
     backups = catalog.read_state(store, src.prefix)
     check_restorable(backups, target)
-    image = backups.image_for(target if target is not None else time.time())
-    assert image is not None
+    left = timeline_for(backups, target)
+    timeline = left.timeline if left is not None else None
+    image = backups.image_for(target if target is not None else time.time(), timeline)
+    if image is None:
+        raise ClusterError("no base image to start from ends before "
+                           f"{format_time(target or time.time())}")
     rt = ClusterRuntime(state, new)
     when = format_time(target) if target is not None else "the latest restorable time"
     rt.event("restore", f"restoring {src.label} as of {when} from the base image at "
-                        f"{image.key.rsplit('/', 1)[1]}")
+                        f"{image.key.rsplit('/', 1)[1]}" + ("" if left is None else (
+                            f", along timeline {left.timeline}, which a backtrack at "
+                            f"{format_time(left.at)} left")))
     rt.start_storage()
     writer = state.add_instance(new, "writer", "az-a", 1)
     recover_into(rt, writer, store, src.prefix, backups, image, target, src.local_image,
-                 progress)
+                 progress, timeline)
     rt.event("restore", "recovery complete; the restored writer is promoted")
     start_promoted(rt, writer.id, readers, progress)
     rt.event("restore", f"cluster {new} restored from {src.label} as of {when}")
@@ -129,10 +148,11 @@ def start_promoted(rt: ClusterRuntime, writer_id: str, readers: int,
 def recover_into(rt: ClusterRuntime, inst: Instance, store: ObjectStore, prefix: str,
                  backups: catalog.BackupState, image: catalog.BaseImage,
                  target: float | None, local_image: Path | None = None,
-                 progress: ProgressSink = _ignore) -> None:
+                 progress: ProgressSink = _ignore, timeline: int | None = None) -> None:
     """A fresh data directory for ``inst`` from ``image``, recovered with the archived
-    WAL to ``target`` (or the archive's end) and promoted onto a new timeline; returns
-    with the server running as a writer, its restore settings removed."""
+    WAL to ``target`` (or the archive's end) along ``timeline`` (None: the newest) and
+    promoted onto a new timeline; returns with the server running as a writer, its
+    restore settings removed."""
     datadir = rt.fresh_datadir(inst.id)
     staged_dir = rt.instance_dir(inst.id) / "restore-wal"
     shutil.rmtree(staged_dir, ignore_errors=True)
@@ -166,6 +186,8 @@ def recover_into(rt: ClusterRuntime, inst: Instance, store: ObjectStore, prefix:
         stamp = dt.datetime.fromtimestamp(target, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f+00")
         extra["recovery_target_time"] = f"'{stamp}'"
         extra["recovery_target_action"] = "'promote'"
+    if timeline is not None:
+        extra["recovery_target_timeline"] = f"'{timeline}'"
     pg.write_settings(datadir, dataclasses.replace(settings, extra=extra), rt.run_as)
     for stale in ("postmaster.pid", "standby.signal"):
         (datadir / stale).unlink(missing_ok=True)

@@ -44,7 +44,15 @@ from borealis.endpoints.kernel import (
     steered_backends,
     tcp_sockets,
 )
-from borealis.endpoints.routing import Backend, EndpointSpec, choose, members, plan
+from borealis.endpoints.routing import (
+    APPLIED_FILE,
+    Backend,
+    EndpointSpec,
+    choose,
+    config_digest,
+    members,
+    plan,
+)
 
 log = logging.getLogger("borealis.endpoints")
 
@@ -160,6 +168,7 @@ class Proxy:
     def __init__(self, config_path: Path, status_path: Path) -> None:
         self.config_path = config_path
         self.status_path = status_path
+        self.applied_path = config_path.with_name(APPLIED_FILE)
         self.hold_timeout_s = 30.0
         self.client_timeout_s = 10.0
         self.backends: list[Backend] = []
@@ -186,11 +195,18 @@ class Proxy:
             return
         self._mtime = mtime
         try:
-            config = json.loads(self.config_path.read_text())
+            text = self.config_path.read_text()
+            config = json.loads(text)
         except (OSError, ValueError) as exc:
             log.warning("ignoring an unreadable config: %s", exc)
             return
         await self.apply(config)
+        # Said once applied: the control plane waits for it before it stops a server
+        # the new config stops routing to (else a connection let through meanwhile
+        # reaches a server shutting down, and is refused instead of held).
+        tmp = self.applied_path.with_suffix(".tmp")
+        tmp.write_text(config_digest(text))
+        os.replace(tmp, self.applied_path)
 
     async def apply(self, config: dict[str, object]) -> None:
         self.hold_timeout_s = float(config.get("hold_timeout_s", 30.0))  # type: ignore[arg-type]

@@ -13,8 +13,17 @@ endpoint; ties go round in turn, so short sequential connections spread too.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+# Beside the proxy's config: the digest of the config it last applied. The control plane
+# waits for it before it stops a server a new config stops routing to.
+APPLIED_FILE = "applied"
+
+
+def config_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass(frozen=True)

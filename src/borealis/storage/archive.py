@@ -18,7 +18,9 @@ whole segment this node knows to be archived is dropped, so the node's disk hold
 the WAL since the newest base image, not all WAL ever written.
 
 Invariants: nothing past VDL is ever archived (it may not be durable and may be cut);
-nothing is dropped that is not in the archive or that is at or past ``retain_from``.
+nothing is dropped that is not in the archive or that is at or past ``retain_from``; an
+archived partial never shrinks (a backtrack cuts the log below what was archived, and
+the archive keeps the timeline it left whole).
 """
 
 from __future__ import annotations
@@ -158,8 +160,7 @@ class Archiver:
             if tli is None or start < store.manifest.start_lsn:
                 return
             data = store.read(start, vdl, tli)  # restores zero-fill it to a segment
-            await asyncio.to_thread(self.store.put_bytes,
-                                    self.key(segment_name(tli, segno) + ".partial"), data)
+            await asyncio.to_thread(self._put_partial, segment_name(tli, segno), data)
         elif vdl % SEGMENT_SIZE == 0:
             before = segment_name(store.timeline_for(segno - 1) or 1, segno - 1)
             if await asyncio.to_thread(self.store.head, self.key(before)) is None:
@@ -169,6 +170,14 @@ class Archiver:
             "segment": name, "end_lsn": format_lsn(vdl), "time": covered_until,
             "node": self.node.config.node_id}).encode())
         self.last_partial_end = vdl
+
+    def _put_partial(self, name: str, data: bytes) -> None:
+        """A partial only ever grows. A shorter one of the same name is older, or cut
+        by a backtrack's rewind below what the archive already holds of that timeline
+        (those commits were real until the backtrack: restores to then need them)."""
+        held = self.store.head(self.key(name + ".partial"))
+        if held is None or held.size < len(data):
+            self.store.put_bytes(self.key(name + ".partial"), data)
 
     def _partial_stale(self, covered_until: float) -> bool:
         """Whether the lower ranks have let the newest partial fall behind."""
