@@ -397,7 +397,7 @@ def follow(cluster: str, what: str, done: Callable[[dict[str, Any], Events], boo
             else:
                 bar.update(task, description=f"{what}: {p['phase'] if p else 'working'}",
                            total=None, amount="")
-            time.sleep(0.2)
+            time.sleep(0.1)
     raise CliError(f"the {what} did not finish within an hour")
 
 
