@@ -182,6 +182,8 @@ def archive_timeline_end(store: ObjectStore, prefix: str, wal_dir: Path, timelin
     archive on their own, but they stop saying the newest part once the volume client
     is gone; a backtrack, about to cut the log, makes sure the timeline it leaves is
     whole in the archive. Returns the bytes uploaded."""
+    if not wal_dir.is_dir():
+        return 0
     held = {o.key.rsplit("/", 1)[1]: o.size for o in store.list(f"{prefix}/wal/")}
     uploaded = 0
     for path in sorted(wal_dir.iterdir()):

@@ -50,8 +50,10 @@ def window_s(rt: ClusterRuntime) -> float:
     return float(rt.state.setting(f"backtrack_window_s:{rt.name}") or DEFAULT_WINDOW_S)
 
 
-def check(rt: ClusterRuntime, target: float, now: float) -> catalog.BackupState:
-    """The cluster's backups when T can be backtracked to; else ClusterError."""
+def check(rt: ClusterRuntime, target: float, now: float,
+          resumed_from: float | None = None) -> catalog.BackupState:
+    """The cluster's backups when T can be backtracked to; else ClusterError. A resumed
+    backtrack (requested at ``resumed_from``) disregards the timelines it left itself."""
     window = window_s(rt)
     if target < now - window:
         raise ClusterError(f"{format_time(target)} is outside the backtrack window "
@@ -60,6 +62,8 @@ def check(rt: ClusterRuntime, target: float, now: float) -> catalog.BackupState:
         raise ClusterError(f"cluster {rt.name} has no writer")
     backups = catalog.read_state(open_store(rt.object_store_location), rt.backup_prefix)
     check_restorable(backups, target)
+    if resumed_from is not None:
+        backups.left = [t for t in backups.left if t.at < resumed_from]
     left = backups.timeline_at(target)
     if left is not None:
         # Its WAL after the rewind point is gone from the volume; only the archive has it.
@@ -72,10 +76,13 @@ def check(rt: ClusterRuntime, target: float, now: float) -> catalog.BackupState:
 
 
 def backtrack(rt: ClusterRuntime, target: float, keep_endpoints: object,
-              progress: ProgressSink | None = None) -> float:
-    """Rewind; returns the seconds it took."""
+              progress: ProgressSink | None = None,
+              resumed_from: float | None = None) -> float:
+    """Rewind; returns the seconds it took. Run again after an interruption (a stopped
+    control plane), it starts over from T: every step either is done again or finds it
+    done (a stopped server, a data directory already set aside)."""
     began = time.monotonic()
-    backups = check(rt, target, time.time())
+    backups = check(rt, target, time.time(), resumed_from)
     image = backups.image_for(target)
     assert image is not None
     writer = rt.writer()
@@ -94,15 +101,19 @@ def backtrack(rt: ClusterRuntime, target: float, keep_endpoints: object,
     rt.stop_instance(writer)
     stopped_at = time.time()
     rt.stop_volume_client()
-    left = _archive_the_end(rt, rt.datadir(writer.id) / "pg_wal", stopped_at)
+    datadir = rt.datadir(writer.id)
+    aside = datadir.with_name("data.before-backtrack")
+    discarded = datadir.with_name("data.discarded")
+    shutil.rmtree(discarded, ignore_errors=True)  # an interrupted run's, half removed
+    # An ``aside`` already there is an interrupted run's, and whole: it is only ever
+    # removed by renaming it first.
+    if not aside.exists():
+        os.rename(datadir, aside)
+    left = _archive_the_end(rt, aside / "pg_wal", stopped_at)
     epoch = rt.state.next_epoch(rt.name)
     fenced = failover.fence(rt, epoch)
     rt.event("backtrack", f"epoch {epoch}: fenced {len(fenced)} storage nodes")
 
-    datadir = rt.datadir(writer.id)
-    aside = datadir.with_name("data.before-backtrack")
-    shutil.rmtree(aside, ignore_errors=True)
-    os.rename(datadir, aside)
     src = RestoreSource.of_cluster(rt)
     recover_into(rt, writer, open_store(src.location), src.prefix, backups, image, target,
                  src.local_image, progress or (lambda _p: None))
@@ -118,7 +129,8 @@ def backtrack(rt: ClusterRuntime, target: float, keep_endpoints: object,
                            [s.node_id for s in fenced])
     rt.event("backtrack", f"{len(sealed)} storage nodes dropped the WAL after the rewind "
                           "point")
-    shutil.rmtree(aside, ignore_errors=True)
+    os.rename(aside, discarded)
+    shutil.rmtree(discarded, ignore_errors=True)
     current = rt.state.instance(writer.id)
     assert current is not None
     rt.state.set_instance(writer.id, state="available")

@@ -49,6 +49,7 @@ from borealis.wal.lsn import format_lsn, parse_lsn
 log = logging.getLogger("borealis.control")
 
 SUPERVISE_S = 0.5
+OPERATION = "operation:"  # settings key prefix: the restore, clone or backtrack in flight
 NODE_CHECK_TIMEOUT_S = 1.0
 NODE_MISSES = 3
 WRITER_CHECK_S = 0.5
@@ -883,6 +884,7 @@ class ControlPlane:
             raise ClusterError(f"cluster {new!r} already exists")
         self.state.create_cluster(new, user, password)
         self.state.event(new, "cluster", f"created by a {label}")
+        self._operation_began(new, {"kind": label.split()[0]})
         self.on_cluster_created(new)
 
         def run() -> None:
@@ -893,7 +895,43 @@ class ControlPlane:
                 raise
             finally:
                 self.progress.pop(new, None)
+                self._operation_ended(new)
         self.spawn(new, label, run)
+
+    # A restore, clone or backtrack in flight is recorded, so a control plane that stopped
+    # during one knows at its next start (see ``recover_interrupted``).
+
+    def _operation_began(self, name: str, operation: dict[str, Any]) -> None:
+        self.state.set_setting(OPERATION + name, json.dumps(operation))
+
+    def _operation_ended(self, name: str) -> None:
+        self.state.delete_setting(OPERATION + name)
+
+    def recover_interrupted(self) -> None:
+        """At start: a backtrack the last run did not finish is run again (it starts
+        from its recorded target; each step either is done again or finds it done). A
+        restore or clone is not resumed: its new cluster is stopped and marked failed,
+        the source untouched, so the user can destroy it and ask again."""
+        for cluster in self.state.clusters():
+            raw = self.state.setting(OPERATION + cluster.name)
+            if not raw:
+                continue
+            operation = json.loads(raw)
+            rt = self.runtime(cluster.name)
+            if operation["kind"] == "backtrack":
+                record = next((r for r in backtrack.records(rt)
+                               if r["id"] == operation["record"]), None)
+                if record is not None:
+                    rt.event("backtrack", "the control plane stopped during the backtrack; "
+                                          "running it again")
+                    self.start_backtrack(cluster.name, float(record["to"]), record)
+                    continue
+            self._operation_ended(cluster.name)
+            rt.down()
+            self.state.set_cluster(cluster.name, status="failed")
+            rt.event(operation["kind"], f"{operation['kind']} interrupted: the control plane "
+                                        "stopped while it ran. Its source is unchanged; "
+                                        f"destroy {cluster.name} and start it again")
 
     def _progress_of(self, cluster: str) -> restore.ProgressSink:
         """Where a restore or backtrack of ``cluster`` reports how far it is (shown by
@@ -902,18 +940,23 @@ class ControlPlane:
             self.progress[cluster] = dataclasses.asdict(p)
         return sink
 
-    def start_backtrack(self, name: str, target: float) -> dict[str, Any]:
+    def start_backtrack(self, name: str, target: float,
+                        resumed: dict[str, Any] | None = None) -> dict[str, Any]:
         """Checked first (a refused backtrack changes nothing), then in the background.
-        Returns the backtrack's record (kept for DescribeDBClusterBacktracks)."""
+        Returns the backtrack's record (kept for DescribeDBClusterBacktracks). With
+        ``resumed``, the record of one a stopped control plane left unfinished."""
         rt = self.runtime(name)
-        backtrack.check(rt, target, time.time())
+        if resumed is None:
+            backtrack.check(rt, target, time.time())
         rt.state.set_cluster(name, status="backtracking")
-        record = backtrack.record(rt, target)
+        record = resumed or backtrack.record(rt, target)
+        self._operation_began(name, {"kind": "backtrack", "record": record["id"]})
 
         def work() -> None:
             try:
                 backtrack.backtrack(rt, target, lambda: self._keep_endpoints(name, True),
-                                    self._progress_of(name))
+                                    self._progress_of(name),
+                                    float(record["requested"]) if resumed else None)
                 backtrack.update_record(rt, record["id"], "completed")
                 # The local image predates the rewind point: a writer rebuilt from it
                 # would replay across the timeline switch. A new one is taken in the
@@ -926,6 +969,7 @@ class ControlPlane:
             finally:
                 self.progress.pop(name, None)
                 self.writer_watch[name].probe_ok()
+                self._operation_ended(name)
         self.spawn(name, "backtrack", work)
         return record
 
@@ -1294,6 +1338,7 @@ async def serve(home: Path, port: int) -> None:
     cp = ControlPlane(home)
     for cluster in cp.state.clusters():
         cp.runtime(cluster.name).clear_staged_images()
+    cp.recover_interrupted()  # before supervision starts: it takes the cluster's lock first
     api = api_server.Api(cp)
     app = build_app(cp, api)
     runner = web.AppRunner(app, access_log=None)
