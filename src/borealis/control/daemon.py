@@ -911,7 +911,15 @@ class ControlPlane:
         """At start: a backtrack the last run did not finish is run again (it starts
         from its recorded target; each step either is done again or finds it done). A
         restore or clone is not resumed: its new cluster is stopped and marked failed,
-        the source untouched, so the user can destroy it and ask again."""
+        the source untouched, so the user can destroy it and ask again. A snapshot left
+        ``creating`` is marked failed (so it can be deleted)."""
+        for snap in self.state.snapshots():
+            if snap.status == "creating":
+                self.state.set_snapshot(snap.name, status="failed")
+                if self.state.cluster(snap.cluster) is not None:
+                    self.state.event(snap.cluster, "snapshot", f"snapshot {snap.name} "
+                                     "interrupted: the control plane stopped while it was "
+                                     "taken; delete it and take it again")
         for cluster in self.state.clusters():
             raw = self.state.setting(OPERATION + cluster.name)
             if not raw:
