@@ -130,6 +130,8 @@ def test_a_time_a_backtrack_undid(borealis: Borealis, rewind: ClusterView) -> No
     refused = borealis.cli("backtrack", "rewind", "--to-time", iso(when), check=False)
     assert refused.returncode != 0 and "undid" in refused.stderr, refused.stderr
     assert rewind.status()["epoch"] == epoch
+    shown = borealis.cli("backup", "status", "rewind", "--no-verify").stdout
+    assert "timeline 1 until" in shown and "timeline 2 until" in shown, shown
     borealis.cli("restore", "rewind", "--to-time", iso(when), "--new-cluster", "rewind-past")
     try:
         past = endpoint_dsn(ClusterView(borealis, "rewind-past"), "WRITER")

@@ -364,6 +364,10 @@ def describe(state: BackupState, location: str, prefix: str) -> dict[str, Any]:
         "archived_up_to": state.partial["end_lsn"] if state.partial else None,
         "bytes_stored": state.bytes_stored,
         "gaps": [f"{s:X}" for s in state.gaps()],
+        # Restores to a time before ``until`` follow ``timeline`` (a backtrack left it).
+        "backtracked_timelines": [{"timeline": t.timeline, "until": format_time(t.at),
+                                   "archived_until": format_time(t.archived_until)}
+                                  for t in sorted(state.left, key=lambda t: t.at)],
     }
 
 

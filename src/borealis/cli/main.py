@@ -349,6 +349,9 @@ def cmd_backup_status(args: argparse.Namespace) -> None:
     console.print(f"  {len(st['base_images'])} base images, {st['wal_segments_archived']} WAL "
                   f"segments archived (up to {st['archived_up_to']}), "
                   f"{st['bytes_stored'] / 2**20:.1f} MiB stored", highlight=False)
+    for left in st.get("backtracked_timelines", []):
+        console.print(f"  timeline {left['timeline']} until {left['until']} (left by a "
+                      "backtrack; restores to a time before then follow it)", highlight=False)
     if st["gaps"]:
         console.print(f"  [red]WAL segments missing:[/] {', '.join(st['gaps'])}")
     for key in st.get("damaged", []):
