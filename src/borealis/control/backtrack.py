@@ -82,7 +82,8 @@ def backtrack(rt: ClusterRuntime, target: float, keep_endpoints: object,
     control plane), it starts over from T: every step either is done again or finds it
     done (a stopped server, a data directory already set aside)."""
     began = time.monotonic()
-    backups = check(rt, target, time.time(), resumed_from)
+    # A resumed backtrack was inside the window when it was asked for; it stays so.
+    backups = check(rt, target, resumed_from or time.time(), resumed_from)
     image = backups.image_for(target)
     assert image is not None
     writer = rt.writer()
