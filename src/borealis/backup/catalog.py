@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 from borealis.api import times
-from borealis.backup.store import CHUNK, ObjectInfo, ObjectStore, StoreError
+from borealis.backup.store import CHUNK, ObjectInfo, ObjectStore, StoreError, put_if_longer
 from borealis.wal.lsn import SEGMENT_SIZE, format_lsn, parse_lsn, parse_segment_name
 from borealis.wal.timeline import TimelineEntry, parse_history
 
@@ -184,7 +184,7 @@ def archive_timeline_end(store: ObjectStore, prefix: str, wal_dir: Path, timelin
     whole in the archive. Returns the bytes uploaded."""
     if not wal_dir.is_dir():
         return 0
-    held = {o.key.rsplit("/", 1)[1]: o.size for o in store.list(f"{prefix}/wal/")}
+    held = {o.key.rsplit("/", 1)[1] for o in store.list(f"{prefix}/wal/")}
     uploaded = 0
     for path in sorted(wal_dir.iterdir()):
         try:
@@ -194,15 +194,16 @@ def archive_timeline_end(store: ObjectStore, prefix: str, wal_dir: Path, timelin
         start = segno * SEGMENT_SIZE
         if tli != timeline or start >= end:
             continue  # another timeline's, or recycled ahead of use
+        if path.name in held:
+            continue  # whole in the archive already
         key = f"{prefix}/wal/{path.name}"
         if start + SEGMENT_SIZE <= end:
-            if path.name not in held:
-                uploaded += store.put_file(key, path).size
+            uploaded += store.put_file(key, path).size
             continue
         with open(path, "rb") as f:
             data = f.read(end - start)
-        if path.name not in held and held.get(path.name + ".partial", -1) < len(data):
-            uploaded += store.put_bytes(key + ".partial", data).size
+        if put_if_longer(store, key + ".partial", data):
+            uploaded += len(data)
     return uploaded
 
 

@@ -316,6 +316,18 @@ class S3Store:
         return hashlib.sha256(body).hexdigest()
 
 
+def put_if_longer(store: ObjectStore, key: str, data: bytes) -> bool:
+    """Write ``data`` under ``key`` unless an object at least as long is there; True when
+    written. How an archived partial segment is written: it only ever grows (a shorter
+    one of the same name is older, or cut by a backtrack's rewind below what the archive
+    already holds of that timeline, whose commits restores to then still need)."""
+    held = store.head(key)
+    if held is not None and held.size >= len(data):
+        return False
+    store.put_bytes(key, data)
+    return True
+
+
 def open_store(location: str) -> ObjectStore:
     """``file:///path`` (or a plain path) or ``s3://bucket/prefix``; the S3 endpoint URL
     from ``BOREALIS_S3_ENDPOINT_URL`` (for S3-compatible servers)."""

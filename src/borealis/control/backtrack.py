@@ -30,7 +30,7 @@ from typing import Any
 
 from borealis.api.times import format_time
 from borealis.backup import catalog
-from borealis.backup.store import open_store
+from borealis.backup.store import ObjectStore, open_store
 from borealis.control import failover
 from borealis.control.cluster import ClusterError, ClusterRuntime
 from borealis.control.failover_rules import EndOfLog
@@ -110,20 +110,21 @@ def backtrack(rt: ClusterRuntime, target: float, keep_endpoints: object,
     # removed by renaming it first.
     if not aside.exists():
         os.rename(datadir, aside)
-    left = _archive_the_end(rt, aside / "pg_wal", stopped_at)
+    store = open_store(rt.object_store_location)  # the cluster's: where restores read
+    left = _archive_the_end(rt, store, aside / "pg_wal", stopped_at)
     epoch = rt.state.next_epoch(rt.name)
     fenced = failover.fence(rt, epoch)
     rt.event("backtrack", f"epoch {epoch}: fenced {len(fenced)} storage nodes")
 
     src = RestoreSource.of_cluster(rt)
-    recover_into(rt, writer, open_store(src.location), src.prefix, backups, image, target,
-                 src.local_image, progress or (lambda _p: None))
+    recover_into(rt, writer, store, src.prefix, backups, image, target, src.local_image,
+                 progress or (lambda _p: None))
     timeline, switchpoint, parent = _new_timeline(rt, writer.id)
     rt.event("backtrack", f"writer {writer.id} rewound: timeline {timeline} starts at "
                           f"{switchpoint:X} (timeline {parent} ends there)")
     # Before the nodes drop what the rewind undid: restores to a time in that period
     # follow the timeline the cluster was on (see catalog.LeftTimeline).
-    catalog.record_left_timeline(open_store(rt.object_store_location), rt.backup_prefix,
+    catalog.record_left_timeline(store, rt.backup_prefix,
                                  dataclasses.replace(left, successor=timeline,
                                                      timeline=left.timeline or parent))
     sealed = failover.seal(rt, epoch, EndOfLog(switchpoint, fenced[0].node_id, parent),
@@ -151,8 +152,8 @@ def backtrack(rt: ClusterRuntime, target: float, keep_endpoints: object,
     return took
 
 
-def _archive_the_end(rt: ClusterRuntime, wal_dir: Path, stopped_at: float
-                     ) -> catalog.LeftTimeline:
+def _archive_the_end(rt: ClusterRuntime, store: ObjectStore, wal_dir: Path,
+                     stopped_at: float) -> catalog.LeftTimeline:
     """With the writer and its volume client stopped, the timeline being left whole in
     the archive, from the writer's own ``pg_wal`` up to the volume's final VDL (restores
     to a time in the period the rewind undoes need it, and the nodes are about to drop
@@ -166,8 +167,8 @@ def _archive_the_end(rt: ClusterRuntime, wal_dir: Path, stopped_at: float
     # acknowledged before it was written.
     until = stopped_at if status.get("stopped") else float(str(status.get("updated", 0)))
     if timeline and end:
-        uploaded = catalog.archive_timeline_end(open_store(rt.object_store_location),
-                                                rt.backup_prefix, wal_dir, timeline, end)
+        uploaded = catalog.archive_timeline_end(store, rt.backup_prefix, wal_dir, timeline,
+                                                end)
         if uploaded:
             rt.event("backtrack", f"archived the last {uploaded >> 10} KiB of timeline "
                                   f"{timeline} (to {format_lsn(end)}) from the writer")

@@ -8,6 +8,7 @@ are created, modified and deleted by users.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -198,13 +199,14 @@ class ClusterEndpoints:
         """Until the running proxy has applied the config as it is now (it reads it every
         0.1 s); False when it did not in time, or none runs."""
         deadline = time.monotonic() + timeout_s
+        try:
+            wanted = config_digest(self.config_path.read_text())
+        except OSError:
+            return False
         while self.proxy_alive():
-            try:
-                if ((self.dir / APPLIED_FILE).read_text()
-                        == config_digest(self.config_path.read_text())):
+            with contextlib.suppress(OSError):  # not written yet
+                if (self.dir / APPLIED_FILE).read_text() == wanted:
                     return True
-            except OSError:
-                pass
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.01)

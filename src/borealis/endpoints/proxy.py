@@ -204,9 +204,7 @@ class Proxy:
         # Said once applied: the control plane waits for it before it stops a server
         # the new config stops routing to (else a connection let through meanwhile
         # reaches a server shutting down, and is refused instead of held).
-        tmp = self.applied_path.with_suffix(".tmp")
-        tmp.write_text(config_digest(text))
-        os.replace(tmp, self.applied_path)
+        _write_replacing(self.applied_path, config_digest(text))
 
     async def apply(self, config: dict[str, object]) -> None:
         self.hold_timeout_s = float(config.get("hold_timeout_s", 30.0))  # type: ignore[arg-type]
@@ -486,10 +484,15 @@ class Proxy:
                 self._steer_logged()
             if now - last_status >= 0.5:
                 last_status = now
-                tmp = self.status_path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(self.status()))
-                os.replace(tmp, self.status_path)
+                _write_replacing(self.status_path, json.dumps(self.status()))
             await asyncio.sleep(WATCH_S)
+
+
+def _write_replacing(path: Path, text: str) -> None:
+    """Readers (the control plane) see the old text or the new, never half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from borealis.backup.store import ObjectStore, open_store
+from borealis.backup.store import ObjectStore, open_store, put_if_longer
 from borealis.wal.lsn import SEGMENT_SIZE, format_lsn, history_name, parse_lsn, segment_name
 
 if TYPE_CHECKING:
@@ -160,7 +160,8 @@ class Archiver:
             if tli is None or start < store.manifest.start_lsn:
                 return
             data = store.read(start, vdl, tli)  # restores zero-fill it to a segment
-            await asyncio.to_thread(self._put_partial, segment_name(tli, segno), data)
+            await asyncio.to_thread(put_if_longer, self.store,
+                                    self.key(segment_name(tli, segno) + ".partial"), data)
         elif vdl % SEGMENT_SIZE == 0:
             before = segment_name(store.timeline_for(segno - 1) or 1, segno - 1)
             if await asyncio.to_thread(self.store.head, self.key(before)) is None:
@@ -170,14 +171,6 @@ class Archiver:
             "segment": name, "end_lsn": format_lsn(vdl), "time": covered_until,
             "node": self.node.config.node_id}).encode())
         self.last_partial_end = vdl
-
-    def _put_partial(self, name: str, data: bytes) -> None:
-        """A partial only ever grows. A shorter one of the same name is older, or cut
-        by a backtrack's rewind below what the archive already holds of that timeline
-        (those commits were real until the backtrack: restores to then need them)."""
-        held = self.store.head(self.key(name + ".partial"))
-        if held is None or held.size < len(data):
-            self.store.put_bytes(self.key(name + ".partial"), data)
 
     def _partial_stale(self, covered_until: float) -> bool:
         """Whether the lower ranks have let the newest partial fall behind."""
