@@ -25,7 +25,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.faults.bank import Bank  # noqa: E402
-from tests.faults.nemesis import FAULTS, RoundResult, run_round, summary, table  # noqa: E402
+from tests.faults.nemesis import (  # noqa: E402
+    FAULTS,
+    WORKLOAD_FAULTS,
+    RoundResult,
+    run_round,
+    summary,
+    table,
+)
 from tests.harness import Borealis, ClusterView  # noqa: E402
 
 
@@ -33,7 +40,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--faults", default="kill-writer",
-                        help=f"comma-separated, taken in turn: {', '.join(FAULTS)}")
+                        help="comma-separated, taken in turn: "
+                             f"{', '.join(FAULTS + WORKLOAD_FAULTS)} (kill-writer-bulk:KIND "
+                             "picks insert, copy or index)")
     parser.add_argument("--readers", type=int, default=2)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seed", type=int, default=1)
@@ -41,8 +50,8 @@ def main() -> None:
     args = parser.parse_args()
     faults = args.faults.split(",")
     for f in faults:
-        if f not in FAULTS:
-            parser.error(f"unknown fault {f!r}; use {', '.join(FAULTS)}")
+        if f not in FAULTS and f.partition(":")[0] not in WORKLOAD_FAULTS:
+            parser.error(f"unknown fault {f!r}; use {', '.join(FAULTS + WORKLOAD_FAULTS)}")
 
     home = Path(tempfile.mkdtemp(prefix="borealis-failover-", dir="/tmp"))
     b = Borealis(home)

@@ -46,6 +46,9 @@ class Bank:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._generation = 0  # each start() numbers its transfers afresh
+        self._open = threading.Event()  # cleared: clients hold before their next transfer
+        self._open.set()
+        self._busy = 0  # transfers under way
 
     def create(self) -> None:
         with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
@@ -84,10 +87,32 @@ class Bank:
                     conn.commit()
                     assert server is not None
                     while not self._stop.is_set():
+                        if not self._open.wait(0.1):
+                            continue
                         seq += 1
-                        self._transfer(conn, rng, client, seq, str(server[0]))
+                        with self._lock:
+                            self._busy += 1
+                        try:
+                            self._transfer(conn, rng, client, seq, str(server[0]))
+                        finally:
+                            with self._lock:
+                                self._busy -= 1
             except psycopg.Error:
                 self._stop.wait(0.02)
+
+    def hold(self, timeout_s: float = 10) -> None:
+        """Clients finish the transfer under way and wait before the next one (a fault
+        that needs the writer's log to end where no commit put it)."""
+        self._open.clear()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._busy:
+                    return
+            time.sleep(0.005)
+
+    def release(self) -> None:
+        self._open.set()
 
     def _transfer(self, conn: psycopg.Connection[Any], rng: random.Random, client: int,
                   seq: int, server: str) -> None:

@@ -5,7 +5,10 @@ of its process group, held until a new writer took over, then SIGCONT),
 ``kill-2-nodes`` (SIGKILL of two storage nodes), ``lose-az`` (SIGKILL of every process
 in the writer's AZ: its two storage nodes and its instances), ``partition-writer`` (the
 writer's volume client, in a cgroup of its own, cannot send a packet to any storage node:
-an nftables rule; only where the host has nft and cgroup v2, see :func:`can_partition`).
+an nftables rule; only where the host has nft and cgroup v2, see :func:`can_partition`),
+``kill-writer-bulk`` (SIGKILL of the writer in the middle of a bulk load: a single
+``INSERT``, ``COPY`` or ``CREATE INDEX`` far larger than a WAL segment, killed at a
+random point; afterwards nothing of it may be visible; see :mod:`tests.faults.bulk`).
 
 Every process is addressed by the PID the control plane reports, never by name.
 """
@@ -27,10 +30,13 @@ from typing import Any
 
 from borealis.control.processes import kill_tree
 from tests.faults.bank import Bank
+from tests.faults.bulk import KINDS, BulkLoad
 from tests.harness import ClusterView, wait_for
 
 IN_FLIGHT_S = 1.0
 FAULTS = ("kill-writer", "stop-writer", "kill-2-nodes", "lose-az", "partition-writer")
+# Faults with a workload of their own besides the bank (not in the bank test's loop).
+WORKLOAD_FAULTS = ("kill-writer-bulk",)
 
 
 @dataclass
@@ -117,7 +123,8 @@ def partition(pid: int, ports: list[int]) -> Callable[[], None]:
     return heal
 
 
-def inject(st: dict[str, Any], fault: str, rng: random.Random) -> Callable[[], None]:
+def inject(st: dict[str, Any], fault: str, rng: random.Random, bank: Bank | None = None
+           ) -> Callable[[], None]:
     """Inject one fault into the cluster whose status is ``st``; returns what heals it
     (called once commits flow again)."""
     writer = next(i for i in st["instances"] if i["role"] == "writer")
@@ -141,11 +148,50 @@ def inject(st: dict[str, Any], fault: str, rng: random.Random) -> Callable[[], N
             if inst["az"] == az:
                 _kill(inst["pid"])
         return lambda: None
+    if fault.partition(":")[0] == "kill-writer-bulk":  # ":KIND" picks the load
+        return _kill_in_bulk_load(st, writer, rng, fault.partition(":")[2] or None, bank)
     if fault == "partition-writer":
         vc_pid = st["volume_client"]["pid"]
         assert vc_pid, "no volume client to cut off"
         return partition(vc_pid, [n["port"] for n in st["storage_nodes"]])
-    raise ValueError(f"unknown fault {fault!r}; use one of {', '.join(FAULTS)}")
+    raise ValueError(f"unknown fault {fault!r}; use one of "
+                     f"{', '.join(FAULTS + WORKLOAD_FAULTS)}")
+
+
+def _kill_in_bulk_load(st: dict[str, Any], writer: dict[str, Any], rng: random.Random,
+                       kind: str | None, bank: Bank | None) -> Callable[[], None]:
+    """A bulk load of a random kind, the writer killed after a random amount of its WAL
+    while its flush stands inside one of the load's records (the bank's commits, which
+    flush to a record's end, are held meanwhile: a few milliseconds); the heal checks
+    that none of the load is visible on the new writer."""
+    dsn = next(e["dsn"] for e in st["endpoints"] if e["type"] == "WRITER")
+    load = BulkLoad(dsn, kind or rng.choice(KINDS), f"{os.getpid()}_{rng.randrange(10**6)}")
+    load.prepare()
+    load.start()
+    load.wait_mid_transaction(rng.randrange(2 << 20, 24 << 20))
+    if bank is not None:
+        bank.hold()
+    try:
+        load.wait_flush_inside_a_record()
+        _kill(writer["pid"])
+    finally:
+        if bank is not None:
+            bank.release()
+    return AfterBulkLoad(load, dsn, time.monotonic())
+
+
+@dataclass
+class AfterBulkLoad:
+    """The heal of ``kill-writer-bulk``: nothing of the killed load may be visible.
+    ``struck_at`` is when the writer was killed (after the load was set up)."""
+
+    load: BulkLoad
+    dsn: str
+    struck_at: float
+
+    def __call__(self) -> None:
+        self.load.join()
+        self.load.assert_absent(self.dsn)
 
 
 def run_round(view: ClusterView, bank: Bank, fault: str, rng: random.Random) -> RoundResult:
@@ -156,7 +202,9 @@ def run_round(view: ClusterView, bank: Bank, fault: str, rng: random.Random) -> 
     st = view.status()
     writer_before = next(i for i in st["instances"] if i["role"] == "writer")["id"]
     fault_at = time.monotonic()
-    heal = inject(st, fault, rng)
+    heal = inject(st, fault, rng, bank)
+    if isinstance(heal, AfterBulkLoad):  # the fault struck after its workload was set up
+        fault_at = heal.struck_at
     # Commits already on their way when the fault struck may still be acknowledged just
     # after it; those do not show that the cluster recovered.
     bank.wait_commits_after(fault_at + IN_FLIGHT_S, 20, 90)

@@ -8,10 +8,12 @@ from hypothesis import strategies as st
 
 from borealis.control.failover_rules import (
     Candidate,
+    EndOfLog,
     FailoverRefused,
     WriterWatch,
     choose_writer,
     end_of_log,
+    sealed_end,
 )
 from borealis.protocol import volume as vp
 
@@ -114,3 +116,18 @@ def test_a_writer_unheard_since_the_first_miss_always_reaches_the_limit(
         at += gap
         counts.append(watch.probe_failed(at, 100.0 + last_heard))
     assert counts == list(range(1, len(gaps) + 1))
+
+
+def sealed(node: str, flush: int, epoch: int = 5) -> vp.NodeState:
+    return vp.NodeState(node, epoch, 0, 1, 1, flush, 0, 0, 0, False, 42, sealed=True)
+
+
+def test_the_sealed_end_is_the_record_end_the_nodes_agree_on() -> None:
+    end = EndOfLog(1000, "a", 1)
+    lsn, holders = sealed_end([sealed("a", 960), sealed("b", 960), sealed("c", 960),
+                               sealed("d", 1000, epoch=4)], 5, end)
+    assert (lsn, holders) == (960, ["a", "b", "c"])
+    with pytest.raises(FailoverRefused):  # a read quorum must hold it
+        sealed_end([sealed("a", 960), sealed("b", 960), sealed("c", 900)], 5, end)
+    with pytest.raises(FailoverRefused):  # never past the end of log
+        sealed_end([sealed("a", 1010), sealed("b", 1010), sealed("c", 1010)], 5, end)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -10,6 +11,9 @@ import pytest
 
 from borealis.protocol import volume as vp
 from borealis.storage.node import NodeConfig, StorageNode, first_difference
+from borealis.wal.lsn import format_lsn
+
+from .walgen import WalBuilder
 
 SEG = 16 * 1024 * 1024
 
@@ -166,17 +170,73 @@ def test_a_fenced_node_follows_no_writer_until_sealed(tmp_path: Path) -> None:
     assert isinstance(node.fence(vp.Fence(1)), vp.Refuse)
 
 
-def test_seal_cuts_what_lies_past_the_end_of_log(tmp_path: Path) -> None:
-    import asyncio
+def wal(sizes: list[int]) -> WalBuilder:
+    """Real WAL records (page headers, CRCs) from the segment at SEG on."""
+    b = WalBuilder(SEG, SEG)
+    for i, size in enumerate(sizes):
+        b.record(bytes((i + j) % 251 for j in range(size)))
+    return b
 
+
+def holding(tmp_path: Path, data: bytes, vdl: int = 0) -> StorageNode:
     node = make_node(tmp_path)
-    begin(node, 1, SEG)
-    node.append(vp.Append(1, SEG, 0, b"c" * 300))
+    node.begin(vp.Begin(1, 1, SEG, SEG, 7, b""))
+    assert node.append(vp.Append(1, SEG, vdl, data)) is None
     node.sync()
+    return node
+
+
+def test_seal_cuts_what_lies_past_the_end_of_log(tmp_path: Path) -> None:
+    b = wal([100, 200, 300])
+    node = holding(tmp_path, bytes(b.out))
     node.fence(vp.Fence(2))
-    state = asyncio.run(node.seal(vp.Seal(2, SEG + 120, "sn-a1")))
+    state = asyncio.run(node.seal(vp.Seal(2, b.record_ends[1], "sn-a1")))
     assert isinstance(state, vp.NodeState) and state.sealed
-    assert node.store.flush_lsn == SEG + 120 and node.vdl == SEG + 120
+    assert node.store.flush_lsn == b.record_ends[1] and node.vdl == b.record_ends[1]
     # A later epoch's writer is followed again.
-    reply = node.begin(vp.Begin(3, 2, SEG + 120, SEG, 42, b"1\t0/1000078\tpromoted\n"))
+    history = f"1\t{format_lsn(b.record_ends[1])}\tpromoted\n".encode()
+    reply = node.begin(vp.Begin(3, 2, b.record_ends[1], SEG, 7, history))
     assert isinstance(reply, vp.NodeState) and reply.epoch == 3 and reply.timeline == 2
+
+
+@pytest.mark.parametrize("pages_into", [1, 3, 7])
+def test_seal_inside_a_record_keeps_only_whole_records(tmp_path: Path, pages_into: int) -> None:
+    """A writer killed in a bulk load: the end of log lies inside a record many pages
+    long. The sealed log ends where the last whole record does, which a standby can
+    replay to; nothing acknowledged lies past it (a commit record is whole)."""
+    b = wal([100, 3000, 70000, 50])
+    page_in_record = b.record_starts[2] - b.record_starts[2] % 8192 + pages_into * 8192
+    node = holding(tmp_path, bytes(b.out[: page_in_record - SEG]))
+    node.fence(vp.Fence(2))
+    state = asyncio.run(node.seal(vp.Seal(2, page_in_record, "sn-a1")))
+    assert isinstance(state, vp.NodeState) and state.sealed
+    assert state.flush_lsn == b.record_ends[1] and node.vdl == b.record_ends[1]
+
+
+def test_a_node_that_missed_the_fence_drops_the_old_writers_tail(tmp_path: Path) -> None:
+    """Frozen through a failover, the node still holds the old writer's WAL past the
+    switchpoint. The new writer's Begin (timeline 2, whose history says timeline 1 ended
+    at the switchpoint) cuts it there even though the new writer is further on."""
+    b = wal([100, 200, 300, 400, 500])
+    switchpoint = b.record_ends[2]
+    node = holding(tmp_path, bytes(b.out), vdl=b.record_ends[1])
+    history = f"1\t{format_lsn(switchpoint)}\tno recovery target specified\n".encode()
+    new_writer_at = b.record_ends[-1] + 8192
+    reply = node.begin(vp.Begin(5, 2, new_writer_at, SEG, 7, history))
+    assert isinstance(reply, vp.NodeState) and reply.epoch == 5 and reply.timeline == 2
+    assert reply.flush_lsn == switchpoint
+    assert node.vdl == b.record_ends[1]  # below the switchpoint: kept
+
+
+def test_a_begin_on_the_same_timeline_never_cuts_below_vdl(tmp_path: Path) -> None:
+    """A writer whose log ends below what the volume made durable lost acknowledged WAL
+    (a host crash with fsync=off): its epoch is refused and nothing is cut."""
+    b = wal([100, 200, 300])
+    node = holding(tmp_path, bytes(b.out), vdl=b.record_ends[1])
+    refused = node.begin(vp.Begin(2, 1, b.record_ends[0], SEG, 7, b""))
+    assert isinstance(refused, vp.Refuse) and refused.reason == vp.RefuseReason.BEHIND_VDL
+    assert node.epoch == 1 and node.store.flush_lsn == b.record_ends[-1]
+    assert json.loads((tmp_path / "manifest.json").read_text())["epoch"] == 1
+    # At or past VDL the writer is followed, and the tail past it is cut.
+    reply = node.begin(vp.Begin(2, 1, b.record_ends[1], SEG, 7, b""))
+    assert isinstance(reply, vp.NodeState) and reply.flush_lsn == b.record_ends[1]

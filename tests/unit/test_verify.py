@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from borealis.wal.verify import WalCorruption, WalVerifier
+from borealis.wal.verify import WalCorruption, WalVerifier, last_record_end
 
 from .walgen import WalBuilder
 
@@ -113,3 +113,53 @@ def test_switch_padding_fed_later_counts_up_to_the_next_segment() -> None:
     assert v.verified_end == end
     v.feed(bytes(b.out[end - b.start :]))
     assert v.verified_end == SEG * 4
+
+
+def _expected_record_end(b: WalBuilder, cut: int) -> int:
+    """The end of the last whole record at or below ``cut``: padded if the padding is
+    there too, the bare end otherwise; the stream's start if no record is whole."""
+    ends = [e for e in b.record_ends if e <= cut]
+    ends += [d for d in b.record_data_ends if d <= cut]
+    return max(ends, default=b.start)
+
+
+@given(
+    sizes=st.lists(st.integers(0, 40000), min_size=1, max_size=12),
+    cut_at=st.floats(0, 1),
+    window=st.sampled_from([8192, 16384, 65536]),
+)
+@settings(max_examples=80, deadline=None)
+def test_last_record_end_is_where_the_last_whole_record_ends(sizes: list[int], cut_at: float,
+                                                            window: int) -> None:
+    b = build(sizes)
+    data = bytes(b.out)
+    cut = b.start + int(len(data) * cut_at)
+
+    def read(start: int, end: int) -> bytes:
+        assert b.start <= start <= end <= cut
+        return data[start - b.start : end - b.start]
+
+    assert last_record_end(read, b.start, cut, SEG, 7, window) == _expected_record_end(b, cut)
+
+
+def test_last_record_end_inside_a_record_longer_than_the_window() -> None:
+    # A bulk load's WAL cut at a page boundary inside a record several pages long.
+    b = build([300, 60000, 200])
+    inside = b.record_starts[1] + 5 * 8192 - b.record_starts[1] % 8192
+    data = bytes(b.out)
+    end = last_record_end(lambda s, e: data[s - b.start : e - b.start], b.start, inside, SEG,
+                          7, window=8192)
+    assert end == b.record_ends[0]
+    at_end = last_record_end(lambda s, e: data[s - b.start : e - b.start], b.start,
+                             b.record_ends[1], SEG, 7, window=8192)
+    assert at_end == b.record_ends[1]
+
+
+def test_a_walk_may_start_at_any_page() -> None:
+    b = build([100, 20000, 3000, 9000])
+    page = b.record_starts[2] - b.record_starts[2] % 8192
+    v = WalVerifier(page, SEG, system_id=7)
+    v.feed(bytes(b.out[page - b.start :]))
+    assert v.verified_end == b.record_ends[-1]
+    with pytest.raises(ValueError):
+        WalVerifier(page + 8, SEG)

@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from borealis import identifiers
 from borealis.api import identity
 from borealis.api.errors import ApiError, not_found
 from borealis.backup import catalog
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 ENGINE = "aurora-postgresql"
 DEFAULT_INSTANCE_CLASS = "db.r6g.large"
-_IDENTIFIER = re.compile(r"^[a-z](?!.*--)[a-z0-9-]{0,62}(?<!-)$")
 _USERNAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 _RESERVED_USERS = {"postgres", "rdsadmin", "replica", "borealis_volume"}
 
@@ -44,14 +44,11 @@ Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 def identifier(value: str, what: str) -> str:
-    """AWS identifiers: 1-63 letters, digits or hyphens, starting with a letter, no
-    double or trailing hyphen; stored in lower case."""
-    lowered = value.lower()
-    if not _IDENTIFIER.match(lowered):
-        raise ApiError("InvalidParameterValue",
-                       f"{what} {value!r} is not a valid identifier: 1-63 letters, digits or "
-                       "hyphens; the first a letter; no two hyphens in a row or at the end")
-    return lowered
+    """AWS identifiers (:mod:`borealis.identifiers`), as the API's error."""
+    try:
+        return identifiers.identifier(value, what)
+    except identifiers.BadIdentifier as exc:
+        raise ApiError("InvalidParameterValue", str(exc)) from None
 
 
 def not_built(what: str) -> ApiError:
@@ -227,7 +224,7 @@ class RdsOperations:
         return out
 
     def _protected(self, cluster: str) -> bool:
-        return self.state.setting(f"deletion_protection:{cluster}") == "true"
+        return self.cp.deletion_protected(cluster)
 
     # -- tags --------------------------------------------------------------------------------
 

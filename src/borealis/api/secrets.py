@@ -15,20 +15,23 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 import psycopg.sql
 
+from borealis import identifiers
 from borealis.api import identity
 from borealis.control.cluster import ClusterError
 
 if TYPE_CHECKING:
     from borealis.control.daemon import ControlPlane
 
-_SECRET_NAME = re.compile(r"^[A-Za-z0-9/_+=.@-]{1,512}$")
 _USER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
 async def create_secret(cp: ControlPlane, name: str, cluster: str, user: str | None,
                         password: str | None) -> dict[str, Any]:
-    if not _SECRET_NAME.match(name):
-        raise ClusterError("secret names are 1-512 letters, digits or /_+=.@-")
+    try:
+        identifiers.secret_name(name)
+        identifiers.identifier(cluster, "cluster name")
+    except identifiers.BadIdentifier as exc:
+        raise ClusterError(str(exc)) from None
     if cp.state.secret(name) is not None:
         raise ClusterError(f"a secret named {name!r} already exists")
     c = cp.state.cluster(cluster)

@@ -33,7 +33,7 @@ from borealis.backup import catalog
 from borealis.backup.store import ObjectStore, open_store
 from borealis.control import failover
 from borealis.control.cluster import ClusterError, ClusterRuntime
-from borealis.control.failover_rules import EndOfLog
+from borealis.control.failover_rules import EndOfLog, FailoverRefused, end_of_log
 from borealis.control.restore import (
     ProgressSink,
     RestoreSource,
@@ -127,8 +127,14 @@ def backtrack(rt: ClusterRuntime, target: float, keep_endpoints: object,
     catalog.record_left_timeline(store, rt.backup_prefix,
                                  dataclasses.replace(left, successor=timeline,
                                                      timeline=left.timeline or parent))
-    sealed = failover.seal(rt, epoch, EndOfLog(switchpoint, fenced[0].node_id, parent),
-                           [s.node_id for s in fenced])
+    # The donor is the fenced node that holds most: one behind the switchpoint could
+    # not give the others what they miss.
+    donor = end_of_log(fenced).donor_id
+    held_to, sealed = failover.seal(rt, epoch, EndOfLog(switchpoint, donor, parent),
+                                    [s.node_id for s in fenced])
+    if held_to != switchpoint:  # a switchpoint is a record's end: the nodes keep it all
+        raise FailoverRefused(f"the storage nodes hold the log to {format_lsn(held_to)}, "
+                              f"not to the switchpoint {format_lsn(switchpoint)}")
     rt.event("backtrack", f"{len(sealed)} storage nodes dropped the WAL after the rewind "
                           "point")
     os.rename(aside, discarded)

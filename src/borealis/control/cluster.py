@@ -95,13 +95,13 @@ class ClusterRuntime:
     # -- paths ------------------------------------------------------------------------
 
     def node_dir(self, node_id: str) -> Path:
-        return self.dir / "storage" / node_id
+        return _inside(self.dir / "storage", node_id)
 
     def volume_dir(self) -> Path:
         return self.dir / "volume"
 
     def instance_dir(self, instance_id: str) -> Path:
-        return self.dir / "instances" / instance_id
+        return _inside(self.dir / "instances", instance_id)
 
     def datadir(self, instance_id: str) -> Path:
         return self.instance_dir(instance_id) / "data"
@@ -604,3 +604,12 @@ def _write_private(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """``folder / name``, for a name that can only be one entry of it: ids are checked
+    where they enter (:mod:`borealis.identifiers`); this is the last line, so that no id
+    ever turns into another path (``..``, ``/etc``) whatever path it came by."""
+    if not name or "/" in name or "\0" in name or name in (".", ".."):
+        raise ClusterError(f"{name!r} is not a valid id")
+    return folder / name

@@ -27,6 +27,7 @@ import psycopg
 import psycopg.sql
 from aiohttp import web
 
+from borealis import identifiers
 from borealis.api import identity
 from borealis.api import secrets as api_secrets
 from borealis.api import server as api_server
@@ -42,6 +43,7 @@ from borealis.control.endpoints import ClusterEndpoints
 from borealis.control.failover_rules import FailoverRefused, VolumeStall, WriterWatch
 from borealis.control.restore import check_restorable
 from borealis.control.state import AZS, State
+from borealis.protocol import volume as vp
 from borealis.storage.archive import RETAIN_FILE
 from borealis.storage.peers import PeerAddress, PeerConnection, PeerError, peer_states
 from borealis.wal.lsn import format_lsn, parse_lsn
@@ -191,6 +193,10 @@ class ControlPlane:
             return
         if writer.state != "available" and not rt.accepts_connections(writer):
             return
+        if self._writer_behind_volume(rt):
+            self._writer_lost(rt, writer, "its log ends below the volume's durable end (its "
+                                          "host crashed?); it is rebuilt from the volume")
+            return
         if rt.ensure_volume_client(writer):
             return
         if self._volume_stalled(rt):
@@ -212,6 +218,15 @@ class ControlPlane:
             rt.repoint_reader(reader)
             if reader.state == "starting":
                 rt.accepts_connections(reader)
+
+    @staticmethod
+    def _writer_behind_volume(rt: ClusterRuntime) -> bool:
+        """The current epoch's volume client stopped because the writer's log ends below
+        the VDL: following that writer would cut acknowledged WAL."""
+        status = rt.volume_status() or {}
+        return (str(status.get("stopped") or "").startswith(vp.WRITER_BEHIND_VOLUME)
+                and status.get("epoch") == rt.cluster.epoch
+                and not rt.volume_client_alive())
 
     def _volume_stalled(self, rt: ClusterRuntime) -> bool:
         status = rt.volume_status()
@@ -571,7 +586,13 @@ class ControlPlane:
         # With their sources stopped, base images being copied end at once.
         await asyncio.gather(*(self._image_settled(c.name) for c in self.state.clusters()))
 
+    def _check_deletable(self, name: str) -> None:
+        if self.deletion_protected(name):
+            raise ClusterError(f"cluster {name} has DeletionProtection on; turn it off "
+                               "(aws rds modify-db-cluster --no-deletion-protection) first")
+
     async def destroy(self, name: str) -> None:
+        self._check_deletable(name)
         for inst in self.state.instances(name):
             sampler = self.samplers.pop(inst.id, None)
             if sampler is not None:
@@ -590,17 +611,6 @@ class ControlPlane:
         task = self.image_tasks.get(name)
         if task is not None:
             await asyncio.wait([task])
-
-    async def add_instance(self, name: str, az: str | None, tier: int,
-                           instance_id: str | None) -> dict[str, Any]:
-        if az is not None and az not in AZS:
-            raise ClusterError(f"unknown availability zone {az!r}; use one of {', '.join(AZS)}")
-        if not 0 <= tier <= 15:
-            raise ClusterError("promotion tier must be between 0 and 15")
-        async with self.locks[name]:
-            inst = await asyncio.to_thread(self.runtime(name).add_reader, az, tier, instance_id)
-            await asyncio.to_thread(self._keep_endpoints, name)
-        return await self._instance_status(self.runtime(name), inst)
 
     async def failover(self, name: str, target: str | None) -> dict[str, Any]:
         async with self.locks[name]:
@@ -709,6 +719,7 @@ class ControlPlane:
         first served)."""
         if any(i.state != "deleting" for i in self.state.instances(name)):
             raise ClusterError("the cluster still has instances; delete them first")
+        self._check_deletable(name)
         self.state.set_cluster(name, status="deleting", desired="down")
 
         def delete() -> None:
@@ -1039,6 +1050,10 @@ class ControlPlane:
         for hook in self.cluster_created_hooks:
             hook(name)
 
+    def deletion_protected(self, name: str) -> bool:
+        """DeletionProtection (set through the RDS API): no path deletes the cluster."""
+        return self.state.setting(f"deletion_protection:{name}") == "true"
+
     async def remove_instance(self, instance_id: str) -> None:
         inst = self.state.instance(instance_id)
         if inst is None:
@@ -1071,94 +1086,27 @@ def build_app(cp: ControlPlane, api: api_server.Api) -> web.Application:
         readers = body.get("readers")
         if readers is not None and (not isinstance(readers, int) or not 0 <= readers <= 15):
             return _error(400, "readers must be an integer between 0 and 15")
-        name = request.match_info["name"]
-        if not _valid_name(name):
-            return _error(400, "cluster names are 1-63 letters, digits or hyphens, "
-                               "starting with a letter")
+        name = _identifier(request.match_info["name"], "cluster name")
         return web.json_response(await cp.up(name, readers))
 
     @routes.get("/v1/clusters/{name}")
     async def cluster(request: web.Request) -> web.Response:
-        name = request.match_info["name"]
+        name = _identifier(request.match_info["name"], "cluster name")
         need_cluster(name)
         return web.json_response(await cp.cluster_status(name))
 
     @routes.delete("/v1/clusters/{name}")
     async def destroy(request: web.Request) -> web.Response:
-        name = request.match_info["name"]
+        name = _identifier(request.match_info["name"], "cluster name")
         need_cluster(name)
         await cp.destroy(name)
         return web.json_response({"destroyed": name})
 
     @routes.get("/v1/clusters/{name}/events")
     async def events(request: web.Request) -> web.Response:
-        name = request.match_info["name"]
+        name = _identifier(request.match_info["name"], "cluster name")
         need_cluster(name)
         return web.json_response({"events": cp.state.events(name)})
-
-    @routes.post("/v1/clusters/{name}/instances")
-    async def add_instance(request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        need_cluster(name)
-        body = await request.json()
-        tier = body.get("tier", 1)
-        if not isinstance(tier, int):
-            return _error(400, "tier must be an integer")
-        return web.json_response(await cp.add_instance(name, body.get("az"), tier,
-                                                       body.get("id")))
-
-    @routes.post("/v1/clusters/{name}/failover")
-    async def failover_cluster(request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        need_cluster(name)
-        body = await request.json() if request.body_exists else {}
-        target = body.get("target")
-        if target is not None and not isinstance(target, str):
-            return _error(400, "target is an instance id")
-        return web.json_response(await cp.failover(name, target))
-
-    @routes.delete("/v1/instances/{id}")
-    async def remove_instance(request: web.Request) -> web.Response:
-        await cp.remove_instance(request.match_info["id"])
-        return web.json_response({"removed": request.match_info["id"]})
-
-    def endpoint_body(body: dict[str, Any]) -> tuple[Any, Any, Any]:
-        static, excluded = body.get("static"), body.get("excluded")
-        for value in (static, excluded):
-            if value is not None and not (isinstance(value, list)
-                                          and all(isinstance(v, str) for v in value)):
-                raise ClusterError("static and excluded are lists of instance ids")
-        return body.get("type"), static, excluded
-
-    @routes.post("/v1/clusters/{name}/endpoints")
-    async def create_endpoint(request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        need_cluster(name)
-        body = await request.json()
-        endpoint = body.get("name", "")
-        if not isinstance(endpoint, str) or not _valid_name(endpoint):
-            return _error(400, "endpoint names are 1-63 letters, digits or hyphens, "
-                               "starting with a letter")
-        type_, static, excluded = endpoint_body(body)
-        await cp.create_endpoint(name, endpoint, type_ or "ANY", static or [], excluded or [])
-        return web.json_response(await cp.endpoint_status(name, endpoint))
-
-    @routes.patch("/v1/endpoints/{endpoint}")
-    async def modify_endpoint(request: web.Request) -> web.Response:
-        row = cp.state.endpoint(request.match_info["endpoint"])
-        if row is None:
-            return _error(404, f"endpoint {request.match_info['endpoint']!r} not found")
-        type_, static, excluded = endpoint_body(await request.json())
-        await cp.modify_endpoint(row.cluster, row.name, type_, static, excluded)
-        return web.json_response(await cp.endpoint_status(row.cluster, row.name))
-
-    @routes.delete("/v1/endpoints/{endpoint}")
-    async def delete_endpoint(request: web.Request) -> web.Response:
-        row = cp.state.endpoint(request.match_info["endpoint"])
-        if row is None:
-            return _error(404, f"endpoint {request.match_info['endpoint']!r} not found")
-        await cp.delete_endpoint(row.cluster, row.name)
-        return web.json_response({"deleted": row.name})
 
     @routes.post("/v1/secrets")
     async def create_secret(request: web.Request) -> web.Response:
@@ -1179,6 +1127,10 @@ def build_app(cp: ControlPlane, api: api_server.Api) -> web.Application:
     @routes.delete("/v1/secrets/{name:.+}")
     async def delete_secret(request: web.Request) -> web.Response:
         name = request.match_info["name"]
+        try:
+            identifiers.secret_name(name)
+        except identifiers.BadIdentifier as exc:
+            return _error(400, str(exc))
         if cp.state.secret(name) is None:
             return _error(404, f"secret {name!r} not found")
         cp.state.delete_secret(name)
@@ -1186,14 +1138,14 @@ def build_app(cp: ControlPlane, api: api_server.Api) -> web.Application:
 
     @routes.get("/v1/clusters/{name}/backup")
     async def backup_status(request: web.Request) -> web.Response:
-        name = request.match_info["name"]
+        name = _identifier(request.match_info["name"], "cluster name")
         need_cluster(name)
         quick = request.query.get("verify") == "no"
         return web.json_response(await asyncio.to_thread(cp.backup_status, name, not quick))
 
     @routes.post("/v1/clusters/{name}/restore")
     async def restore_cluster(request: web.Request) -> web.Response:
-        name = request.match_info["name"]
+        name = _identifier(request.match_info["name"], "cluster name")
         need_cluster(name)
         body = await request.json()
         new, readers = _new_cluster(body)
@@ -1213,7 +1165,7 @@ def build_app(cp: ControlPlane, api: api_server.Api) -> web.Application:
 
     @routes.post("/v1/clusters/{name}/clone")
     async def clone_cluster(request: web.Request) -> web.Response:
-        name = request.match_info["name"]
+        name = _identifier(request.match_info["name"], "cluster name")
         need_cluster(name)
         new, readers = _new_cluster(await request.json())
         await asyncio.to_thread(cp.check_clone, name, new)
@@ -1222,7 +1174,7 @@ def build_app(cp: ControlPlane, api: api_server.Api) -> web.Application:
 
     @routes.post("/v1/clusters/{name}/backtrack")
     async def backtrack_cluster(request: web.Request) -> web.Response:
-        name = request.match_info["name"]
+        name = _identifier(request.match_info["name"], "cluster name")
         need_cluster(name)
         body = await request.json()
         try:
@@ -1237,12 +1189,8 @@ def build_app(cp: ControlPlane, api: api_server.Api) -> web.Application:
     @routes.post("/v1/snapshots")
     async def create_snapshot(request: web.Request) -> web.Response:
         body = await request.json()
-        name, cluster = body.get("name"), body.get("cluster")
-        if not isinstance(name, str) or not _valid_name(name):
-            return _error(400, "snapshot names are 1-63 letters, digits or hyphens, "
-                               "starting with a letter")
-        if not isinstance(cluster, str):
-            return _error(400, "cluster is required")
+        name = _identifier(body.get("name"), "snapshot name")
+        cluster = _identifier(body.get("cluster"), "cluster name")
         need_cluster(cluster)
         cp.create_snapshot(cluster, name)
         return web.json_response(snapshot_json(name))
@@ -1254,13 +1202,15 @@ def build_app(cp: ControlPlane, api: api_server.Api) -> web.Application:
 
     @routes.delete("/v1/snapshots/{name}")
     async def delete_snapshot(request: web.Request) -> web.Response:
-        await asyncio.to_thread(cp.delete_snapshot, request.match_info["name"])
-        return web.json_response({"deleted": request.match_info["name"]})
+        name = _identifier(request.match_info["name"], "snapshot name")
+        await asyncio.to_thread(cp.delete_snapshot, name)
+        return web.json_response({"deleted": name})
 
     @routes.post("/v1/snapshots/{name}/restore")
     async def restore_snapshot(request: web.Request) -> web.Response:
         new, readers = _new_cluster(await request.json())
-        src, user, password = cp.restore_source(snapshot=request.match_info["name"])
+        snapshot = _identifier(request.match_info["name"], "snapshot name")
+        src, user, password = cp.restore_source(snapshot=snapshot)
         await asyncio.to_thread(cp.check_restore, src, new, None)
         cp.start_restore(src, user, password, new, None, readers)
         return web.json_response({"cluster": new, "status": "creating"})
@@ -1304,17 +1254,18 @@ def build_app(cp: ControlPlane, api: api_server.Api) -> web.Application:
 def _new_cluster(body: dict[str, Any]) -> tuple[str, int]:
     """The new cluster's name and reader count of a restore, clone or snapshot restore."""
     new, readers = body.get("new_cluster"), body.get("readers") or 0
-    if not isinstance(new, str) or not _valid_name(new):
-        raise ClusterError("new_cluster: 1-63 letters, digits or hyphens, starting with a "
-                           "letter")
+    new = _identifier(new, "new_cluster")
     if not isinstance(readers, int) or not 0 <= readers <= 15:
         raise ClusterError("readers must be an integer between 0 and 15")
     return new, readers
 
 
-def _valid_name(name: str) -> bool:
-    return (0 < len(name) <= 63 and name[0].isalpha()
-            and all(ch.isalnum() or ch == "-" for ch in name) and name.isascii())
+def _identifier(value: object, what: str) -> str:
+    """A name from a ``/v1`` request, checked as the RDS API checks it."""
+    try:
+        return identifiers.identifier(value, what)
+    except identifiers.BadIdentifier as exc:
+        raise ClusterError(str(exc)) from None
 
 
 def _error(status: int, message: str) -> web.Response:

@@ -35,6 +35,7 @@ from borealis.control.failover_rules import (
     FailoverRefused,
     choose_writer,
     end_of_log,
+    sealed_end,
 )
 from borealis.control.state import Instance
 from borealis.protocol import volume as vp
@@ -76,9 +77,13 @@ def fail_over(rt: ClusterRuntime, reason: str, target: str | None = None,
     end = end_of_log(fenced)
     rt.event("failover", f"end of log {format_lsn(end.lsn)} on timeline {end.timeline} "
                          f"(held by {end.donor_id})")
-    sealed = seal(rt, epoch, end, [s.node_id for s in fenced])
-    rt.event("failover", f"{len(sealed)} storage nodes hold the log up to the end "
-                         f"({', '.join(sorted(sealed))})")
+    record_end, sealed = seal(rt, epoch, end, [s.node_id for s in fenced])
+    cut = (f" (the end of its last complete record; {end.lsn - record_end} bytes of a "
+           "record the old writer never finished are dropped)"
+           if record_end < end.lsn else "")
+    rt.event("failover", f"{len(sealed)} storage nodes hold the log up to "
+                         f"{format_lsn(record_end)}{cut} ({', '.join(sealed)})")
+    end = dataclasses.replace(end, lsn=record_end)
 
     rt.preferred_nodes = set(sealed)
     try:
@@ -136,16 +141,25 @@ def fence(rt: ClusterRuntime, epoch: int) -> list[vp.NodeState]:
     return list(fenced.values())
 
 
-def seal(rt: ClusterRuntime, epoch: int, end: EndOfLog, fenced: list[str]) -> list[str]:
-    """Bring the fenced nodes to exactly the end of log; returns those that got there."""
+def seal(rt: ClusterRuntime, epoch: int, end: EndOfLog, fenced: list[str]
+         ) -> tuple[int, list[str]]:
+    """Bring the fenced nodes to exactly the end of log, cut back to the end of its last
+    complete record; returns that end and the nodes that hold exactly it.
+
+    The donor seals first: it finds that record end (and cuts its own log there), and
+    the others then fetch up to it. Sealed together, the others could fetch from a donor
+    cutting its log under them."""
     nodes = rt.node_addresses([n for n in rt.state.storage_nodes(rt.name) if n.id in fenced])
-    states = asyncio.run(peer_states(nodes, rt.cluster.storage_secret, role="control",
-                                     request=vp.Seal(epoch, end.lsn, end.donor_id),
-                                     reply_timeout_s=SEAL_TIMEOUT_S))
-    sealed = [s.node_id for s in states if s.sealed and s.flush_lsn == end.lsn]
-    if len(sealed) < READ_QUORUM:
-        raise FailoverRefused(f"only {len(sealed)} storage nodes reached the end of log")
-    return sealed
+    donor = [n for n in nodes if n.node_id == end.donor_id]
+    first = asyncio.run(peer_states(donor, rt.cluster.storage_secret, role="control",
+                                    request=vp.Seal(epoch, end.lsn, end.donor_id),
+                                    reply_timeout_s=SEAL_TIMEOUT_S))
+    record_end, _ = sealed_end(first, epoch, end, read_quorum=1)
+    others = [n for n in nodes if n.node_id != end.donor_id]
+    states = first + asyncio.run(peer_states(
+        others, rt.cluster.storage_secret, role="control",
+        request=vp.Seal(epoch, record_end, end.donor_id), reply_timeout_s=SEAL_TIMEOUT_S))
+    return sealed_end(states, epoch, end)
 
 
 def stop_old_writer(rt: ClusterRuntime, old: Instance) -> None:

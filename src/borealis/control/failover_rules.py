@@ -37,6 +37,29 @@ def end_of_log(fenced: list[vp.NodeState], read_quorum: int = READ_QUORUM) -> En
     return EndOfLog(donor.flush_lsn, donor.node_id, donor.timeline)
 
 
+def sealed_end(states: list[vp.NodeState], epoch: int, end: EndOfLog,
+               read_quorum: int = READ_QUORUM) -> tuple[int, list[str]]:
+    """From the nodes' replies to a Seal: where the log now ends and which nodes hold
+    exactly that.
+
+    A sealed node cuts the end of log back to the end of its last complete record, so
+    the answer is at or below ``end.lsn``; every sealed node holds the same bytes, so
+    they agree. A node that disagrees is not counted (and reconciled at its Begin).
+    """
+    sealed = [s for s in states
+              if s.sealed and s.epoch == epoch and s.flush_lsn <= end.lsn]
+    counts: dict[int, int] = {}
+    for s in sealed:
+        counts[s.flush_lsn] = counts.get(s.flush_lsn, 0) + 1
+    if not counts:
+        raise FailoverRefused("no storage node reached the end of log")
+    lsn = max(counts, key=lambda at: (counts[at], at))
+    holders = sorted(s.node_id for s in sealed if s.flush_lsn == lsn)
+    if len(holders) < read_quorum:
+        raise FailoverRefused(f"only {len(holders)} storage nodes reached the end of log")
+    return lsn, holders
+
+
 @dataclass(frozen=True)
 class Candidate:
     instance_id: str

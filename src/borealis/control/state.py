@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from borealis import identifiers
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS clusters (
     name TEXT PRIMARY KEY,
@@ -321,6 +323,8 @@ class State:
 
     def add_instance(self, cluster: str, role: str, az: str, tier: int,
                      instance_id: str | None = None) -> Instance:
+        if instance_id is not None:
+            assert identifiers.identifier(instance_id, "instance id") == instance_id
         with self.transaction() as db:
             if instance_id is None:
                 n = 1

@@ -27,6 +27,12 @@ class VolumeProtocolError(ValueError):
     pass
 
 
+# The reason a volume client stops with (in its status file) when its writer's log ends
+# below what the volume made durable: the writer lost acknowledged WAL (its host crashed
+# with ``fsync=off``) and must be rebuilt from the volume, never followed.
+WRITER_BEHIND_VOLUME = "the writer's log ends below the volume's durable end"
+
+
 class RefuseReason(IntEnum):
     STALE_EPOCH = 1  # the sender's epoch is older than the node's: it is fenced
     GAP = 2  # the append starts past the node's flush LSN
@@ -35,6 +41,7 @@ class RefuseReason(IntEnum):
     NO_EPOCH = 5  # append before Begin for this epoch
     OTHER_SYSTEM = 6  # the node holds WAL of another database system
     DISK_ERROR = 7  # the node could not write or sync (full disk, I/O error): not acked
+    BEHIND_VDL = 8  # Begin: the writer's log ends below what the volume made durable
 
 
 @dataclass(frozen=True)

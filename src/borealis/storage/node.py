@@ -33,7 +33,8 @@ from borealis.storage.peers import PeerAddress, PeerConnection, PeerError, peer_
 from borealis.storage.store import SegmentStore, StoreError
 from borealis.storage.verify_range import CHUNK, check_replacement, verify_steps
 from borealis.wal.lsn import SEGMENT_SIZE, format_lsn
-from borealis.wal.verify import WalCorruption
+from borealis.wal.timeline import divergence, parse_history
+from borealis.wal.verify import WalCorruption, last_record_end
 
 log = logging.getLogger("borealis.storage")
 
@@ -176,23 +177,50 @@ class StorageNode:
                       self.config.node_id, msg.system_id, m.system_id)
             return self._refuse(vp.RefuseReason.OTHER_SYSTEM)
         if msg.epoch > m.epoch:
-            # Nothing past the writer's flush LSN is its WAL. Below it our bytes are
-            # kept (they may be acknowledged commits): the new stream is compared with
-            # them as it arrives, and the log is cut only where it really differs.
+            keep = self._kept_at_begin(msg)
+            if isinstance(keep, vp.Refuse):
+                return keep
             if self.store.empty:
                 self.store.begin_at(msg.stream_start)
-            elif self.store.flush_lsn > msg.truncate_at:
-                self._cut(msg.truncate_at)
+            elif self.store.flush_lsn > keep:
+                self._cut(keep)
             m.epoch, m.epoch_start = msg.epoch, msg.stream_start
             m.timeline, m.system_id = msg.timeline, msg.system_id
-            m.vdl = min(m.vdl, msg.truncate_at)
+            m.vdl = min(m.vdl, keep)
             m.sealed = True
             if msg.history:
                 self.store.add_history(msg.timeline, msg.history.decode())
             self.store.save_manifest()  # the epoch is durable before we answer
-            log.info("%s: epoch %d begins at %s on timeline %d", self.config.node_id,
-                     msg.epoch, format_lsn(msg.truncate_at), msg.timeline)
+            log.info("%s: epoch %d begins on timeline %d; the log is kept up to %s",
+                     self.config.node_id, msg.epoch, msg.timeline,
+                     format_lsn(min(keep, self.store.flush_lsn)))
         return self.state_message()
+
+    def _kept_at_begin(self, msg: vp.Begin) -> int | vp.Refuse:
+        """How much of our log a new epoch keeps: nothing past the writer's flush LSN
+        is its WAL, and nothing past the point where our timeline and the writer's
+        part (a node that missed a failover's or a backtrack's fence still holds the
+        old writer's tail there; kept, it would splice two histories). Below that our
+        bytes stay (they may be acknowledged commits); the stream is compared with them
+        where it overlaps them, and the log is cut where it really differs.
+
+        On our own timeline a writer whose log ends below the VDL we have seen lost
+        acknowledged WAL (a host crash with ``fsync=off``): it is refused, never
+        followed, and the control plane rebuilds it from the volume.
+        """
+        m = self.store.manifest
+        if self.store.empty:
+            return msg.truncate_at
+        if msg.timeline == m.timeline:
+            if msg.truncate_at < m.vdl:
+                log.error("%s: refusing epoch %d: its writer's log ends at %s, below the "
+                          "VDL %s", self.config.node_id, msg.epoch,
+                          format_lsn(msg.truncate_at), format_lsn(m.vdl))
+                return self._refuse(vp.RefuseReason.BEHIND_VDL)
+            return msg.truncate_at
+        incoming = parse_history(msg.timeline, msg.history.decode())
+        split = divergence(self.store.timeline_entries(), incoming)
+        return msg.truncate_at if split is None else min(msg.truncate_at, split)
 
     def append(self, msg: vp.Append) -> vp.Refuse | None:
         if self.recovering:
@@ -266,9 +294,15 @@ class StorageNode:
         return self.state_message()
 
     async def seal(self, msg: vp.Seal) -> vp.NodeState | vp.Refuse:
-        """Hold exactly the log up to the failover's end: fetch what is missing from the
-        donor, cut what lies past it (never acknowledged: every acknowledged commit is on
-        4 nodes, so on one of the 3 fenced ones the end was taken from)."""
+        """Hold exactly the log up to the end of the last complete record at or below the
+        failover's end: fetch what is missing from the donor, cut what lies past it.
+
+        What is cut was never acknowledged: every acknowledged commit is on 4 nodes, so
+        on one of the 3 fenced ones the end was taken from, and a commit record is whole
+        where it was acknowledged. The new timeline starts after the last record a
+        standby can replay, so a partial record left at the end (the writer killed in a
+        long transaction) would keep the new writer from ever reaching the end. Every
+        sealed node holds the same bytes, so all of them find the same record end."""
         m = self.store.manifest
         if msg.epoch != m.epoch:
             return self._refuse(vp.RefuseReason.STALE_EPOCH if msg.epoch < m.epoch
@@ -286,11 +320,20 @@ class StorageNode:
                 self._cut(msg.end_lsn)
             if self.store.flush_lsn != msg.end_lsn:
                 return self._refuse(vp.RefuseReason.GAP)
-            m.vdl = m.epoch_start = msg.end_lsn
+            try:
+                end = last_record_end(self.store.read, m.start_lsn, msg.end_lsn,
+                                      self.store.segment_size, m.system_id or None)
+            except (WalCorruption, StoreError) as exc:
+                log.error("%s: seal: the end of the log is damaged: %s", self.config.node_id,
+                          exc)
+                return self._refuse(vp.RefuseReason.GAP)
+            if end < msg.end_lsn:
+                self._cut(end)
+            m.vdl = m.epoch_start = end
             m.sealed = True
             self.store.save_manifest()
-        log.info("%s: sealed epoch %d at %s", self.config.node_id, m.epoch,
-                 format_lsn(msg.end_lsn))
+        log.info("%s: sealed epoch %d at %s (the end of log was %s)", self.config.node_id,
+                 m.epoch, format_lsn(end), format_lsn(msg.end_lsn))
         self.wake_readers()
         return self.state_message()
 
@@ -332,6 +375,16 @@ class StorageNode:
         finally:
             self.store.sync()
         m = self.store.manifest
+        if donor.timeline != m.timeline and not self.store.empty:
+            # Bytes past where our timeline and the donor's part are not its log, even
+            # where they matched no fetched byte (the donor may hold nothing past there).
+            split = divergence(self.store.timeline_entries(),
+                               parse_history(donor.timeline, history.decode()))
+            if split is not None and split < self.store.flush_lsn:
+                log.warning("%s: cutting the log at %s, where timeline %d parts from the "
+                            "donor's %d", self.config.node_id, format_lsn(split),
+                            m.timeline, donor.timeline)
+                self._cut(split)
         m.timeline, m.system_id = donor.timeline, donor.system_id or m.system_id
         if history:
             self.store.add_history(donor.timeline, history.decode())
@@ -394,17 +447,22 @@ class StorageNode:
         if donor.flush_lsn <= own.flush_lsn and donor.epoch == own.epoch:
             return False
         m = self.store.manifest
-        if not self.store.empty and donor.epoch > m.epoch:
-            # Our tail from an older epoch may differ from the donor's past the point
-            # where its epoch began; below it the log is common.
-            cut = min(self.store.flush_lsn, donor.epoch_start)
+        start = self.store.flush_lsn
+        if not self.store.empty and donor.timeline != m.timeline:
+            # Our tail may be another history's past the point where the timelines
+            # part: fetched again from the donor's epoch start and compared (the log
+            # is cut where it differs, and past the parting point; see _copy_from).
+            start = max(m.start_lsn, min(start, donor.epoch_start))
+        elif not self.store.empty and donor.epoch > m.epoch:
+            # Same timeline: below the VDL we saw the log is the quorum's (never cut);
+            # past it, our tail from an older epoch may not be the writer's.
+            cut = min(self.store.flush_lsn, max(donor.epoch_start, m.vdl))
             if cut < self.store.flush_lsn:
                 self._cut(cut)
+            start = self.store.flush_lsn
         if self.store.empty:
             start = donor.start_lsn
             self.store.begin_at(start)
-        else:
-            start = self.store.flush_lsn
         if start < donor.start_lsn:
             log.error("%s: no peer holds WAL from %s", self.config.node_id, format_lsn(start))
             return False
@@ -412,7 +470,7 @@ class StorageNode:
                  format_lsn(donor.flush_lsn), donor.node_id)
         peer = next(p for p in self.config.peers if p.node_id == donor.node_id)
         conn, _ = await PeerConnection.open(peer, self.config.secret)
-        before = self.store.flush_lsn
+        before = (self.store.flush_lsn, m.epoch, m.timeline)
         try:
             await self._copy_from(conn, donor, start, donor.flush_lsn)
         finally:
@@ -423,7 +481,8 @@ class StorageNode:
         self.store.save_manifest()
         self.counters.repairs += 1
         self.wake_readers()
-        return self.store.flush_lsn > before
+        # A cut at a parting point moves the flush back; the next round fetches onwards.
+        return (self.store.flush_lsn, m.epoch, m.timeline) != before
 
     async def repair_segment(self, segno: int) -> bool:
         """Replace a damaged segment range with a verified copy from a peer."""

@@ -335,6 +335,9 @@ class VolumeClient:
             case vp.Refuse(reason, epoch, flush):
                 if reason == vp.RefuseReason.STALE_EPOCH:
                     self._finish(f"fenced: {node_id} is in epoch {epoch}")
+                elif reason == vp.RefuseReason.BEHIND_VDL:
+                    self._finish(f"{vp.WRITER_BEHIND_VOLUME} ({node_id} refused epoch "
+                                 f"{self.epoch} at {format_lsn(self.writer_start)})")
                 else:
                     log.info("%s refused (%s at %s); reconnecting", node_id, reason.name,
                              format_lsn(flush))
@@ -379,6 +382,15 @@ class VolumeClient:
         flushes = [s.flush_lsn for s in states
                    if s.system_id in (0, self.system_id) and s.start_lsn]
         self.writer_start = xlogpos
+        durable = max((s.vdl for s in states if s.timeline == self.timeline and s.start_lsn),
+                      default=0)
+        if xlogpos < durable:
+            self._finish(f"{vp.WRITER_BEHIND_VOLUME}: the writer is at {format_lsn(xlogpos)}, "
+                         f"the volume's VDL at {format_lsn(durable)}")
+            for t in tasks:
+                t.cancel()
+            self._write_status()
+            return self.exit_reason
         self.stream_start = segment_start(stream_start_point(flushes, xlogpos))
         if self.history:
             # A promoted writer has this timeline's WAL only from the segment holding the

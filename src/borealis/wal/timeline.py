@@ -55,3 +55,18 @@ def switchpoint_of(entries: list[TimelineEntry], timeline: int) -> int | None:
         if entry.timeline == timeline:
             return entry.end
     raise KeyError(timeline)
+
+
+def divergence(held: list[TimelineEntry], incoming: list[TimelineEntry]) -> int | None:
+    """The first LSN that the two histories put on different timelines, None if they
+    agree everywhere. WAL held on ``held``'s timeline from that point on is not the
+    ``incoming`` timeline's log, even where it is byte for byte a valid record (a node
+    that missed a failover's fence holds the old writer's tail past the switchpoint).
+    """
+    points = sorted({0, *(e.begin for e in held), *(e.begin for e in incoming),
+                     *(e.end for e in held if e.end is not None),
+                     *(e.end for e in incoming if e.end is not None)})
+    for point in points:
+        if timeline_of_point(held, point) != timeline_of_point(incoming, point):
+            return point
+    return None

@@ -1,10 +1,15 @@
 """A sans-IO verifier of raw WAL: page headers and record CRC-32C.
 
-Feed it contiguous WAL bytes starting at a segment start; it walks the records the way
+Feed it contiguous WAL bytes starting at a segment (or page) start; it walks the records the way
 PostgreSQL's ``XLogReader`` does and reports how far the WAL is known good
 (``verified_end``: the end of the last complete record whose CRC matched). Damage is
 raised as :class:`WalCorruption` with the LSN of the bad page or record, so a storage
 node can re-fetch that range from a peer instead of serving it.
+
+It can also start at any page: the page header says how much of a record begun
+before it continues there (``xlp_rem_len``), so the walk skips that and finds the next
+record start. :func:`last_record_end` uses this to find where the last complete record
+before a position ends without reading the whole segment.
 
 Invariant: ``verified_end`` only grows, and every byte below it passed the checks.
 """
@@ -12,6 +17,7 @@ Invariant: ``verified_end`` only grows, and every byte below it passed the check
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import google_crc32c
 
@@ -81,19 +87,19 @@ def record_crc(record: bytes | memoryview) -> int:
 
 
 class WalVerifier:
-    """Walks records of a WAL stream fed in order from ``start_lsn`` (a segment start)."""
+    """Walks records of a WAL stream fed in order from ``start_lsn`` (a page start)."""
 
     def __init__(
         self, start_lsn: int, segment_size: int = SEGMENT_SIZE, system_id: int | None = None
     ) -> None:
-        if start_lsn % segment_size:
-            raise ValueError("verification starts at a segment start")
+        if start_lsn % PAGE_SIZE:
+            raise ValueError("verification starts at a page start")
         self.segment_size = segment_size
         self.system_id = system_id
         self._buf = bytearray()
         self._buf_lsn = start_lsn  # LSN of _buf[0]
         self._cursor = start_lsn  # next record start, or where the skipped continuation is
-        self._skip_contrecord = True  # at a segment start a continuation may come first
+        self._skip_contrecord = True  # at a page start a continuation may come first
         self._page_rem: dict[int, tuple[int, int]] = {}  # page lsn -> (info, rem_len)
         self.verified_end = start_lsn
         self.records = 0
@@ -229,3 +235,37 @@ class WalVerifier:
             self._buf_lsn = keep_from
             for page in [p for p in self._page_rem if p < keep_from]:
                 del self._page_rem[page]
+
+
+def last_record_end(
+    read: Callable[[int, int], bytes],
+    floor: int,
+    end: int,
+    segment_size: int = SEGMENT_SIZE,
+    system_id: int | None = None,
+    window: int = 64 * 1024,
+) -> int:
+    """Where the last complete record at or below ``end`` ends (padding included), in WAL
+    read with ``read(start, stop)`` and held from ``floor`` (a page start) on.
+
+    A writer flushes whole pages, so a log cut at its flush during a long transaction
+    usually ends inside a record; a promoted standby's timeline starts after the last
+    record it could replay, and no commit can end in a record that is not complete.
+    The walk starts a little before ``end`` and goes further back until a whole record
+    lies in it; ``floor`` is returned when none lies between ``floor`` and ``end``.
+    Raises :class:`WalCorruption` if the bytes walked are damaged.
+    """
+    if end <= floor:
+        return end
+    while True:
+        start = max(floor, (end - window) - (end - window) % PAGE_SIZE)
+        verifier = WalVerifier(start, segment_size, system_id)
+        verifier.feed(read(start, end))
+        if verifier.records or start == floor:
+            found = min(verifier.verified_end, end)
+            page = found - found % PAGE_SIZE
+            if found - page == header_size(page, segment_size):
+                found = page  # a bare page header: the record before ends at the page
+            assert floor <= found <= end
+            return found
+        window *= 4

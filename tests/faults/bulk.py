@@ -1,0 +1,127 @@
+"""A bulk load through the cluster endpoint: one long transaction the writer dies in.
+
+Kinds: ``insert`` (``INSERT ... SELECT`` of 2 KB rows), ``copy`` (``COPY FROM STDIN``
+streamed by the client), ``index`` (``CREATE INDEX`` on a table made beforehand). Each
+writes far more than a WAL segment, so the log the storage nodes hold when the writer is
+killed ends inside one of its records. The transaction never commits: afterwards none of
+its effects may be visible (:meth:`BulkLoad.assert_absent`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+
+from borealis.wal.lsn import parse_lsn
+
+KINDS = ("insert", "copy", "index")
+ROW = "x" * 2000
+
+
+class BulkLoad:
+    def __init__(self, dsn: str, kind: str, tag: str) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown bulk load {kind!r}; use one of {', '.join(KINDS)}")
+        self.dsn = dsn
+        self.kind = kind
+        self.table = f"bulk_{tag}"
+        self.index = f"bulk_{tag}_idx"
+        self.error: BaseException | None = None
+        self.finished = False
+        self._thread: threading.Thread | None = None
+        self._started_lsn = 0
+        self._pid = 0
+
+    def prepare(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {self.table}")
+            conn.execute(f"CREATE TABLE {self.table} (id bigint, payload text)")
+            if self.kind == "index":
+                conn.execute(f"INSERT INTO {self.table} SELECT g, md5(g::text) || "
+                             "md5((g * 7)::text) FROM generate_series(1, 400000) g")
+
+    def start(self) -> None:
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self._thread.start()
+        if not ready.wait(30):
+            raise AssertionError(f"the {self.kind} load did not start")
+
+    def _run(self, ready: threading.Event) -> None:
+        try:
+            with psycopg.connect(self.dsn, connect_timeout=10) as conn:
+                row = conn.execute("SELECT pg_backend_pid(), pg_current_wal_lsn()::text"
+                                   ).fetchone()
+                assert row is not None
+                self._pid, self._started_lsn = int(row[0]), parse_lsn(row[1])
+                ready.set()
+                if self.kind == "insert":
+                    conn.execute(f"INSERT INTO {self.table} SELECT g, repeat('x', 2000) "
+                                 "FROM generate_series(1, 3000000) g")
+                elif self.kind == "copy":
+                    with conn.cursor() as cur, cur.copy(f"COPY {self.table} FROM STDIN") as cp:
+                        for i in range(3_000_000):
+                            cp.write_row((i, ROW))
+                else:
+                    conn.execute(f"CREATE INDEX {self.index} ON {self.table} "
+                                 "(payload, id)")
+                conn.commit()
+                self.finished = True
+        except BaseException as exc:  # the writer is killed under it: expected
+            self.error = exc
+            ready.set()
+
+    def wait_mid_transaction(self, wal_bytes: int, timeout_s: float = 60) -> None:
+        """Until the load has written ``wal_bytes`` of WAL and is still running."""
+        deadline = time.monotonic() + timeout_s
+        with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
+            while time.monotonic() < deadline:
+                row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+                assert row is not None
+                if self.finished or self.error is not None:
+                    raise AssertionError(f"the {self.kind} load ended before the fault: "
+                                         f"{self.error!r}")
+                if parse_lsn(row[0]) - self._started_lsn >= wal_bytes:
+                    return
+                time.sleep(0.02)
+        raise AssertionError(f"the {self.kind} load wrote less than {wal_bytes} bytes "
+                             f"of WAL in {timeout_s} s")
+
+    def wait_flush_inside_a_record(self, timeout_s: float = 30) -> int:
+        """Until the writer's flush LSN stands on a page boundary (the WAL writer flushes
+        whole pages; a commit flushes to a record's end): the log the storage nodes hold
+        then ends inside one of the load's records, as it usually does when a writer
+        dies with no other commits running. Returns that flush LSN."""
+        deadline = time.monotonic() + timeout_s
+        with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
+            while time.monotonic() < deadline:
+                row = conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()
+                assert row is not None
+                flush = parse_lsn(row[0])
+                if flush % 8192 == 0 and flush > self._started_lsn:
+                    return flush
+                time.sleep(0.002)
+        raise AssertionError(f"no flush on a page boundary in {timeout_s} s")
+
+    def join(self, timeout_s: float = 60) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            assert not self._thread.is_alive(), f"the {self.kind} load is still running"
+
+    def assert_absent(self, dsn: str) -> None:
+        """The killed transaction left nothing behind."""
+        assert not self.finished, f"the {self.kind} load committed before the fault"
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+            if self.kind == "index":
+                row = conn.execute("SELECT count(*) FROM pg_class WHERE relname = %s",
+                                   (self.index,)).fetchone()
+                assert row is not None and row[0] == 0, "the unfinished index exists"
+                rows = conn.execute(f"SELECT count(*) FROM {self.table}").fetchone()
+                assert rows is not None and rows[0] == 400000
+            else:
+                rows = conn.execute(f"SELECT count(*) FROM {self.table}").fetchone()
+                assert rows is not None and rows[0] == 0, \
+                    f"{rows[0]} rows of the unfinished {self.kind} are visible"
+            conn.execute(f"DROP TABLE {self.table}")

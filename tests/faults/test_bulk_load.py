@@ -1,0 +1,68 @@
+"""A writer killed in the middle of a bulk load: the failover (or, with no reader, the
+writer's rebuild) always finishes, in seconds, and the half-done transaction is gone.
+
+The storage nodes hold the log up to where the writer flushed it, which during a long
+transaction lies inside a record; the end used for promotion is the end of the last
+complete record. Each round varies the load (INSERT, COPY, CREATE INDEX) and the moment
+of the kill (after 2 to 24 MiB of the load's WAL).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import pytest
+
+from tests.faults.bank import Bank
+from tests.faults.nemesis import RoundResult, run_round, table
+from tests.harness import Borealis, ClusterView, own_cluster
+
+MAX_DOWNTIME_S = 5.0
+
+
+def _rounds(view: ClusterView, faults: list[str], seed: int) -> list[RoundResult]:
+    endpoint = next(e for e in view.status()["endpoints"] if e["type"] == "WRITER")
+    bank = Bank(endpoint["dsn"], clients=2)
+    bank.create()
+    bank.start()
+    rng = random.Random(seed)
+    results: list[RoundResult] = []
+    try:
+        for fault in faults:
+            results.append(run_round(view, bank, fault, rng))
+    except Exception:
+        print(view.b.cli("events", view.name, check=False).stdout)  # what the cluster did
+        raise
+    finally:
+        bank.stop()
+        print("\n" + table(results) if results else "no round completed")
+    return results
+
+
+@pytest.fixture(scope="module")
+def bulk_cluster(borealis: Borealis) -> Iterator[ClusterView]:
+    with own_cluster(borealis, "bulk", readers=1) as view:
+        yield view
+
+
+def test_failover_in_the_middle_of_a_bulk_load(bulk_cluster: ClusterView) -> None:
+    results = _rounds(bulk_cluster, ["kill-writer-bulk:insert", "kill-writer-bulk:copy",
+                                     "kill-writer-bulk:index"], seed=11)
+    assert all(r.lost == 0 for r in results), table(results)
+    for r in results:
+        assert r.writer_after != r.writer_before, f"{r.fault}: the writer did not change"
+        assert r.downtime_s <= MAX_DOWNTIME_S, table(results)
+    events = bulk_cluster.b.cli("events", "bulk").stdout
+    assert "never finished are dropped" in events, events
+    assert "received the log only up to" not in events, events
+
+
+def test_writer_rebuilt_in_the_middle_of_a_bulk_load(borealis: Borealis) -> None:
+    with own_cluster(borealis, "bulksolo", readers=0) as view:
+        results = _rounds(view, ["kill-writer-bulk:copy"], seed=5)
+        events = borealis.cli("events", "bulksolo").stdout
+    r = results[0]
+    assert r.lost == 0 and r.writer_after == r.writer_before, table(results)
+    assert "from the base image" in events, events
+    assert "never finished are dropped" in events, events
