@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -378,3 +379,46 @@ def test_malformed_data_api_requests_get_aws_errors(cluster: ClusterView, body: 
     assert status == 400
     assert headers["x-amzn-ErrorType"] == "BadRequestException"
     assert "message" in json.loads(answer) and b"Traceback" not in answer
+
+
+@pytest.mark.parametrize("bad", ["..", "/etc", "", "a" * 64, "r\u00e9plica", "a--b"])
+def test_odd_identifiers_are_refused_everywhere_and_change_nothing(cluster: ClusterView,
+                                                                   bad: str) -> None:
+    b = cluster.b
+    home_before = sorted(p.relative_to(b.home) for p in (b.home / "clusters").rglob("*")
+                         if "instances" in p.parts and p.is_dir() and len(p.parts) < 20)
+    quoted = urllib.parse.quote(bad, safe="")
+    for action, field in [("CreateDBInstance", "DBInstanceIdentifier"),
+                          ("CreateDBClusterEndpoint", "DBClusterEndpointIdentifier"),
+                          ("CreateDBClusterSnapshot", "DBClusterSnapshotIdentifier"),
+                          ("CreateDBCluster", "DBClusterIdentifier")]:
+        body = (f"Action={action}&Version=2014-10-31&{field}={quoted}&DBClusterIdentifier="
+                f"{'shared' if field != 'DBClusterIdentifier' else quoted}&Engine={ENGINE}"
+                "&DBInstanceClass=db.r6g.large&EndpointType=READER").encode()
+        status, _, answer = raw(b, "/", body, "application/x-www-form-urlencoded", "rds")
+        assert status == 400, (action, answer)
+        assert b"<Code>InvalidParameterValue</Code>" in answer or \
+            b"<Code>MissingParameter</Code>" in answer, (action, answer)
+    # The CLI's own routes, and the CLI itself.
+    for args in (["up", "--cluster", bad], ["destroy", bad],
+                 ["snapshot", "create", "shared", bad]):
+        if not bad and args[0] == "destroy":
+            continue
+        proc = b.cli(*args, check=False)
+        assert proc.returncode != 0, args
+        assert "Traceback" not in proc.stderr, proc.stderr
+    home_after = sorted(p.relative_to(b.home) for p in (b.home / "clusters").rglob("*")
+                        if "instances" in p.parts and p.is_dir() and len(p.parts) < 20)
+    assert home_after == home_before
+    assert Path("/etc/passwd").exists()
+
+
+def test_deletion_protection_holds_on_every_path(cluster: ClusterView) -> None:
+    rds = cluster.b.client("rds")
+    rds.modify_db_cluster(DBClusterIdentifier="shared", DeletionProtection=True)
+    try:
+        proc = cluster.b.cli("destroy", "shared", check=False)
+        assert proc.returncode != 0 and "DeletionProtection" in proc.stderr + proc.stdout
+        assert cluster.status()["status"] == "available"
+    finally:
+        rds.modify_db_cluster(DBClusterIdentifier="shared", DeletionProtection=False)

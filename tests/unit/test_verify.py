@@ -117,9 +117,14 @@ def test_switch_padding_fed_later_counts_up_to_the_next_segment() -> None:
 
 def _expected_record_end(b: WalBuilder, cut: int) -> int:
     """The end of the last whole record at or below ``cut``: padded if the padding is
-    there too, the bare end otherwise; the stream's start if no record is whole."""
+    there too, the bare end otherwise; the stream's start if no record is whole. After
+    an XLOG_SWITCH the zeros to the segment's end count with it."""
     ends = [e for e in b.record_ends if e <= cut]
     ends += [d for d in b.record_data_ends if d <= cut]
+    for end in b.switch_ends:
+        next_segment = end - end % SEG + SEG if end % SEG else end
+        if end <= cut:
+            ends.append(min(cut, next_segment))
     return max(ends, default=b.start)
 
 
@@ -127,11 +132,13 @@ def _expected_record_end(b: WalBuilder, cut: int) -> int:
     sizes=st.lists(st.integers(0, 40000), min_size=1, max_size=12),
     cut_at=st.floats(0, 1),
     window=st.sampled_from([8192, 16384, 65536]),
+    switch_at=st.one_of(st.none(), st.integers(0, 11)),
 )
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=120, deadline=None)
 def test_last_record_end_is_where_the_last_whole_record_ends(sizes: list[int], cut_at: float,
-                                                            window: int) -> None:
-    b = build(sizes)
+                                                            window: int,
+                                                            switch_at: int | None) -> None:
+    b = build(sizes, switch_at)
     data = bytes(b.out)
     cut = b.start + int(len(data) * cut_at)
 

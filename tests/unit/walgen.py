@@ -28,6 +28,7 @@ class WalBuilder:
         self.record_starts: list[int] = []
         self.record_ends: list[int] = []
         self.record_data_ends: list[int] = []  # without the alignment padding
+        self.switch_ends: list[int] = []  # XLOG_SWITCH records' ends
 
     @property
     def pos(self) -> int:
@@ -74,6 +75,7 @@ class WalBuilder:
     def switch(self) -> int:
         """An XLOG_SWITCH record; the rest of the segment is zeros without page headers."""
         end = self.record(b"", rmid=0, info=0x40)
+        self.switch_ends.append(end)
         next_seg = end - end % self.segment_size + self.segment_size
         if end % self.segment_size == 0:
             next_seg = end

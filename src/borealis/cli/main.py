@@ -34,6 +34,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from borealis import identifiers
 from borealis.api import identity
 from borealis.api.times import format_time
 from borealis.control.processes import alive
@@ -517,11 +518,29 @@ def wait(rds: Any, waiter: str, **params: Any) -> None:
         raise CliError(f"{waiter.replace('_', ' ')}: {error}") from None
 
 
+def _name(what: str, check: Callable[[object, str], str]) -> Callable[[str], str]:
+    """An argument that names something, checked as every entry point checks it."""
+    def convert(value: str) -> str:
+        try:
+            return check(value, what)
+        except identifiers.BadIdentifier as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = what  # argparse names the argument's type in its errors
+    return convert
+
+
+CLUSTER = _name("cluster name", identifiers.identifier)
+INSTANCE = _name("instance id", identifiers.identifier)
+ENDPOINT = _name("endpoint name", identifiers.identifier)
+SNAPSHOT = _name("snapshot name", identifiers.identifier)
+SECRET = _name("secret name", lambda value, _what: identifiers.secret_name(value))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="borealis", description="Aurora-style PostgreSQL clusters")
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start (or create) a cluster and the control plane")
-    up.add_argument("--cluster", default="demo")
+    up.add_argument("--cluster", default="demo", type=CLUSTER)
     up.add_argument("--readers", type=int, default=None)
     up.set_defaults(func=cmd_up)
     st = sub.add_parser("status", help="clusters, instances, storage nodes")
@@ -529,24 +548,25 @@ def parser() -> argparse.ArgumentParser:
     st.set_defaults(func=cmd_status)
     sub.add_parser("down", help="stop everything, keep the data").set_defaults(func=cmd_down)
     de = sub.add_parser("destroy", help="stop a cluster and delete its data")
-    de.add_argument("name")
+    de.add_argument("name", type=CLUSTER)
     de.set_defaults(func=cmd_destroy)
     ev = sub.add_parser("events", help="what happened to a cluster, and when")
-    ev.add_argument("cluster")
+    ev.add_argument("cluster", type=CLUSTER)
     ev.add_argument("--days", type=float, default=14, help="how far back (default 14)")
     ev.set_defaults(func=cmd_events)
     fo = sub.add_parser("failover", help="promote a reader to writer now (fences the old one)")
-    fo.add_argument("cluster")
-    fo.add_argument("--target", default=None, help="the reader to promote (default: by "
-                    "promotion tier, then replay position)")
+    fo.add_argument("cluster", type=CLUSTER)
+    fo.add_argument("--target", default=None, type=INSTANCE,
+                    help="the reader to promote (default: by promotion tier, then replay "
+                    "position)")
     fo.set_defaults(func=cmd_failover)
     sub.add_parser("credentials", help="shell exports for boto3 and the AWS CLI "
                    "(eval \"$(borealis credentials)\")").set_defaults(func=cmd_credentials)
     sec = sub.add_parser("secret", help="database credentials for the Data API")
     ssub = sec.add_subparsers(dest="secret_command", required=True)
     sc = ssub.add_parser("create", help="store a user and password under an ARN")
-    sc.add_argument("name")
-    sc.add_argument("--cluster", required=True)
+    sc.add_argument("name", type=SECRET)
+    sc.add_argument("--cluster", required=True, type=CLUSTER)
     sc.add_argument("--user", default=None, help="default: the master user (created when "
                     "it does not exist)")
     sc.add_argument("--password", default=None)
@@ -555,18 +575,18 @@ def parser() -> argparse.ArgumentParser:
     sl.add_argument("--json", action="store_true")
     sl.set_defaults(func=cmd_secret_list)
     sd = ssub.add_parser("delete", help="forget a secret (the database user stays)")
-    sd.add_argument("name")
+    sd.add_argument("name", type=SECRET)
     sd.set_defaults(func=cmd_secret_delete)
     bk = sub.add_parser("backup", help="continuous backup")
     bsub = bk.add_subparsers(dest="backup_command", required=True)
     bs = bsub.add_parser("status", help="restorable window, base images, WAL archived, "
                          "verification")
-    bs.add_argument("cluster")
+    bs.add_argument("cluster", type=CLUSTER)
     bs.add_argument("--json", action="store_true")
     bs.add_argument("--no-verify", action="store_true", help="skip checking every object")
     bs.set_defaults(func=cmd_backup_status)
     rs = sub.add_parser("restore", help="a new cluster from a cluster's backups")
-    rs.add_argument("cluster")
+    rs.add_argument("cluster", type=CLUSTER)
     when = rs.add_mutually_exclusive_group(required=True)
     when.add_argument("--to-time", help="ISO 8601, e.g. 2026-11-23T04:55:00.250Z (UTC "
                       "without a zone)")
@@ -574,63 +594,65 @@ def parser() -> argparse.ArgumentParser:
     new_cluster_args(rs)
     rs.set_defaults(func=cmd_restore)
     cl = sub.add_parser("clone", help="a new cluster with a cluster's current state")
-    cl.add_argument("cluster")
+    cl.add_argument("cluster", type=CLUSTER)
     new_cluster_args(cl)
     cl.set_defaults(func=cmd_clone)
     bt = sub.add_parser("backtrack", help="rewind a cluster in place to a time in its "
                         "backtrack window")
-    bt.add_argument("cluster")
+    bt.add_argument("cluster", type=CLUSTER)
     bt.add_argument("--to-time", required=True, help="ISO 8601, e.g. 2026-11-23T04:55:00Z")
     bt.set_defaults(func=cmd_backtrack)
     sn = sub.add_parser("snapshot", help="named restore points, kept until deleted")
     snsub = sn.add_subparsers(dest="snapshot_command", required=True)
     snc = snsub.add_parser("create", help="take a snapshot of a cluster now")
-    snc.add_argument("cluster")
-    snc.add_argument("name")
+    snc.add_argument("cluster", type=CLUSTER)
+    snc.add_argument("name", type=SNAPSHOT)
     snc.set_defaults(func=cmd_snapshot_create)
     snl = snsub.add_parser("list", help="snapshots")
     snl.add_argument("--json", action="store_true")
     snl.set_defaults(func=cmd_snapshot_list)
     snd = snsub.add_parser("delete", help="delete a snapshot")
-    snd.add_argument("name")
+    snd.add_argument("name", type=SNAPSHOT)
     snd.set_defaults(func=cmd_snapshot_delete)
     snr = snsub.add_parser("restore", help="a new cluster from a snapshot")
-    snr.add_argument("name")
+    snr.add_argument("name", type=SNAPSHOT)
     new_cluster_args(snr)
     snr.set_defaults(func=cmd_snapshot_restore)
     inst = sub.add_parser("instance", help="add or remove instances")
     isub = inst.add_subparsers(dest="instance_command", required=True)
     add = isub.add_parser("add", help="add an instance (a reader; the writer when the "
                           "cluster has none)")
-    add.add_argument("cluster")
+    add.add_argument("cluster", type=CLUSTER)
     add.add_argument("--az", default=None)
     add.add_argument("--tier", type=int, default=1)
-    add.add_argument("--id", default=None, help="instance identifier (default: <cluster>-<n>)")
+    add.add_argument("--id", default=None, type=INSTANCE,
+                     help="instance identifier (default: <cluster>-<n>)")
     add.set_defaults(func=cmd_instance_add)
     rm = isub.add_parser("remove", help="remove a reader")
-    rm.add_argument("id")
+    rm.add_argument("id", type=INSTANCE)
     rm.set_defaults(func=cmd_instance_remove)
     ep = sub.add_parser("endpoint", help="custom endpoints")
     esub = ep.add_subparsers(dest="endpoint_command", required=True)
     for verb, func in (("create", cmd_endpoint_create), ("modify", cmd_endpoint_modify)):
         e = esub.add_parser(verb, help=f"{verb} a custom endpoint")
-        e.add_argument("name")
+        e.add_argument("name", type=ENDPOINT)
         if verb == "create":
-            e.add_argument("--cluster", required=True)
+            e.add_argument("--cluster", required=True, type=CLUSTER)
         e.add_argument("--type", choices=["READER", "ANY"],
                        default="ANY" if verb == "create" else None)
         members = e.add_mutually_exclusive_group()
-        members.add_argument("--static", nargs="+", metavar="ID", default=None)
-        members.add_argument("--excluded", nargs="+", metavar="ID", default=None)
+        members.add_argument("--static", nargs="+", metavar="ID", default=None, type=INSTANCE)
+        members.add_argument("--excluded", nargs="+", metavar="ID", default=None,
+                             type=INSTANCE)
         e.set_defaults(func=func)
     de = esub.add_parser("delete", help="delete a custom endpoint")
-    de.add_argument("name")
+    de.add_argument("name", type=ENDPOINT)
     de.set_defaults(func=cmd_endpoint_delete)
     return p
 
 
 def new_cluster_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--new-cluster", required=True, help="the cluster to create")
+    p.add_argument("--new-cluster", required=True, type=CLUSTER, help="the cluster to create")
     p.add_argument("--readers", type=int, default=0, help="readers besides its writer")
 
 

@@ -259,8 +259,14 @@ def last_record_end(
         return end
     while True:
         start = max(floor, (end - window) - (end - window) % PAGE_SIZE)
+        data = read(start, end)
+        if start > floor and not any(data[:PAGE_SIZE]):
+            # The zeros after an XLOG_SWITCH record carry no page headers: the walk
+            # starts before that record.
+            window *= 4
+            continue
         verifier = WalVerifier(start, segment_size, system_id)
-        verifier.feed(read(start, end))
+        verifier.feed(data)
         if verifier.records or start == floor:
             found = min(verifier.verified_end, end)
             page = found - found % PAGE_SIZE
