@@ -168,7 +168,7 @@ def _kill_in_bulk_load(st: dict[str, Any], writer: dict[str, Any], rng: random.R
     load = BulkLoad(dsn, kind or rng.choice(KINDS), f"{os.getpid()}_{rng.randrange(10**6)}")
     load.prepare()
     load.start()
-    load.wait_mid_transaction(rng.randrange(2 << 20, 24 << 20))
+    load.wait_mid_transaction(rng.randrange(2 << 20, (8 if load.kind == "index" else 24) << 20))
     if bank is not None:
         bank.hold()
     try:

@@ -11,8 +11,12 @@ import asyncio
 import json
 import os
 import signal
+import socket
+import struct
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -155,3 +159,78 @@ def test_a_node_frozen_across_a_backtrack(frozen: ClusterView) -> None:
     assert row == (0, 50)
     assert_one_history(frozen, switchpoint(frozen))
     assert_readers_agree(frozen)
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_a_node_frozen_under_load_costs_bounded_memory(frozen: ClusterView) -> None:
+    """A node that stops reading is dropped by the volume client, not buffered for:
+    hundreds of MiB of WAL later its memory is still bounded, and commits never stop."""
+    frozen.wait_all_serving(120)
+    dsn = writer_dsn(frozen)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS ballast (id int, pad text)")
+        start = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    assert start is not None
+    client_pid = int(frozen.status()["volume_client"]["pid"])
+    peak = [rss_mib(client_pid)]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.1):
+            peak.append(rss_mib(client_pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    pid = freeze(frozen, "sn-a2")
+    sampler.start()
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=30) as conn:
+            for _ in range(3):  # about 390 MiB of WAL, 3 commits
+                conn.execute("INSERT INTO ballast SELECT g, repeat(md5(g::text), 40) "
+                             "FROM generate_series(1, 100000) g")
+            end = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    finally:
+        done.set()
+        sampler.join(5)
+        thaw(pid)
+    assert end is not None
+    written = (parse_lsn(end[0]) - parse_lsn(start[0])) / (1 << 20)
+    print(f"volume client: {peak[0]:.0f} MiB before, {max(peak):.0f} MiB at most while "
+          f"{written:.0f} MiB of WAL passed with a node frozen")
+    assert written > 320, f"only {written:.0f} MiB of WAL written"
+    assert max(peak) < 256, f"the volume client grew to {max(peak):.0f} MiB"
+    frozen.wait_nodes_caught_up(120)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE ballast")
+
+
+def test_an_unauthenticated_client_cannot_make_a_node_hold_a_gigabyte(
+        frozen: ClusterView) -> None:
+    node = frozen.node("sn-b1")
+    config = json.loads((frozen.node_dir("sn-b1") / "node.json").read_text())
+    before = rss_mib(int(node["pid"]))
+    body = b"user\0replicator\0replication\0true\0\0"
+    startup = struct.pack(">ii", 8 + len(body), 196608) + body
+    for port, packet in ((config["pg_port"], startup + b"p" + struct.pack(">i", 1 << 30)),
+                         (config["port"], struct.pack(">BI", 1, 32 << 20))):
+        # Refused at the header, at once: not after buffering, nor at a timeout.
+        with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+            closed = False
+            try:
+                sock.sendall(packet)
+                sock.sendall(bytes(1 << 20))  # the start of the "message"
+                while sock.recv(65536):
+                    pass
+                closed = True
+            except ConnectionError:
+                closed = True  # reset: the node closed it with our bytes unread
+            except TimeoutError:
+                pass
+            assert closed, f"port {port} kept the connection"
+    assert rss_mib(int(node["pid"])) < before + 64
+    wait_for("the node to serve on", lambda: frozen.node("sn-b1")["state"] == "serving", 10)

@@ -4,6 +4,8 @@ configured only with what ``borealis credentials`` prints."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,6 +25,10 @@ from botocore.exceptions import ClientError
 from tests.harness import Borealis, ClusterView, wait_for
 
 WAIT = {"Delay": 1, "MaxAttempts": 180}
+# Passwords are data: libpq would read an unquoted backslash as an escape and a quote as
+# the start of a quoted value.
+FIRST_PASSWORD = "pw\\li'fe-123"
+NEW_PASSWORD = "'n\\ew'pass-9\\"
 ENGINE = "aurora-postgresql"
 
 
@@ -43,7 +49,7 @@ def test_cluster_lifecycle_with_boto3(cluster: ClusterView) -> None:
                               MasterUserPassword="pw-life-123", StorageEncrypted=True)
     assert error_code(unsupported) == "NotImplemented"  # refused, not silently ignored
     created = rds.create_db_cluster(DBClusterIdentifier="Life", Engine=ENGINE,
-                                    MasterUsername="owner", MasterUserPassword="pw-life-123",
+                                    MasterUsername="owner", MasterUserPassword=FIRST_PASSWORD,
                                     DeletionProtection=True,
                                     Tags=[{"Key": "team", "Value": "storage"}])
     assert created["DBCluster"]["Status"] == "creating"
@@ -73,8 +79,8 @@ def test_cluster_lifecycle_with_boto3(cluster: ClusterView) -> None:
     assert {m["DBInstanceIdentifier"]: m["PromotionTier"]
             for m in cluster["DBClusterMembers"]} == {"life-a": 1, "life-b": 0}
     port = cluster["Port"]
-    conninfo = {"port": port, "user": "owner", "password": "pw-life-123", "dbname": "postgres",
-                "connect_timeout": 30}
+    conninfo = {"port": port, "user": "owner", "password": FIRST_PASSWORD,
+                "dbname": "postgres", "connect_timeout": 30}
     with psycopg.connect(host=cluster["Endpoint"], autocommit=True, **conninfo) as conn:
         conn.execute("CREATE TABLE t (id int)")
         conn.execute("INSERT INTO t VALUES (1)")
@@ -92,6 +98,18 @@ def test_cluster_lifecycle_with_boto3(cluster: ClusterView) -> None:
               "secretArn": cluster["MasterUserSecret"]["SecretArn"]}
     count = "SELECT count(*) FROM t"
     assert data.execute_statement(sql=count, **target)["records"] == [[{"longValue": 1}]]
+
+    # A new password with a backslash and a quote: supervision, the volume client (made
+    # to log in again) and the failover below keep working.
+    rds.modify_db_cluster(DBClusterIdentifier="life", MasterUserPassword=NEW_PASSWORD,
+                          ApplyImmediately=True)
+    conninfo["password"] = NEW_PASSWORD
+    life = ClusterView(borealis, "life")
+    os.kill(life.status()["volume_client"]["pid"], signal.SIGKILL)
+    with psycopg.connect(host=cluster["Endpoint"], autocommit=True, **conninfo) as conn:
+        conn.execute("INSERT INTO t VALUES (2)")  # commits need the new volume client
+    with psycopg.connect(host=cluster["Endpoint"], autocommit=True, **conninfo) as conn:
+        conn.execute("DELETE FROM t WHERE id = 2")
 
     # Fail over to the chosen reader.
     failing = rds.failover_db_cluster(DBClusterIdentifier="life",

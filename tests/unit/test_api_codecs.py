@@ -237,3 +237,24 @@ def test_fields() -> None:
         "stringValue": "2026-01-02 03:04:05.12"}
     assert data_codec.field([[1], [2]]) == {"arrayValue": {"arrayValues": [
         {"longValues": [1]}, {"longValues": [2]}]}}
+
+
+@pytest.mark.timeout(20)
+def test_a_request_with_thousands_of_filters_parses_in_linear_time() -> None:
+    """8,000 fields (550 KB) took 51 s when every list item scanned every key."""
+    from borealis.api.server import RDS_MODEL
+    n = 4000
+    body = ("Action=DescribeDBClusters&Version=2014-10-31&" + "&".join(
+        f"Filters.Filter.{i}.Name=db-cluster-id&Filters.Filter.{i}.Values.Value.1=c{i}"
+        for i in range(1, n + 1))).encode()
+    _, params = query_codec.parse_request(RDS_MODEL, query_codec.parse_form(body))
+    assert len(params["Filters"]) == n
+    assert params["Filters"][-1] == {"Name": "db-cluster-id", "Values": [f"c{n}"]}
+
+
+def test_a_request_with_too_many_fields_is_refused() -> None:
+    body = b"Action=DescribeDBClusters&Version=2014-10-31&" + b"&".join(
+        b"x%d=1" % i for i in range(query_codec.MAX_FIELDS + 5))
+    with pytest.raises(ApiError) as refused:
+        query_codec.parse_form(body)
+    assert refused.value.code == "InvalidParameterValue"

@@ -131,3 +131,35 @@ def test_volume_frames_round_trip(msgs: list[vp.VolumeMessage], cuts: list[int])
 def test_volume_reader_refuses_garbage(garbage: bytes) -> None:
     with pytest.raises(vp.VolumeProtocolError):
         vp.FrameReader().feed(garbage)
+
+
+def test_before_authentication_a_message_is_a_password_at_most() -> None:
+    """A client that has not authenticated cannot make a node buffer a gigabyte: the
+    length header alone is refused."""
+    parser = pw.FrontendParser()
+    parser.feed(_startup({"user": "r", "replication": "true"}))
+    with pytest.raises(pw.ProtocolViolation):
+        parser.feed(b"p" + struct.pack(">i", 1 << 30))
+    parser = pw.FrontendParser()
+    parser.feed(_startup({"user": "r", "replication": "true"}))
+    parser.max_message = pw.MAX_MESSAGE  # authenticated: standby-sized messages pass
+    assert parser.feed(b"Q" + struct.pack(">i", 4 + 20000) + b"x" * 19999 + b"\0")
+    with pytest.raises(pw.ProtocolViolation):
+        parser.feed(b"d" + struct.pack(">i", 1 << 30))
+
+
+def test_a_startup_key_that_is_not_utf8_is_not_a_crash() -> None:
+    body = b"us\xffer\0r\0\0"
+    packet = struct.pack(">ii", 8 + len(body), pw.PROTOCOL_3) + body
+    (startup,) = pw.FrontendParser().feed(packet)
+    assert isinstance(startup, pw.Startup)
+
+
+def test_the_first_volume_frame_is_bounded_before_the_hello_is_checked() -> None:
+    reader = vp.FrameReader(first_frame_max=vp.MAX_FIRST_FRAME)
+    with pytest.raises(vp.VolumeProtocolError):
+        reader.feed(struct.pack(">BI", 3, 64 << 20))
+    reader = vp.FrameReader(first_frame_max=vp.MAX_FIRST_FRAME)
+    hello = b"".join(vp.encode_parts(vp.Hello("s", "volume-client")))
+    append = b"".join(vp.encode_parts(vp.Append(1, 0, 0, b"x" * 100_000)))
+    assert len(reader.feed(hello + append)) == 2  # after the Hello, appends are large

@@ -3,7 +3,9 @@ service model (the same model boto3 and the AWS CLI serialize and parse with).
 
 Invariants: a request either parses completely into the operation's input shape or
 raises ``ApiError`` naming the offending field; a response is built only from members
-the output shape defines, so whatever botocore can parse we can write.
+the output shape defines, so whatever botocore can parse we can write. Parsing takes
+time linear in the request (every field's prefixes are indexed once) and a request has
+at most ``MAX_FIELDS`` fields: a large body never holds up the control plane's loop.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from botocore.model import OperationModel, ServiceModel, Shape
 from borealis.api.errors import ApiError
 from borealis.api.times import format_time, parse_time
 
+MAX_FIELDS = 10_000
+
 
 def parse_form(body: bytes) -> dict[str, str]:
     try:
@@ -28,9 +32,29 @@ def parse_form(body: bytes) -> dict[str, str]:
     except UnicodeDecodeError:
         raise ApiError("MalformedQueryString", "the request body is not UTF-8") from None
     fields: dict[str, str] = {}
-    for key, value in urllib.parse.parse_qsl(text, keep_blank_values=True):
+    try:
+        pairs = urllib.parse.parse_qsl(text, keep_blank_values=True,
+                                       max_num_fields=MAX_FIELDS)
+    except ValueError:
+        raise ApiError("InvalidParameterValue",
+                       f"the request has more than {MAX_FIELDS} parameters") from None
+    for key, value in pairs:
         fields[key] = value
     return fields
+
+
+class _Fields(dict[str, str]):
+    """The request's fields, with every dotted prefix of their names indexed once
+    (``Filters.Filter.1.Name`` gives ``Filters``, ``Filters.Filter``, ...)."""
+
+    def __init__(self, fields: Mapping[str, str]) -> None:
+        super().__init__(fields)
+        self.prefixes: set[str] = set()
+        for key in fields:
+            at = key.find(".")
+            while at != -1:
+                self.prefixes.add(key[:at])
+                at = key.find(".", at + 1)
 
 
 def parse_request(model: ServiceModel, fields: Mapping[str, str]
@@ -46,7 +70,7 @@ def parse_request(model: ServiceModel, fields: Mapping[str, str]
         raise ApiError("InvalidParameterValue",
                        f"Version must be {model.api_version}, not {version!r}")
     op = model.operation_model(action)
-    params = {k: v for k, v in fields.items() if k not in ("Action", "Version")}
+    params = _Fields({k: v for k, v in fields.items() if k not in ("Action", "Version")})
     if op.input_shape is None:
         return op, {}
     used: set[str] = set()
@@ -62,6 +86,8 @@ def _name(shape: Shape, default: str) -> str:
 
 
 def _has_prefix(params: Mapping[str, str], prefix: str) -> bool:
+    if isinstance(params, _Fields):
+        return prefix in params or prefix in params.prefixes
     return prefix in params or any(k.startswith(prefix + ".") for k in params)
 
 
@@ -109,9 +135,11 @@ def _parse_list(shape: Shape, params: Mapping[str, str], prefix: str,
     while _has_prefix(params, f"{base}.{i}"):
         items.append(_parse(shape.member, params, f"{base}.{i}", used))
         i += 1
-    stray = [k for k in params if k.startswith(prefix + ".") and k not in used]
-    if stray and not items:
-        raise ApiError("InvalidParameterValue", f"{stray[0]}: list items are numbered from 1")
+    if not items:
+        stray = [k for k in params if k.startswith(prefix + ".") and k not in used]
+        if stray:
+            raise ApiError("InvalidParameterValue",
+                           f"{stray[0]}: list items are numbered from 1")
     return items
 
 

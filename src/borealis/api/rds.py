@@ -776,7 +776,7 @@ def check_engine(p: dict[str, Any]) -> None:
 
 def check_password(password: str) -> None:
     if not 8 <= len(password) <= 128 or any(ch in '/"@ ' or not ch.isprintable()
-                                            for ch in password):
+                                            or not ch.isascii() for ch in password):
         raise ApiError("InvalidParameterValue", "The parameter MasterUserPassword is not a "
                        "valid password: 8-128 printable ASCII characters other than '/', "
                        "'\"', '@' and space.")

@@ -145,6 +145,12 @@ def initdb(bindir: Path, datadir: Path, superuser: str, password: str, run_as: R
         f.write(f"\ninclude_if_exists = '{CONF_NAME}'\n")
 
 
+def conf_string(value: str) -> str:
+    """A string setting as postgresql.conf reads it back: backslashes are escapes there,
+    and a quote is doubled."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
 @dataclass
 class ServerSettings:
     port: int
@@ -199,7 +205,7 @@ class ServerSettings:
         if self.role == "writer":
             s["primary_conninfo"] = "''"
         else:
-            s["primary_conninfo"] = "'" + self.primary_conninfo.replace("'", "''") + "'"
+            s["primary_conninfo"] = conf_string(self.primary_conninfo)
         for key, value in (self.extra or {}).items():
             s[key] = value
         body = "".join(f"{k} = {v}\n" for k, v in s.items())

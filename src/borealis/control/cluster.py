@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 
 from borealis.backup import catalog
 from borealis.backup.store import open_store
@@ -293,9 +294,10 @@ class ClusterRuntime:
         epoch = self.state.next_epoch(self.name)
         directory = self.volume_dir()
         directory.mkdir(parents=True, exist_ok=True)
-        conninfo = (f"host=127.0.0.1 port={writer.port} user={c.master_user} "
-                    f"password={c.master_password} dbname=replication replication=true "
-                    f"application_name=borealis_volume sslmode=disable connect_timeout=5")
+        conninfo = make_conninfo(host="127.0.0.1", port=writer.port, user=c.master_user,
+                                 password=c.master_password, dbname="replication",
+                                 replication="true", application_name="borealis_volume",
+                                 sslmode="disable", connect_timeout=5)
         config = {
             "cluster": self.name, "epoch": epoch, "writer_conninfo": conninfo,
             "nodes": [{"node_id": n.id, "host": "127.0.0.1", "port": n.port}
@@ -329,8 +331,9 @@ class ClusterRuntime:
 
     def dsn(self, inst: Instance, dbname: str = "postgres") -> str:
         c = self.cluster
-        return (f"host=127.0.0.1 port={inst.port} user={c.master_user} "
-                f"password={c.master_password} dbname={dbname}")
+        # Quoted by libpq's rules: a password is data, whatever characters it holds.
+        return make_conninfo(host="127.0.0.1", port=inst.port, user=c.master_user,
+                             password=c.master_password, dbname=dbname)
 
     def server_settings(self, inst: Instance) -> pg.ServerSettings:
         s = pg.ServerSettings(port=inst.port, role=inst.role,
@@ -345,10 +348,10 @@ class ClusterRuntime:
 
     def node_conninfo(self, node: StorageNodeRow, application_name: str) -> str:
         """How a hot standby streams this volume's WAL from ``node``."""
-        return (f"host=127.0.0.1 port={node.pg_port} user={REPLICATION_USER} "
-                f"password={self.cluster.replication_password} "
-                f"application_name={application_name} "
-                "sslmode=disable gssencmode=disable connect_timeout=5")
+        return make_conninfo(host="127.0.0.1", port=node.pg_port, user=REPLICATION_USER,
+                             password=self.cluster.replication_password,
+                             application_name=application_name, sslmode="disable",
+                             gssencmode="disable", connect_timeout=5)
 
     def answering_nodes(self) -> list[StorageNodeRow]:
         """Storage nodes that run and answer (not found frozen or cut off)."""

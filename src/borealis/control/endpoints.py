@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from psycopg.conninfo import make_conninfo
+
 from borealis.control import processes
 from borealis.control.cluster import ClusterError, ClusterRuntime, _write_private
 from borealis.control.state import EndpointRow
@@ -169,8 +171,8 @@ class ClusterEndpoints:
             out.append({
                 "name": spec.name, "type": spec.type, "host": spec.host, "port": spec.port,
                 "members": [b.id for b in members(spec, backends)],
-                "dsn": (f"host={spec.host} port={spec.port} user={c.master_user} "
-                        f"password={c.master_password} dbname=postgres"),
+                "dsn": make_conninfo(host=spec.host, port=spec.port, user=c.master_user,
+                                     password=c.master_password, dbname="postgres"),
                 "custom_type": row.custom_type, "static": row.static,
                 "excluded": row.excluded,
                 "metrics": {k: m.get(k, 0) for k in ("active", "total", "bytes_in",

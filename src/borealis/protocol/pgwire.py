@@ -18,7 +18,10 @@ SSL_REQUEST = 80877103
 GSSENC_REQUEST = 80877104
 CANCEL_REQUEST = 80877102
 MAX_STARTUP = 10_000
-MAX_MESSAGE = 1 << 30
+# A standby sends short commands, status updates and feedback; nothing near this. Before
+# it has authenticated, a message is a password: a few hundred bytes at most.
+MAX_MESSAGE = 1 << 20
+MAX_UNAUTHENTICATED = 8192
 
 TEXT_OID = 25
 INT4_OID = 23
@@ -93,6 +96,9 @@ class FrontendParser:
     def __init__(self) -> None:
         self._buf = bytearray()
         self._in_startup = True
+        # Raised by the server once the client has authenticated: until then no message
+        # may ask it to hold more than a password's worth of bytes.
+        self.max_message = MAX_UNAUTHENTICATED
 
     def feed(self, data: bytes) -> list[FrontendEvent]:
         self._buf += data
@@ -110,7 +116,7 @@ class FrontendParser:
             return None
         kind = bytes(self._buf[:1])
         (length,) = struct.unpack_from(">i", self._buf, 1)
-        if length < 4 or length > MAX_MESSAGE:
+        if length < 4 or length > min(self.max_message, MAX_MESSAGE):
             raise ProtocolViolation(f"bad message length {length}")
         if len(self._buf) < 1 + length:
             return None
@@ -151,7 +157,7 @@ class FrontendParser:
         if len(parts) < 2 or parts[-1] != b"" or len(parts) % 2 != 0:
             raise ProtocolViolation("malformed startup parameters")
         keys, values = parts[0:-2:2], parts[1:-1:2]
-        params = {k.decode(): v.decode("utf-8", "replace")
+        params = {k.decode("utf-8", "replace"): v.decode("utf-8", "replace")
                   for k, v in zip(keys, values, strict=True)}
         return Startup(params)
 

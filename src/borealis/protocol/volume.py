@@ -271,18 +271,26 @@ def _decode_body(kind: int, body: memoryview) -> VolumeMessage:
     raise VolumeProtocolError(f"unknown frame type {kind}")
 
 
-class FrameReader:
-    """Bytes in, messages out. Payload memoryviews stay valid: each frame is its own copy."""
+# The first frame of a connection is its Hello, checked before anything else is read:
+# a peer that has not shown the cluster's secret cannot make a node hold more than this.
+MAX_FIRST_FRAME = 4096
 
-    def __init__(self) -> None:
+
+class FrameReader:
+    """Bytes in, messages out. Payload memoryviews stay valid: each frame is its own copy.
+
+    ``first_frame_max`` bounds the first frame (a server's reader: the Hello)."""
+
+    def __init__(self, first_frame_max: int = MAX_FRAME) -> None:
         self._buf = bytearray()
+        self._limit = first_frame_max
 
     def feed(self, data: bytes) -> list[VolumeMessage]:
         self._buf += data
         out: list[VolumeMessage] = []
         while len(self._buf) >= _frame.size:
             kind, size = _frame.unpack_from(self._buf, 0)
-            if size > MAX_FRAME:
+            if size > self._limit:
                 raise VolumeProtocolError(f"frame of {size} bytes is too large")
             end = _frame.size + size
             if len(self._buf) < end:
@@ -290,4 +298,5 @@ class FrameReader:
             body = memoryview(bytes(self._buf[_frame.size : end]))
             del self._buf[:end]
             out.append(decode_body(kind, body))
+            self._limit = MAX_FRAME
         return out

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ from borealis.wal.verify import WalCorruption, last_record_end
 log = logging.getLogger("borealis.storage")
 
 FETCH_CHUNK = 1024 * 1024
+HELLO_TIMEOUT_S = 10.0  # a connection must show the cluster's secret within this
 
 
 @dataclass
@@ -614,15 +616,28 @@ class VolumeServerProtocol(asyncio.Protocol):
 
     def __init__(self, node: StorageNode) -> None:
         self.node = node
-        self.frames = vp.FrameReader()
+        self.frames = vp.FrameReader(first_frame_max=vp.MAX_FIRST_FRAME)
         self.transport: asyncio.Transport | None = None
         self.authenticated = False
         self.reported_xmin = (0, 0)
         self._drained = asyncio.Event()
         self._drained.set()
+        self._hello_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._hello_timer = asyncio.get_running_loop().call_later(
+            HELLO_TIMEOUT_S, self._no_hello)
+
+    def _no_hello(self) -> None:
+        if not self.authenticated and self.transport is not None:
+            log.warning("%s: closing a connection that sent no Hello in %.0f s",
+                        self.node.config.node_id, HELLO_TIMEOUT_S)
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
 
     def send(self, msg: vp.VolumeMessage) -> None:
         if self.transport and not self.transport.is_closing():
@@ -654,7 +669,8 @@ class VolumeServerProtocol(asyncio.Protocol):
         appended = refused = False
         for msg in messages:
             if not self.authenticated:
-                if not isinstance(msg, vp.Hello) or msg.secret != node.config.secret:
+                if not isinstance(msg, vp.Hello) or not hmac.compare_digest(
+                        msg.secret.encode(), node.config.secret.encode()):
                     self.send(vp.Refuse(vp.RefuseReason.BAD_SECRET, 0, 0))
                     assert self.transport
                     self.transport.close()

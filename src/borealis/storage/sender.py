@@ -130,6 +130,7 @@ class ReaderSession(ReaderSessionHandle):
                 "28P01", f'password authentication failed for user "{user}"', "FATAL"))
             raise SessionEnded("authentication failed")
         self._send(pw.encode_auth_ok())
+        self.parser.max_message = pw.MAX_MESSAGE
         for name, value in (("server_version", SERVER_VERSION), ("server_encoding", "UTF8"),
                             ("client_encoding", "UTF8"), ("integer_datetimes", "on"),
                             ("standard_conforming_strings", "on"), ("DateStyle", "ISO, MDY")):

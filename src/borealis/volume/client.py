@@ -33,7 +33,7 @@ from borealis import entrypoint
 from borealis.protocol import replication as rp
 from borealis.protocol import volume as vp
 from borealis.storage.peers import PeerAddress
-from borealis.volume.quorum import VdlTracker, stream_start_point
+from borealis.volume.quorum import WRITE_QUORUM, VdlTracker, stream_start_point
 from borealis.wal.lsn import format_lsn, parse_lsn, segment_start
 from borealis.wal.timeline import parse_history
 
@@ -48,7 +48,9 @@ STATUS_S = 1.0
 # the control plane tells a live writer that takes no new connection from a frozen one
 # by when it last answered (``writer_heard``).
 PING_S = 0.25
-MAX_NODE_BACKLOG = 64 * 1024 * 1024
+# What may wait in user space for one node: with the WAL buffer, the client's memory
+# stays bounded whatever the nodes do (a frozen node would otherwise take it all).
+MAX_NODE_BACKLOG = 16 * 1024 * 1024
 XMIN_HOLD_S = 30.0
 _xlogdata = struct.Struct(">qqq")
 
@@ -61,7 +63,7 @@ class VolumeClientConfig:
     nodes: list[PeerAddress]
     secret: str
     status_path: Path
-    buffer_bytes: int = 256 * 1024 * 1024
+    buffer_bytes: int = 64 * 1024 * 1024
 
     @classmethod
     def load(cls, path: Path) -> VolumeClientConfig:
@@ -155,6 +157,7 @@ class VolumeClient:
         self._last_xmin = 0
         self._last_xmin_at = 0.0
         self.writer_heard_at = 0.0  # wall clock of the writer's last message
+        self._reading_paused = False  # flow control: the quorum has no room (see below)
 
     # -- writer side -----------------------------------------------------------------
 
@@ -236,7 +239,10 @@ class VolumeClient:
             self.received = batch_start + len(blob)
             vdl = self.tracker.vdl
             for link in self.links.values():
-                if link.ready and link.next_lsn == batch_start and link.transport is not None:
+                if (link.ready and link.next_lsn == batch_start and link.transport is not None
+                        and not link.transport.is_closing()):
+                    if self._too_slow(link):
+                        continue
                     # The common case: the node is in step, send it the batch as it is.
                     link.transport.writelines(vp.encode_parts(
                         vp.Append(self.epoch, batch_start, vdl, blob)))
@@ -245,6 +251,35 @@ class VolumeClient:
                     self._feed(link)
         if reply:
             self.send_status()
+        if self._quorum_backlogged():
+            self._pause_writer()
+
+    # -- flow control ---------------------------------------------------------------
+    #
+    # The client reads the writer only as fast as a write quorum of nodes takes its WAL:
+    # when fewer than WRITE_QUORUM connected nodes have room, it stops reading until they
+    # do (the writer's WAL sender then waits, and so do its commits, as they would for a
+    # slow disk). A node outside the quorum's pace that stops reading is dropped instead
+    # (``_too_slow``). Together they bound what the client holds: the WAL buffer plus
+    # MAX_NODE_BACKLOG per node.
+
+    def _quorum_backlogged(self) -> bool:
+        roomy = sum(1 for lk in self.links.values()
+                    if lk.ready and lk.transport is not None and not lk.transport.is_closing()
+                    and lk.transport.get_write_buffer_size() <= MAX_NODE_BACKLOG)
+        return roomy < WRITE_QUORUM
+
+    def _pause_writer(self) -> None:
+        if not self._reading_paused and self.conn is not None:
+            asyncio.get_running_loop().remove_reader(self.conn.socket)
+            self._reading_paused = True
+
+    def _resume_writer(self) -> None:
+        if self._reading_paused and self.conn is not None and not self.done.is_set():
+            self._reading_paused = False
+            loop = asyncio.get_running_loop()
+            loop.add_reader(self.conn.socket, self._on_writer_readable)
+            loop.call_soon(self._on_writer_readable)  # what libpq already holds
 
     def send_status(self, reply_requested: bool = False) -> None:
         """Report VDL as write, flush and apply: the writer releases commits up to it."""
@@ -291,22 +326,42 @@ class VolumeClient:
     # -- storage side ---------------------------------------------------------------
 
     def _feed(self, link: NodeLink) -> None:
-        """Send a ready node everything from its next LSN that the buffer holds."""
-        if not link.ready or link.transport is None or link.next_lsn >= self.received:
-            return
-        if link.transport.get_write_buffer_size() > MAX_NODE_BACKLOG:
-            log.warning("%s is too slow; dropping it", link.address.node_id)
-            link.transport.close()
+        """Send a ready node that is behind what the buffer holds for it, half a backlog
+        at a time (the rest once it has read that: the periodic tick feeds it again)."""
+        if (not link.ready or link.transport is None or link.transport.is_closing()
+                or link.next_lsn >= self.received):
             return
         try:
             chunks = self.buffer.since(link.next_lsn)
         except ValueError:
             # It fell behind what we hold: one append from our start makes it refuse
             # with a gap, repair from its peers and come back.
-            chunks = self.buffer.since(self.buffer.start)[:1]
-        for start, data in chunks:
+            start, data = self.buffer.since(self.buffer.start)[0]
             link.send(vp.Append(self.epoch, start, self.tracker.vdl, data))
-        link.next_lsn = self.received
+            link.next_lsn = self.received
+            return
+        for start, data in chunks:
+            if link.transport.get_write_buffer_size() > MAX_NODE_BACKLOG // 2:
+                break
+            link.send(vp.Append(self.epoch, start, self.tracker.vdl, data))
+            link.next_lsn = start + len(data)
+
+    def _too_slow(self, link: NodeLink) -> bool:
+        """A node that stopped reading (frozen, a stalled disk) while the write quorum
+        goes on without it is dropped at once, its unsent bytes with it: what the client
+        holds for it stays bounded. It comes back through a new connection, re-fed from
+        the buffer or repaired from its peers. A node the quorum's pace depends on (its
+        flush at or past VDL) is never dropped: the client waits for it instead."""
+        assert link.transport is not None
+        if link.transport.get_write_buffer_size() <= MAX_NODE_BACKLOG:
+            return False
+        if link.flush_lsn >= self.tracker.vdl:
+            return False
+        log.warning("%s is too slow (%d bytes waiting); dropping it", link.address.node_id,
+                    link.transport.get_write_buffer_size())
+        link.ready = False
+        link.transport.abort()
+        return True
 
     def on_node_message(self, link: NodeLink, msg: vp.VolumeMessage) -> None:
         node_id = link.address.node_id
@@ -435,6 +490,11 @@ class VolumeClient:
                 last_ping = now
                 self.send_status(reply_requested=True)
                 self._write_status()
+            for link in self.links.values():
+                if link.next_lsn < self.received:
+                    self._feed(link)
+            if self._reading_paused and not self._quorum_backlogged():
+                self._resume_writer()
             if self._vdl_dirty:
                 self._vdl_dirty = False
                 for link in self.links.values():
