@@ -62,7 +62,7 @@ class Cli:
         return out.stdout
 
     def cluster(self, name: str) -> dict[str, Any]:
-        status = json.loads(self("status", "--json"))
+        status = json.loads(self("status", "--json", "--show-secrets"))
         return dict(next(c for c in status["clusters"] if c["name"] == name))
 
 

@@ -211,8 +211,9 @@ def borealis_cluster(home: Path) -> Iterator[dict[str, Any]]:
     subprocess.run([*cli, "up", "--cluster", "bench", "--readers", "1"], env=env, check=True,
                    capture_output=True, timeout=600)
     try:
-        status = json.loads(subprocess.run([*cli, "status", "--json"], env=env, check=True,
-                                           capture_output=True, text=True).stdout)
+        status = json.loads(subprocess.run([*cli, "status", "--json", "--show-secrets"],
+                                           env=env, check=True, capture_output=True,
+                                           text=True).stdout)
         yield dict(status["clusters"][0])
     finally:
         subprocess.run([*cli, "down"], env=env, capture_output=True, timeout=300)

@@ -95,7 +95,8 @@ class Borealis:
         return boto3.client(service, **params)
 
     def status(self) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads(self.cli("status", "--json").stdout)
+        data: dict[str, Any] = json.loads(
+            self.cli("status", "--json", "--show-secrets").stdout)
         self._remember(data)
         return data
 

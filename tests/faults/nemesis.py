@@ -6,9 +6,13 @@ of its process group, held until a new writer took over, then SIGCONT),
 in the writer's AZ: its two storage nodes and its instances), ``partition-writer`` (the
 writer's volume client, in a cgroup of its own, cannot send a packet to any storage node:
 an nftables rule; only where the host has nft and cgroup v2, see :func:`can_partition`),
-``kill-writer-bulk`` (SIGKILL of the writer in the middle of a bulk load: a single
-``INSERT``, ``COPY`` or ``CREATE INDEX`` far larger than a WAL segment, killed at a
-random point; afterwards nothing of it may be visible; see :mod:`tests.faults.bulk`).
+``stop-postmaster`` (SIGSTOP of the postmaster alone: its backends and WAL sender run on,
+so the writer still commits for the sessions it has but takes no new connection),
+``kill-writer-node-frozen`` (a storage node frozen, then the writer killed: the failover
+must not wait for the frozen node), ``kill-writer-bulk`` (SIGKILL of the writer in the
+middle of a bulk load: a single ``INSERT``, ``COPY`` or ``CREATE INDEX`` far larger than
+a WAL segment, killed at a random point; afterwards nothing of it may be visible; see
+:mod:`tests.faults.bulk`).
 
 Every process is addressed by the PID the control plane reports, never by name.
 """
@@ -34,7 +38,8 @@ from tests.faults.bulk import KINDS, BulkLoad
 from tests.harness import ClusterView, wait_for
 
 IN_FLIGHT_S = 1.0
-FAULTS = ("kill-writer", "stop-writer", "kill-2-nodes", "lose-az", "partition-writer")
+FAULTS = ("kill-writer", "stop-writer", "kill-2-nodes", "lose-az", "partition-writer",
+          "stop-postmaster", "kill-writer-node-frozen")
 # Faults with a workload of their own besides the bank (not in the bank test's loop).
 WORKLOAD_FAULTS = ("kill-writer-bulk",)
 
@@ -135,6 +140,14 @@ def inject(st: dict[str, Any], fault: str, rng: random.Random, bank: Bank | None
         # The postmaster and its backends, as a paused VM: the held connections freeze too.
         _kill_group(writer["pid"], signal.SIGSTOP)
         return lambda: _kill_group(writer["pid"], signal.SIGCONT)
+    if fault == "stop-postmaster":
+        _kill(writer["pid"], signal.SIGSTOP)
+        return lambda: _kill(writer["pid"], signal.SIGCONT)
+    if fault == "kill-writer-node-frozen":
+        node = rng.choice(st["storage_nodes"])
+        _kill(node["pid"], signal.SIGSTOP)
+        _kill(writer["pid"])
+        return lambda: _kill(node["pid"], signal.SIGCONT)
     if fault == "kill-2-nodes":
         for node in rng.sample(st["storage_nodes"], 2):
             _kill(node["pid"])
@@ -205,6 +218,11 @@ def run_round(view: ClusterView, bank: Bank, fault: str, rng: random.Random) -> 
     heal = inject(st, fault, rng, bank)
     if isinstance(heal, AfterBulkLoad):  # the fault struck after its workload was set up
         fault_at = heal.struck_at
+    if fault == "stop-postmaster":
+        # Sessions already open go on committing on the old writer until the fence:
+        # commits flowing do not show the fault was dealt with, a new writer does.
+        wait_for("the hung writer to be replaced",
+                 lambda: view.writer()["id"] != writer_before, 60, 0.1)
     # Commits already on their way when the fault struck may still be acknowledged just
     # after it; those do not show that the cluster recovered.
     bank.wait_commits_after(fault_at + IN_FLIGHT_S, 20, 90)

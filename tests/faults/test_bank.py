@@ -45,7 +45,8 @@ def test_no_acknowledged_transfer_is_lost_under_faults(bank_cluster: ClusterView
     writers = {r.writer_after for r in results if r.fault in ("kill-writer", "stop-writer")}
     assert writers, "no failover happened"
     for r in results:
-        if r.fault in ("kill-writer", "stop-writer", "partition-writer"):
+        if r.fault in ("kill-writer", "stop-writer", "partition-writer", "stop-postmaster",
+                       "kill-writer-node-frozen"):
             assert r.writer_after != r.writer_before, f"{r.fault}: the writer did not change"
     events = bank_cluster.b.cli("events", "bank").stdout
     for step in ("fenced", "end of log", "promoted", "rejoined as a reader"):

@@ -47,7 +47,7 @@ class watch_progress:  # noqa: N801 - used like a function
 
     def _run(self) -> None:
         while not self.done.is_set():
-            proc = self.b.cli("status", "--json", check=False)
+            proc = self.b.cli("status", "--json", "--show-secrets", check=False)
             with contextlib.suppress(ValueError, KeyError, StopIteration):
                 c = next(c for c in json.loads(proc.stdout)["clusters"]
                          if c["name"] == self.cluster)

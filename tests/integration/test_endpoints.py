@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -102,6 +103,21 @@ def test_100_reader_connections_spread_evenly(ep: ClusterView) -> None:
         assert steering == host_can_steer()
         if steering:
             assert metrics["steered"] >= 90, metrics
+
+
+def test_psql_connections_one_after_another_rotate(ep: ClusterView) -> None:
+    """psql after psql: each connection comes after the endpoint's route was rewritten
+    for the last one closing. Ties must still rotate (they once reached one reader 40
+    times in 40)."""
+    ports = {r["port"]: r["id"] for r in ep.readers()}
+    dsn = endpoint(ep, "ep-ro")["dsn"]
+    landed: collections.Counter[str] = collections.Counter()
+    for _ in range(40):
+        out = subprocess.run(["psql", dsn, "-XAtc", "SELECT current_setting('port')"],
+                             capture_output=True, text=True, timeout=30, check=True)
+        landed[ports[int(out.stdout.strip())]] += 1
+    assert sorted(landed) == sorted(ports.values()), landed
+    assert all(12 <= n <= 28 for n in landed.values()), landed
 
 
 def test_custom_endpoints(ep: ClusterView) -> None:

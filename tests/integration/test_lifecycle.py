@@ -3,8 +3,11 @@ and a restarted control plane adopts what is running instead of restarting it.""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -58,7 +61,7 @@ def test_down_and_up_keep_the_data(borealis: Borealis, life: ClusterView,
         w.execute("INSERT INTO kept VALUES ('before down')")
     epoch = life.status()["epoch"]
     borealis.cli("down", timeout_s=180)
-    st = borealis.cli("status", "--json")
+    st = borealis.cli("status", "--json", "--show-secrets")
     assert '"clusters": []' in st.stdout
     borealis.cli("up", "--cluster", "life", timeout_s=300)
     with life.connect(life.writer()) as w:
@@ -100,3 +103,27 @@ def test_destroy_deletes_everything(borealis: Borealis) -> None:
     assert "doomed" not in [c["name"] for c in borealis.status()["clusters"]]
     bad = borealis.cli("destroy", "doomed", check=False)
     assert bad.returncode != 0 and "not found" in bad.stderr
+
+
+def test_nothing_is_open_to_other_local_users(borealis: Borealis, life: ClusterView) -> None:
+    """The home is its owner's alone (the servers' account may only pass through it),
+    logs that may hold SQL are owner-only, and status hides passwords unless asked."""
+    home = borealis.home
+    assert home.stat().st_mode & 0o007 == 0, oct(home.stat().st_mode)
+    logs = [home / "control.log", *home.glob("clusters/life/instances/*/postgres.log"),
+            *home.glob("clusters/life/storage/*/node.log"),
+            home / "clusters/life/volume/volume.log"]
+    assert len(logs) > 8
+    for log in logs:
+        assert log.stat().st_mode & 0o077 == 0, f"{log} is {oct(log.stat().st_mode)}"
+    if os.geteuid() == 0 and shutil.which("runuser"):
+        # As any other account (nobody): the home cannot even be entered.
+        entered = subprocess.run(["runuser", "-u", "nobody", "--", "ls", str(home)],
+                                 capture_output=True)
+        assert entered.returncode != 0
+    st = borealis.cli("status", "--json").stdout
+    secret = next(c for c in json.loads(
+        borealis.cli("status", "--json", "--show-secrets").stdout)["clusters"]
+        if c["name"] == "life")["instances"][0]["dsn"]
+    assert "password=" in secret and "password" not in st
+    assert "password" not in borealis.cli("up", "--cluster", "life").stdout

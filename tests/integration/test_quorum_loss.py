@@ -7,6 +7,9 @@ import signal
 import threading
 import time
 
+import pytest
+from botocore.exceptions import ClientError
+
 from tests.harness import ClusterView, wait_for
 
 
@@ -55,4 +58,34 @@ def test_commit_waits_for_a_write_quorum(cluster: ClusterView) -> None:
     finally:
         for n in stopped:
             os.kill(n["pid"], signal.SIGCONT)
+    cluster.wait_nodes_caught_up()
+
+
+def test_a_data_api_commit_stuck_on_the_quorum_is_not_reported_cancelled(
+        cluster: ClusterView) -> None:
+    """Past the call's time limit a commit waiting for the quorum cannot be taken back
+    (PostgreSQL's cancel would leave it committed on the writer): the caller is told
+    its outcome is unknown, and it takes effect once the quorum is back."""
+    rds, data = cluster.b.client("rds"), cluster.b.client("rds-data")
+    described = rds.describe_db_clusters(DBClusterIdentifier="shared")["DBClusters"][0]
+    target = {"resourceArn": described["DBClusterArn"],
+              "secretArn": described["MasterUserSecret"]["SecretArn"]}
+    data.execute_statement(sql="CREATE TABLE IF NOT EXISTS dataapi_quorum (id int)", **target)
+    cluster.wait_nodes_caught_up()
+    stopped = cluster.nodes()[:3]
+    for n in stopped:
+        os.kill(n["pid"], signal.SIGSTOP)
+    try:
+        with pytest.raises(ClientError) as timed_out:
+            data.execute_statement(sql="INSERT INTO dataapi_quorum VALUES (7)", **target)
+        error = timed_out.value.response["Error"]
+        assert error["Code"] == "StatementTimeoutException", error
+        assert "unknown" in error["Message"] and "cancelled" not in error["Message"], error
+    finally:
+        for n in stopped:
+            os.kill(n["pid"], signal.SIGCONT)
+    writer = cluster.writer()
+    with cluster.connect(writer) as conn:
+        wait_for("the commit to take effect", lambda: conn.execute(
+            "SELECT count(*) FROM dataapi_quorum WHERE id = 7").fetchone() == (1,), 30)
     cluster.wait_nodes_caught_up()

@@ -118,6 +118,27 @@ def test_a_writer_unheard_since_the_first_miss_always_reaches_the_limit(
     assert counts == list(range(1, len(gaps) + 1))
 
 
+def test_a_hung_postmaster_is_a_failed_writer_though_its_wal_sender_answers() -> None:
+    """SIGSTOP of the postmaster alone: its WAL sender answers the volume client every
+    quarter second, but no probe gets any answer at all."""
+    watch = WriterWatch()
+    counts = [watch.probe_failed(10.0 + 1.5 * i, 10.0 + 1.5 * i + 1.0, answered=False)
+              for i in range(4)]
+    assert counts == [1, 2, 3, 4]
+
+
+@given(st.lists(st.tuples(st.floats(0.1, 2), st.booleans()), min_size=1, max_size=40))
+def test_a_writer_that_answers_every_probe_and_the_volume_client_is_kept(
+        probes_seen: list[tuple[float, bool]]) -> None:
+    """"Too many clients" answers (every slot taken) while the WAL sender answers too:
+    never more than one miss in a row, whatever the spacing."""
+    watch = WriterWatch()
+    at = 100.0
+    for gap, _ in probes_seen:
+        at += gap
+        assert watch.probe_failed(at, at + 0.05, answered=True) <= 2
+
+
 def sealed(node: str, flush: int, epoch: int = 5) -> vp.NodeState:
     return vp.NodeState(node, epoch, 0, 1, 1, flush, 0, 0, 0, False, 42, sealed=True)
 

@@ -240,3 +240,21 @@ def test_a_begin_on_the_same_timeline_never_cuts_below_vdl(tmp_path: Path) -> No
     # At or past VDL the writer is followed, and the tail past it is cut.
     reply = node.begin(vp.Begin(2, 1, b.record_ends[1], SEG, 7, b""))
     assert isinstance(reply, vp.NodeState) and reply.flush_lsn == b.record_ends[1]
+
+
+def test_a_vdl_is_stamped_with_when_the_volume_client_said_it(tmp_path: Path) -> None:
+    """A node working through a backlog takes a VDL seconds after it held: the time the
+    archive calls restorable is when the volume client sent it, never later."""
+    import time
+
+    node = make_node(tmp_path)
+    begin(node, 1, SEG)
+    sent = time.time() - 10
+    node.heartbeat(vp.Heartbeat(1, SEG + 100, sent))
+    assert node.vdl == SEG + 100 and node.vdl_heard_at == sent
+    node.append(vp.Append(1, SEG, SEG + 200, b"x" * 300))  # a VDL without a time
+    assert node.vdl == SEG + 200 and node.vdl_heard_at == sent
+    node.heartbeat(vp.Heartbeat(1, SEG + 150, sent - 5))  # late news moves nothing back
+    assert node.vdl == SEG + 200 and node.vdl_heard_at == sent
+    assert vp.decode_body(5, memoryview(b"".join(vp.encode_parts(
+        vp.Heartbeat(1, 2, sent)))[5:])) == vp.Heartbeat(1, 2, round(sent * 1e6) / 1e6)

@@ -209,16 +209,31 @@ class DataApi:
         try:
             return await asyncio.wait_for(asyncio.shield(task), CALL_TIMEOUT_S)
         except TimeoutError:
-            if p.get("continueAfterTimeout") and not keep:
+            committing = await self._waiting_for_quorum(conn, p)
+            if (p.get("continueAfterTimeout") or committing) and not keep:
                 self.keys.pop(id(conn), None)
                 task.add_done_callback(lambda _: asyncio.ensure_future(conn.close()))
-            else:
+            elif not committing:
                 with contextlib.suppress(Exception):
                     await conn.cancel_safe(timeout=5)
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(task, 10)
+                    outcome = await asyncio.wait_for(task, 10)
+                    # The cancel came after the statement was done: it took effect.
+                    if not keep:
+                        await conn.close()
+                    return outcome
                 if not keep:
                     await conn.close()
+            if committing:
+                # A commit waiting for the quorum cannot be taken back: cancelling it
+                # would only leave it committed on the writer and the caller told
+                # otherwise. It is left to finish; its outcome is not known yet.
+                raise ApiError("StatementTimeoutException", "The statement did not finish "
+                               f"within {CALL_TIMEOUT_S:g} seconds: its commit is waiting "
+                               "for a write quorum of storage nodes, so its outcome is "
+                               "unknown (it takes effect once the quorum is back, and is "
+                               "lost only if the writer is replaced first); check before "
+                               "retrying", 400) from None
             raise ApiError("StatementTimeoutException", "The statement did not finish within "
                            f"{CALL_TIMEOUT_S:g} seconds" + (" (it goes on running)" if
                            p.get("continueAfterTimeout") else " and was cancelled"), 400) \
@@ -236,6 +251,26 @@ class DataApi:
                 await self._release(conn)
             elif conn.closed:
                 self.keys.pop(id(conn), None)
+
+    async def _waiting_for_quorum(self, conn: psycopg.AsyncConnection[Any],
+                                  p: dict[str, Any]) -> bool:
+        """Whether the call's session waits for its commit to reach the volume (the
+        volume client is the writer's synchronous standby: PostgreSQL's ``SyncRep``)."""
+        pid = conn.info.backend_pid
+        try:
+            _, _, probe = await self._connect({k: v for k, v in p.items()
+                                              if k != "transactionId"})
+        except (ApiError, psycopg.Error):
+            return False
+        try:
+            cur = await probe.execute("SELECT wait_event FROM pg_stat_activity WHERE pid = %s",
+                                      (pid,))
+            row = await cur.fetchone()
+        except psycopg.Error:
+            return False
+        finally:
+            await self._release(probe)
+        return bool(row and row[0] == "SyncRep")
 
     async def _run(self, conn: psycopg.AsyncConnection[Any], query: str,
                    values: dict[str, Any], p: dict[str, Any]) -> dict[str, Any]:

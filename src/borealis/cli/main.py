@@ -23,6 +23,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError, WaiterError
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -39,6 +40,7 @@ from borealis.api import identity
 from borealis.api.times import format_time
 from borealis.control.processes import alive
 from borealis.control.state import State
+from borealis.logfiles import private_log
 
 # No emoji codes: ":secret:" inside an ARN must stay as it is.
 console = Console(emoji=False)
@@ -105,7 +107,7 @@ def ensure_control_plane() -> dict[str, Any]:
     if not h.exists():
         h.mkdir(parents=True)
         os.chmod(h, 0o700)
-    with open(h / "control.log", "ab") as log:
+    with private_log(h / "control.log") as log:
         subprocess.Popen([sys.executable, "-m", "borealis.control.daemon", "--home", str(h)],
                          stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                          start_new_session=True, cwd="/")
@@ -130,13 +132,16 @@ def cmd_up(args: argparse.Namespace) -> None:
     with console.status(f"bringing up cluster [bold]{args.cluster}[/]..."):
         status = request("POST", f"/v1/clusters/{args.cluster}/up", {"readers": args.readers})
     console.print(f"cluster [bold]{status['name']}[/] is {status['status']}")
-    for ep in status.get("endpoints", []):
+    shown = without_secrets(status)
+    for ep in shown.get("endpoints", []):
         if ep["type"] in ("WRITER", "READER"):
             console.print(f"  {ep['type'].lower():<6} endpoint {ep['name']:<14} "
                           f"psql \"{ep['dsn']}\"", soft_wrap=True)
-    for inst in status["instances"]:
+    for inst in shown["instances"]:
         console.print(f"  {inst['role']:<6} {inst['id']:<14} psql \"{inst['dsn']}\"",
                       soft_wrap=True)
+    console.print("  the password: borealis status --json --show-secrets (or the cluster's "
+                  "secret: borealis secret list)", soft_wrap=True, highlight=False)
     url, region = api_location()
     key_id, _ = credentials()
     console.print(f"API (RDS and RDS Data, SigV4) on {url}, region {region}, access key "
@@ -154,7 +159,7 @@ def cmd_status(args: argparse.Namespace) -> None:
         return
     status = request("GET", "/v1/status")
     if args.json:
-        print(json.dumps(status, indent=2))
+        print(json.dumps(status if args.show_secrets else without_secrets(status), indent=2))
         return
     for c in status["clusters"]:
         console.print(f"[bold]{c['name']}[/] {c['status']}  epoch {c['epoch']}  VDL {c['vdl']}")
@@ -168,6 +173,20 @@ def cmd_status(args: argparse.Namespace) -> None:
             t.add_row(n["id"], n["az"], str(n["port"]), str(n["pid"]), n["state"],
                       str(n["flush_lsn"]))
         console.print(t)
+
+
+def without_secrets(value: Any) -> Any:
+    """A status with the password taken out of every connection string (``dsn``)."""
+    if isinstance(value, list):
+        return [without_secrets(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {k: without_secrets(v) for k, v in value.items()}
+    if isinstance(out.get("dsn"), str):
+        params = conninfo_to_dict(out["dsn"])
+        params.pop("password", None)
+        out["dsn"] = make_conninfo("", **params)
+    return out
 
 
 def cmd_down(_: argparse.Namespace) -> None:
@@ -545,6 +564,8 @@ def parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_up)
     st = sub.add_parser("status", help="clusters, instances, storage nodes")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--show-secrets", action="store_true",
+                    help="keep the passwords in the connection strings (--json)")
     st.set_defaults(func=cmd_status)
     sub.add_parser("down", help="stop everything, keep the data").set_defaults(func=cmd_down)
     de = sub.add_parser("destroy", help="stop a cluster and delete its data")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import logging
 import os
 import pwd
 import shutil
@@ -24,7 +25,11 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from borealis.logfiles import private_log
+
 CONF_NAME = "borealis.conf"
+
+logger = logging.getLogger("borealis.compute")
 
 
 class ComputeError(Exception):
@@ -99,18 +104,43 @@ class RunAs:
                 os.lchown(os.path.join(root, name), self.uid, self.gid)
 
     def ensure_traversable(self, path: Path) -> None:
-        """Let the server's account reach ``path``: add search (x) permission on ancestors.
+        """Let the server's account, and it alone, reach ``path``: on each ancestor it
+        cannot search, an ACL entry gives it search (x) permission. Nobody else gains
+        anything: ``/root`` or the home stay closed to other users.
 
-        Only the execute bit is added, so directory listings stay private.
+        Where the filesystem has no ACLs (or ``setfacl`` is missing) the search bit for
+        others is the only way left; that is logged, once per directory.
         """
         if self.user is None:
             return
         for parent in [path, *path.parents]:
             if parent == Path("/"):
                 break
-            mode = parent.stat().st_mode
-            if not mode & 0o001:
-                os.chmod(parent, mode | 0o001)
+            if self._can_search(parent):
+                continue
+            setfacl = shutil.which("setfacl")
+            done = setfacl is not None and subprocess.run(
+                [setfacl, "-m", f"u:{self.uid}:x", str(parent)], capture_output=True,
+                timeout=30).returncode == 0
+            if not done:
+                logger.warning("no ACLs on %s: giving every user search permission there so "
+                            "the %s account can reach its data", parent, self.user)
+                os.chmod(parent, parent.stat().st_mode | 0o001)
+
+    def _can_search(self, directory: Path) -> bool:
+        st = directory.stat()
+        if st.st_uid == self.uid:
+            return bool(st.st_mode & 0o100)
+        if st.st_mode & 0o001:
+            return True
+        try:
+            acl = subprocess.run(["getfacl", "-cn", str(directory)], capture_output=True,
+                                 text=True, timeout=30).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        entry = f"user:{self.uid}:"
+        return any(line.startswith(entry) and line[len(entry):][2:3] == "x"
+                   for line in acl.splitlines())
 
 
 def run(cmd: list[str], run_as: RunAs, env: dict[str, str] | None = None,
@@ -274,7 +304,7 @@ def server_command(bindir: Path, datadir: Path) -> list[str]:
 def start_server(bindir: Path, datadir: Path, log_path: Path,
                  run_as: RunAs) -> subprocess.Popen[bytes]:
     """Start a postmaster in its own session, so it outlives the control plane."""
-    with open(log_path, "ab") as log:
+    with private_log(log_path) as log:
         proc: subprocess.Popen[bytes] = subprocess.Popen(
             server_command(bindir, datadir), stdout=log, stderr=log, stdin=subprocess.DEVNULL,
             start_new_session=True, cwd="/", **run_as.popen_kwargs())  # type: ignore[call-overload]

@@ -376,6 +376,10 @@ class ClusterRuntime:
         datadir = self.datadir(writer.id)
         if (datadir / "PG_VERSION").exists():
             return
+        if self.base_image_age_s() is not None:
+            # The volume has a history: a new database here would be another system.
+            raise ClusterError(f"writer {writer.id} has no data directory; it is rebuilt "
+                               "from the base image and the volume's WAL, never made anew")
         c = self.cluster
         self.instance_dir(writer.id).mkdir(parents=True, exist_ok=True)
         self.run_as.ensure_traversable(self.instance_dir(writer.id))
@@ -406,9 +410,36 @@ class ClusterRuntime:
         pg.write_settings(datadir, self.server_settings(role_inst), self.run_as)
         proc = pg.start_server(self.bindir, datadir, self.instance_dir(inst.id) / "postgres.log",
                                self.run_as)
+        # Which boot of this host the data directory is now written in: after a host
+        # crash, a server that ran with fsync=off may have lost writes it made.
+        _write_private(self.instance_dir(inst.id) / BOOT_FILE, current_boot_id())
         self.state.set_instance(inst.id, pid=proc.pid, state="starting")
         self.event("compute", f"started {inst.role} {inst.id} (pid {proc.pid})")
         return True
+
+    def lost_with_host(self, inst: Instance) -> bool:
+        """The instance's data directory was last written in an earlier boot of this host
+        by a server with ``fsync=off`` (every reader; the writer unless durability is
+        local): the host crashed or lost power under it, and writes it had made may be
+        gone. It is never started on that directory again (rebuilt instead)."""
+        if self.instance_alive(inst) or not (self.datadir(inst.id) / "PG_VERSION").exists():
+            return False
+        try:
+            recorded = (self.instance_dir(inst.id) / BOOT_FILE).read_text().strip()
+        except OSError:
+            return False  # started before this rule: nothing is known
+        durable = inst.role == "writer" and self.settings.writer_fsync
+        return not durable and recorded != current_boot_id()
+
+    def set_aside_lost_data(self, inst: Instance) -> None:
+        """Remove a data directory :meth:`lost_with_host` found untrustworthy (renamed
+        first, so a removal cut short never leaves a half directory that looks whole)."""
+        datadir = self.datadir(inst.id)
+        aside = datadir.with_name("data.lost-with-host")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(datadir, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        (self.instance_dir(inst.id) / BOOT_FILE).unlink(missing_ok=True)
 
     def stop_instance(self, inst: Instance, mode: int = signal.SIGINT) -> None:
         # SIGINT is PostgreSQL's fast shutdown; it kills the whole process group if stuck.
@@ -597,6 +628,20 @@ class ClusterRuntime:
         """What a background copy made after its cluster was removed."""
         if self.state.cluster(self.name) is None:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+BOOT_FILE = "boot_id"
+
+
+def current_boot_id() -> str:
+    """This boot of the host (the kernel's random boot id): it changes at every boot."""
+    override = os.environ.get("BOREALIS_BOOT_ID")  # a host "rebooted" in tests
+    if override:
+        return override
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -117,7 +117,7 @@ class ControlPlane:
                         or self.locks[cluster.name].locked()):
                     continue  # a failed restore or backtrack is left as it is, to look at
                 async with self.locks[cluster.name]:
-                    unhealthy = await self._check_nodes(cluster.name)
+                    unhealthy = self._unhealthy_nodes(cluster.name)
                     try:
                         await asyncio.to_thread(self._supervise_cluster, cluster.name,
                                                 unhealthy,
@@ -160,13 +160,28 @@ class ControlPlane:
         try:
             await probe.value_once(rt.dsn(writer), "SELECT 1", WRITER_CHECK_TIMEOUT_S)
             watch.probe_ok()
-        except (psycopg.Error, OSError, TimeoutError, probe.ProbeTimeout):
-            if watch.probe_failed(started_at, _writer_heard_at(rt)) == WRITER_MISSES:
+        except (psycopg.Error, OSError, TimeoutError, probe.ProbeTimeout) as exc:
+            # The server answered if it sent an error of its own (a SQLSTATE): "too many
+            # clients", "starting up". A timeout or a refused socket is no answer.
+            answered = isinstance(exc, psycopg.Error) and exc.sqlstate is not None
+            if watch.probe_failed(started_at, _writer_heard_at(rt), answered) \
+                    == WRITER_MISSES:
                 rt.event("supervisor", f"writer {writer.id} failed {WRITER_MISSES} checks "
                                        "in a row")
 
-    async def _check_nodes(self, name: str) -> set[str]:
-        """Storage nodes that failed NODE_MISSES status checks in a row (frozen, cut off)."""
+    async def watch_nodes(self) -> None:
+        """Ask every storage node for its state every SUPERVISE_S, apart from the
+        supervisor's tick: a frozen node's check waits out its timeout, and the tick
+        (which notices a dead writer) must not wait with it."""
+        while not self.stopping.is_set():
+            names = [c.name for c in self.state.clusters() if c.desired == "up"]
+            await asyncio.gather(*(self._check_nodes(n) for n in names),
+                                 return_exceptions=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), SUPERVISE_S)
+
+    async def _check_nodes(self, name: str) -> None:
+        """Count the status checks each storage node failed in a row (frozen, cut off)."""
         rt = self.runtime(name)
         nodes = self.state.storage_nodes(name)
         answered = {s.node_id for s in await peer_states(
@@ -175,7 +190,11 @@ class ControlPlane:
         for node in nodes:
             key = (name, node.id)
             self.node_misses[key] = 0 if node.id in answered else self.node_misses[key] + 1
-        return {n.id for n in nodes if self.node_misses[(name, n.id)] >= NODE_MISSES}
+
+    def _unhealthy_nodes(self, name: str) -> set[str]:
+        """Storage nodes that failed NODE_MISSES status checks in a row."""
+        return {n.id for n in self.state.storage_nodes(name)
+                if self.node_misses[(name, n.id)] >= NODE_MISSES}
 
     def _supervise_cluster(self, name: str, unhealthy: set[str], writer_suspect: bool) -> None:
         rt = self.runtime(name)
@@ -570,9 +589,46 @@ class ControlPlane:
             self.on_cluster_created(name)
             readers = 1 if readers is None else readers
         async with self.locks[name]:
+            await asyncio.to_thread(self._rebuild_lost_writer, name)
             await asyncio.to_thread(self.runtime(name).up, readers)
             await asyncio.to_thread(self._keep_endpoints, name)
         return await self.cluster_status(name)
+
+    def _rebuild_lost_writer(self, name: str) -> None:
+        """A writer whose data directory was set aside (lost with its host) comes back
+        from the base image and the volume's WAL, as a failover without a reader does,
+        before anything else starts."""
+        rt = self.runtime(name)
+        writer = rt.writer()
+        if (writer is None or rt.instance_alive(writer)
+                or (rt.datadir(writer.id) / "PG_VERSION").exists()
+                or rt.base_image_age_s() is None):
+            return
+        rt.start_storage_and_wait()
+        failover.fail_over(rt, f"writer {writer.id}: its data directory was lost with its "
+                               "host", switch_endpoints=lambda: self._keep_endpoints(name))
+
+    def recover_lost_with_host(self) -> None:
+        """At start: instances whose data directories were written in an earlier boot of
+        this host by servers with fsync=off (the host crashed or lost power) are never
+        started on them again. A reader is copied afresh from the writer; the writer is
+        rebuilt from the base image and the volume's WAL (by the supervisor, or by
+        ``up``), as DESIGN promises: nothing acknowledged depends on a server's disk."""
+        for cluster in self.state.clusters():
+            rt = self.runtime(cluster.name)
+            for inst in self.state.instances(cluster.name):
+                if not rt.lost_with_host(inst):
+                    continue
+                rt.set_aside_lost_data(inst)
+                if inst.role == "reader":
+                    self.state.set_instance(inst.id, state="rebuilding", pid=None)
+                    rt.event("compute", f"reader {inst.id}: its host restarted while it ran "
+                                        "without fsync; it is copied afresh from the writer")
+                else:
+                    self.state.set_instance(inst.id, state="stopped", pid=None)
+                    rt.event("compute", f"writer {inst.id}: its host restarted while it ran "
+                                        "without fsync; it is rebuilt from the base image "
+                                        "and the volume's WAL, not restarted on its data")
 
     async def down_all(self) -> None:
         for conn in self.samplers.values():
@@ -1297,6 +1353,7 @@ async def serve(home: Path, port: int) -> None:
     cp = ControlPlane(home)
     for cluster in cp.state.clusters():
         cp.runtime(cluster.name).clear_staged_images()
+    cp.recover_lost_with_host()  # before anything could start a server on such data
     cp.recover_interrupted()  # before supervision starts: it takes the cluster's lock first
     api = api_server.Api(cp)
     app = build_app(cp, api)
@@ -1321,7 +1378,8 @@ async def serve(home: Path, port: int) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, cp.stopping.set)
-    tasks = [asyncio.create_task(t) for t in (cp.supervise(), cp.watch_writers(), api.reap())]
+    tasks = [asyncio.create_task(t) for t in (cp.supervise(), cp.watch_writers(),
+                                              cp.watch_nodes(), api.reap())]
     await cp.stopping.wait()
     for task in tasks:
         task.cancel()

@@ -129,8 +129,11 @@ def fence(rt: ClusterRuntime, epoch: int) -> list[vp.NodeState]:
     fenced: dict[str, vp.NodeState] = {}
     while True:
         missing = rt.node_addresses([n for n in nodes if n.id not in fenced])
+        # Every node that answers within a moment of the read quorum is fenced; one that
+        # is frozen or cut off costs nothing (it finds the Fence waiting if it resumes).
         for state in asyncio.run(peer_states(missing, secret, role="control",
-                                             request=vp.Fence(epoch))):
+                                             request=vp.Fence(epoch),
+                                             enough=READ_QUORUM - len(fenced))):
             if state.epoch == epoch:
                 fenced[state.node_id] = state
         if len(fenced) >= READ_QUORUM:

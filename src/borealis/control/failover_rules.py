@@ -105,13 +105,16 @@ class VolumeStall:
 
 class WriterWatch:
     """Is the writer gone or frozen? Probes (a new connection and ``SELECT 1``) that
-    failed in a row, unless the writer was heard from since they began.
+    failed in a row, unless the writer answered since they began.
 
-    The volume client asks the writer's WAL sender for an immediate reply every quarter
-    second and reports when it last heard from it. A writer that answers is alive: a
-    probe can fail because new connections wait (the host busy with I/O) or are refused
-    (every connection slot taken), and failing over then would end every working
-    session. A frozen writer answers nothing, so its misses add up.
+    A probe that got an answer from the server (an error such as "too many clients":
+    every connection slot taken) counts only while the writer is not heard from
+    otherwise: the volume client asks the writer's WAL sender for a reply every quarter
+    second and reports when it last heard from it. A writer that answers is alive, and
+    failing over would end every working session. A probe that got no answer at all (no
+    postmaster took the connection in the probe's time) always counts: a postmaster
+    that hangs while its WAL sender and backends run takes no new connection, ever, and
+    that is a failed writer however well its old sessions go on.
     """
 
     def __init__(self) -> None:
@@ -121,12 +124,15 @@ class WriterWatch:
     def probe_ok(self) -> None:
         self.misses = 0
 
-    def probe_failed(self, started_at: float, heard_at: float | None) -> int:
+    def probe_failed(self, started_at: float, heard_at: float | None,
+                     answered: bool = True) -> int:
         """Count a failed probe begun at ``started_at`` (wall clock), given when the
-        writer last answered the volume client (None if unknown); returns the misses in
-        a row. The answer is judged against the first miss, not this one: the report
-        of it may be a quarter second old."""
-        if self.misses and heard_at is not None and heard_at > self._first_miss_at:
+        writer last answered the volume client (None if unknown) and whether the server
+        answered the probe itself; returns the misses in a row. The volume client's
+        report is judged against the first miss, not this one: it may be a quarter
+        second old."""
+        if (answered and self.misses and heard_at is not None
+                and heard_at > self._first_miss_at):
             self.misses = 0  # it answered since the misses began: slow, not gone
         if self.misses == 0:
             self._first_miss_at = started_at

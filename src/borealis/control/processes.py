@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from borealis.logfiles import private_log
+
 
 def cmdline(pid: int) -> str:
     try:
@@ -98,7 +100,7 @@ def stop(pid: int | None, marker: str, sig: int = signal.SIGTERM, timeout_s: flo
 
 def spawn_python(module: str, args: list[str], log_path: Path) -> int:
     """Start ``python -m module`` in its own session (it outlives the control plane)."""
-    with open(log_path, "ab") as log:
+    with private_log(log_path) as log:
         proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=log,
                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd="/")
     return proc.pid

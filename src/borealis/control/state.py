@@ -220,11 +220,26 @@ def _loopback_addresses() -> Iterator[str]:
             yield f"127.0.{third}.{fourth}"
 
 
+def _owner_only(home: Path) -> None:
+    """The home holds the state, configs and logs: no other user may list or enter it.
+    The servers' account may be given search permission by an ACL entry (see
+    ``RunAs.ensure_traversable``); the group class bits are then the ACL's mask, and
+    clearing them would take that permission away again."""
+    mode = home.stat().st_mode & 0o777
+    try:
+        has_acl = "system.posix_acl_access" in os.listxattr(home)
+    except OSError:
+        has_acl = False
+    wanted = mode & 0o770 if has_acl else 0o700
+    if mode != wanted:
+        os.chmod(home, wanted)
+
+
 class State:
     def __init__(self, home: Path) -> None:
         self.home = home
         home.mkdir(parents=True, exist_ok=True)
-        os.chmod(home, 0o700 | (home.stat().st_mode & 0o077))
+        _owner_only(home)
         self._local = threading.local()
         self.db.executescript(SCHEMA)
         columns = {r[1] for r in self.db.execute("PRAGMA table_info(endpoints)")}

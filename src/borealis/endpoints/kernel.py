@@ -173,6 +173,15 @@ class Steering:
     def set_route(self, host: str, port: int, slots: list[int]) -> None:
         _elem(_MAP_UPDATE, self.routes, bpf.address_key(host, port), bpf.route_value(slots))
 
+    def handed_out(self, host: str, port: int) -> int:
+        """How many connections the current route of (host, port) has handed out (its
+        ``next``), 0 if it has none."""
+        try:
+            value = _lookup(self.routes, bpf.address_key(host, port), bpf.ROUTE_VALUE_SIZE)
+        except KernelError:
+            return 0
+        return int(struct.unpack_from("<II", value)[1])
+
     def clear_route(self, host: str, port: int) -> None:
         _delete(self.routes, bpf.address_key(host, port))
 

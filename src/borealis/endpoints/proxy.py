@@ -437,9 +437,14 @@ class Proxy:
         assert self.kernel is not None
         candidates = [b for b in members(ep.spec, self.backends)
                       if b.id in self.installed and b.id not in self.suspects]
-        picks = [self.slots[b.id] for b in plan(candidates, active, 0, bpf.ROUTE_SLOTS)]
+        # The rotation goes on across rewrites: a route starts its count afresh, so ties
+        # are broken from where the last one left off (else one connection at a time,
+        # each rewriting the route, would always reach the same member).
+        turn = ep.turn + (self.kernel.handed_out(ep.spec.host, ep.spec.port) if ep.route else 0)
+        picks = [self.slots[b.id] for b in plan(candidates, active, turn, bpf.ROUTE_SLOTS)]
         if picks == ep.route:
             return  # rewriting would restart the rotation
+        ep.turn = turn
         if picks:
             self.kernel.set_route(ep.spec.host, ep.spec.port, picks)
         else:  # none to hand connections to: they reach this process, which holds them

@@ -89,6 +89,7 @@ class Append:
 class Heartbeat:
     epoch: int
     vdl: int
+    sent_at: float = 0.0  # the volume client's wall clock when VDL was this (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,7 @@ _node_state = struct.Struct(">QQIQQQIIBQ")
 _begin = struct.Struct(">QIQQQ")
 _append = struct.Struct(">QQQ")
 _qq = struct.Struct(">QQ")
+_heartbeat = struct.Struct(">QQQ")
 _ack = struct.Struct(">QQII")
 _refuse = struct.Struct(">BQQ")
 _chunk = struct.Struct(">IQ")
@@ -200,8 +202,8 @@ def encode_parts(msg: VolumeMessage) -> list[bytes | memoryview]:
             body = [_begin.pack(epoch, timeline, truncate_at, stream_start, system_id), history]
         case Append(epoch, start, vdl, data):
             body = [_append.pack(epoch, start, vdl), data]
-        case Heartbeat(epoch, vdl):
-            body = [_qq.pack(epoch, vdl)]
+        case Heartbeat(epoch, vdl, sent_at):
+            body = [_heartbeat.pack(epoch, vdl, round(sent_at * 1e6))]
         case Ack(epoch, flush, xmin, xmin_epoch):
             body = [_ack.pack(epoch, flush, xmin, xmin_epoch)]
         case Refuse(reason, epoch, flush):
@@ -246,7 +248,10 @@ def _decode_body(kind: int, body: memoryview) -> VolumeMessage:
         epoch, start, vdl = _append.unpack_from(body, 0)
         return Append(epoch, start, vdl, body[_append.size :])
     if kind == 5:
-        return Heartbeat(*_qq.unpack_from(body, 0))
+        if len(body) < _heartbeat.size:  # a volume client from before the send time
+            return Heartbeat(*_qq.unpack_from(body, 0))
+        epoch, vdl, sent_us = _heartbeat.unpack_from(body, 0)
+        return Heartbeat(epoch, vdl, sent_us / 1e6)
     if kind == 6:
         return Ack(*_ack.unpack_from(body, 0))
     if kind == 7:

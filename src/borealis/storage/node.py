@@ -93,7 +93,7 @@ class StorageNode:
         self._repair_lock = asyncio.Lock()
         self._repair_wanted = asyncio.Event()
         self._last_append = 0.0
-        self.vdl_heard_at = 0.0  # wall time the current epoch's VDL was last heard
+        self.vdl_heard_at = 0.0  # when the volume client last said the current VDL
 
     # -- state ---------------------------------------------------------------------
 
@@ -156,11 +156,16 @@ class StorageNode:
     def unregister(self, session: ReaderSessionHandle) -> None:
         self._sessions.discard(session)
 
-    def _note_vdl(self, epoch: int, vdl: int) -> None:
+    def _note_vdl(self, epoch: int, vdl: int, sent_at: float = 0.0) -> None:
+        """Take a VDL of our epoch. Only the volume client's heartbeats say when it held
+        (``sent_at``: its clock when it sent it, every 10 ms while VDL moves and every
+        second anyway): commits acknowledged before that moment are at or below it. The
+        moment is never when this node got round to it, which may be seconds later for
+        a node working through a backlog; the archive's latest restorable time comes
+        from it."""
         if epoch == self.epoch:
-            # The volume client says VDL every 10 ms while it moves and every second
-            # anyway: commits acknowledged before (about) this moment are at or below it.
-            self.vdl_heard_at = time.time()
+            if sent_at > self.vdl_heard_at:
+                self.vdl_heard_at = sent_at
             if vdl > self.store.manifest.vdl:
                 self.store.manifest.vdl = vdl
 
@@ -392,7 +397,7 @@ class StorageNode:
             self.store.add_history(donor.timeline, history.decode())
 
     def heartbeat(self, msg: vp.Heartbeat) -> None:
-        self._note_vdl(msg.epoch, msg.vdl)
+        self._note_vdl(msg.epoch, msg.vdl, msg.sent_at)
 
     def _refuse(self, reason: vp.RefuseReason) -> vp.Refuse:
         self.counters.refused += 1

@@ -32,7 +32,9 @@ class PeerConnection:
 
     @classmethod
     async def open(cls, peer: PeerAddress, secret: str, role: str = "peer",
-                   timeout_s: float = 2.0) -> tuple[PeerConnection, vp.NodeState]:
+                   timeout_s: float = 2.0, then: vp.VolumeMessage | None = None
+                   ) -> tuple[PeerConnection, vp.NodeState]:
+        """Connect, say Hello (and ``then`` right behind it), and read the node's state."""
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(peer.host, peer.port), timeout_s
@@ -41,7 +43,13 @@ class PeerConnection:
             raise PeerError(f"{peer.node_id}: {exc}") from None
         conn = cls(reader, writer)
         conn.send(vp.Hello(secret, role))
-        state = await conn.expect(vp.NodeState, timeout_s)
+        if then is not None:
+            conn.send(then)
+        try:
+            state = await conn.expect(vp.NodeState, timeout_s)
+        except BaseException:
+            conn.close()
+            raise
         return conn, state
 
     def send(self, msg: vp.VolumeMessage) -> None:
@@ -85,24 +93,49 @@ class PeerConnection:
 
 async def peer_states(peers: list[PeerAddress], secret: str, timeout_s: float = 1.0,
                       role: str = "peer", request: vp.VolumeMessage | None = None,
-                      reply_timeout_s: float | None = None) -> list[vp.NodeState]:
+                      reply_timeout_s: float | None = None, enough: int | None = None,
+                      grace_s: float = 0.1) -> list[vp.NodeState]:
     """The states of the peers that answer in time, all asked at once: the state each
-    sends on connecting, or its answer to ``request`` (a Fence or Seal, say)."""
+    sends on connecting, or its answer to ``request`` (a Fence or Seal, say).
+
+    With ``enough``, it returns once that many answered and the rest had ``grace_s``
+    more: a frozen or cut-off node then costs a failover nothing. The request is sent
+    with the Hello, so a node that is only frozen finds it waiting when it resumes."""
 
     async def one(peer: PeerAddress) -> vp.NodeState | None:
         try:
-            conn, state = await PeerConnection.open(peer, secret, role, timeout_s)
+            conn, state = await PeerConnection.open(peer, secret, role, timeout_s,
+                                                    then=request)
         except PeerError:
             return None
         try:
             if request is None:
                 return state
-            conn.send(request)
             return await conn.expect(vp.NodeState, reply_timeout_s or timeout_s)
         except PeerError:
             return None
         finally:
             conn.close()
 
-    results = await asyncio.gather(*(one(p) for p in peers))
-    return [s for s in results if s is not None]
+    tasks = [asyncio.ensure_future(one(p)) for p in peers]
+    if enough is None or not tasks:
+        results = await asyncio.gather(*tasks)
+        return [s for s in results if s is not None]
+    answered: list[vp.NodeState] = []
+    pending: set[asyncio.Future[vp.NodeState | None]] = set(tasks)
+    deadline: float | None = None
+    loop = asyncio.get_running_loop()
+    try:
+        while pending:
+            wait_s = None if deadline is None else max(0.0, deadline - loop.time())
+            done, pending = await asyncio.wait(pending, timeout=wait_s,
+                                               return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                break  # the grace is over
+            answered.extend(s for s in (t.result() for t in done) if s is not None)
+            if deadline is None and len(answered) >= enough:
+                deadline = loop.time() + grace_s
+    finally:
+        for task in pending:
+            task.cancel()
+    return answered

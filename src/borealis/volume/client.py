@@ -499,13 +499,13 @@ class VolumeClient:
                 self._vdl_dirty = False
                 for link in self.links.values():
                     if link.ready:
-                        link.send(vp.Heartbeat(self.epoch, self.tracker.vdl))
+                        link.send(vp.Heartbeat(self.epoch, self.tracker.vdl, time.time()))
             if now - last_status >= STATUS_S:  # status and the file: every PING_S above
                 last_status = now
                 self.send_feedback()
                 for link in self.links.values():
                     if link.ready:
-                        link.send(vp.Heartbeat(self.epoch, self.tracker.vdl))
+                        link.send(vp.Heartbeat(self.epoch, self.tracker.vdl, time.time()))
                     elif link.transport is not None:
                         link.send(vp.StatusRequest())
                 acked = [lk.flush_lsn for lk in self.links.values() if lk.ready]
