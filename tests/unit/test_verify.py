@@ -116,11 +116,12 @@ def test_switch_padding_fed_later_counts_up_to_the_next_segment() -> None:
 
 
 def _expected_record_end(b: WalBuilder, cut: int) -> int:
-    """The end of the last whole record at or below ``cut``: padded if the padding is
-    there too, the bare end otherwise; the stream's start if no record is whole. After
+    """The end of the last whole record at or below ``cut``: padded as far as the padding
+    is there; the stream's start if no record is whole. After
     an XLOG_SWITCH the zeros to the segment's end count with it."""
-    ends = [e for e in b.record_ends if e <= cut]
-    ends += [d for d in b.record_data_ends if d <= cut]
+    # A cut inside a record's alignment padding keeps the padding up to the cut.
+    ends = [min(e, cut) for e, d in zip(b.record_ends, b.record_data_ends, strict=True)
+            if d <= cut]
     for end in b.switch_ends:
         next_segment = end - end % SEG + SEG if end % SEG else end
         if end <= cut:
@@ -170,3 +171,26 @@ def test_a_walk_may_start_at_any_page() -> None:
     assert v.verified_end == b.record_ends[-1]
     with pytest.raises(ValueError):
         WalVerifier(page + 8, SEG)
+
+
+def test_damage_in_a_continuation_names_both_segments() -> None:
+    """A record that begins in one segment and ends in the next, with a byte flipped in
+    the second part: the damage reported spans the next segment too, so a repair looks
+    at both; verifying the next segment alone would have passed."""
+    from borealis.wal.verify import verify_segment_file
+
+    b = WalBuilder(SEG * 3, SEG)
+    while b.pos < SEG * 4 - 9000:
+        b.record(bytes(range(200)) * 10)
+    crossing = len(b.record_starts)
+    b.record(bytes(30000))  # from the first segment into the second
+    b.record(bytes(100))
+    data = bytearray(b.out)
+    flip = SEG + 300  # in the second segment, inside the crossing record's continuation
+    assert b.record_starts[crossing] < SEG * 4 < b.record_ends[crossing]
+    data[flip] ^= 0xFF
+    with pytest.raises(WalCorruption) as found:
+        verify_segment_file(SEG * 3, [bytes(data[:SEG]), bytes(data[SEG:])], SEG, 7)
+    assert found.value.lsn // SEG == 3 and (found.value.end - 1) // SEG == 4
+    alone = WalVerifier(SEG * 4, SEG, 7)
+    alone.feed(bytes(data[SEG:]))  # the continuation is skipped: no error

@@ -18,6 +18,9 @@ whole segment this node knows to be archived is dropped, so the node's disk hold
 the WAL since the newest base image, not all WAL ever written.
 
 Invariants: nothing past VDL is ever archived (it may not be durable and may be cut);
+a segment is archived only once its records checked out (page headers, CRCs; the last
+record's continuation in the next segment included), and damage found is repaired from
+a peer first;
 nothing is dropped that is not in the archive or that is at or past ``retain_from``; an
 archived partial never shrinks (a backtrack cuts the log below what was archived, and
 the archive keeps the timeline it left whole).
@@ -30,12 +33,14 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from borealis.backup.store import ObjectStore, open_store, put_if_longer
 from borealis.wal.lsn import SEGMENT_SIZE, format_lsn, history_name, parse_lsn, segment_name
+from borealis.wal.verify import WalCorruption, verify_segment_file
 
 if TYPE_CHECKING:
     from borealis.storage.node import StorageNode
@@ -102,6 +107,18 @@ class Archiver:
             since = self.complete_since.setdefault(name, now)
             if now - since < self.rank * self.stagger_s:
                 continue
+            files = [(store.segment_path(segno), store.segment_size)]
+            if store.timeline_for(segno + 1) is not None:
+                # The last record may go on there; only what is durable is read.
+                files.append((store.segment_path(segno + 1),
+                              max(0, vdl - (segno + 1) * store.segment_size)))
+            try:
+                await asyncio.to_thread(self._check_segment, segno, files)
+            except (WalCorruption, OSError) as exc:
+                log.error("%s: not archiving %s: %s", self.node.config.node_id, name, exc)
+                if isinstance(exc, WalCorruption):
+                    await self.node.repair_span(exc)
+                continue
             await asyncio.to_thread(self._upload_segment, name, store.segment_path(segno))
             self.archived.add(name)
         if wall - heard <= VDL_NEWS_MAX_AGE_S:  # else this node may not know the VDL
@@ -130,6 +147,25 @@ class Archiver:
             log.info("%s: dropping archived WAL below %s", self.node.config.node_id,
                      format_lsn(segno * SEGMENT_SIZE))
             store.drop_before(segno * SEGMENT_SIZE)
+
+    def _check_segment(self, segno: int, files: list[tuple[Path, int]]) -> None:
+        """Verify a segment's records (page headers, CRCs) from its files, in a worker
+        thread: the archive is put-if-absent, so damage uploaded would stay there."""
+        size = self.node.store.segment_size
+
+        def chunks() -> Iterator[bytes]:
+            for path, limit in files:
+                with open(path, "rb") as f:
+                    left = limit
+                    while left > 0:
+                        chunk = f.read(min(1 << 20, left))
+                        if not chunk:
+                            break
+                        left -= len(chunk)
+                        yield chunk
+
+        verify_segment_file(segno * size, chunks(), size,
+                            self.node.store.manifest.system_id or None)
 
     def _upload_segment(self, name: str, path: Path) -> None:
         if self.store.head(self.key(name)) is None:

@@ -519,8 +519,8 @@ class StorageNode:
             except WalCorruption:
                 continue
             if data == self.store.read(start, end):
-                log.error("%s: segment %d fails verification but matches %s's copy",
-                          self.config.node_id, segno, peer.node_id)
+                log.info("%s: segment %d matches %s's copy", self.config.node_id, segno,
+                         peer.node_id)
                 return False
             self.store.overwrite(start, data)
             self.counters.repaired_ranges += 1
@@ -554,10 +554,21 @@ class StorageNode:
             except WalCorruption as exc:
                 damaged += 1
                 log.warning("%s: scrub: %s", self.config.node_id, exc)
-                await self.repair_segment(exc.lsn // self.store.segment_size)
+                await self.repair_span(exc)
             except StoreError:
                 continue
         return damaged
+
+    async def repair_span(self, damage: WalCorruption) -> bool:
+        """Repair every segment the damaged range touches: a record's CRC covers its
+        continuation in the next segment, where the bad byte may be."""
+        size = self.store.segment_size
+        repaired = False
+        for segno in range(damage.lsn // size, (damage.end - 1) // size + 1):
+            if segno * size >= self.store.flush_lsn:
+                break
+            repaired = await self.repair_segment(segno) or repaired
+        return repaired
 
     async def spare_loop(self) -> None:
         """Keep a zero-filled segment ready, so appends never wait for one."""

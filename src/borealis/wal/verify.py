@@ -17,7 +17,7 @@ Invariant: ``verified_end`` only grows, and every byte below it passed the check
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import google_crc32c
 
@@ -41,10 +41,16 @@ _record_header = struct.Struct("<IIQBBxxI")  # tot_len, xid, prev, info, rmid, c
 
 
 class WalCorruption(Exception):
-    def __init__(self, lsn: int, reason: str) -> None:
+    """Damage found at ``lsn``; the damaged bytes lie in [lsn, end). A record whose CRC
+    does not match may be damaged anywhere in it, its continuation in the next segment
+    included: ``end`` is then the record's end, so a repair looks at every segment it
+    touches, not only the one it starts in."""
+
+    def __init__(self, lsn: int, reason: str, end: int | None = None) -> None:
         super().__init__(f"WAL damaged at {format_lsn(lsn)}: {reason}")
         self.lsn = lsn
         self.reason = reason
+        self.end = end if end is not None and end > lsn else lsn + PAGE_SIZE
 
 
 def maxalign(n: int) -> int:
@@ -159,7 +165,7 @@ class WalVerifier:
             body, end = gathered
             _len, _xid, _prev, info, rmid, crc = _record_header.unpack_from(body, 0)
             if record_crc(body) != crc:
-                raise WalCorruption(rec, "record CRC mismatch")
+                raise WalCorruption(rec, "record CRC mismatch", end)
             self.records += 1
             # The alignment padding after a record belongs with it: PostgreSQL's positions
             # (flush, switchpoints) are the padded end, the next record's start.
@@ -275,3 +281,17 @@ def last_record_end(
             assert floor <= found <= end
             return found
         window *= 4
+
+
+def verify_segment_file(segment_start: int, chunks: Iterable[bytes], segment_size: int =
+                        SEGMENT_SIZE, system_id: int | None = None) -> int:
+    """Check a whole segment's WAL, given as ``chunks`` from its start: the segment's own
+    bytes, then (as far as the last record needs them) the next segment's. Returns how
+    far it is known good; raises :class:`WalCorruption` on damage."""
+    verifier = WalVerifier(segment_start, segment_size, system_id)
+    end = segment_start + segment_size
+    for chunk in chunks:
+        verifier.feed(chunk)
+        if verifier.fed_end >= end and verifier.verified_end >= end:
+            break
+    return verifier.verified_end
