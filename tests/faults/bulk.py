@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import psycopg
 
@@ -74,21 +75,30 @@ class BulkLoad:
             self.error = exc
             ready.set()
 
-    def wait_mid_transaction(self, wal_bytes: int, timeout_s: float = 60) -> None:
-        """Until the load has written ``wal_bytes`` of WAL and is still running."""
+    def _poll_writer(self, sql: str, until: Callable[[int], bool], timeout_s: float,
+                     every_s: float) -> int | None:
+        """Run ``sql`` (an LSN) on the writer until ``until`` holds for it, while the load
+        still runs; the LSN, or None at the deadline."""
         deadline = time.monotonic() + timeout_s
         with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
             while time.monotonic() < deadline:
-                row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+                row = conn.execute(sql).fetchone()
                 assert row is not None
                 if self.finished or self.error is not None:
                     raise AssertionError(f"the {self.kind} load ended before the fault: "
                                          f"{self.error!r}")
-                if parse_lsn(row[0]) - self._started_lsn >= wal_bytes:
-                    return
-                time.sleep(0.02)
-        raise AssertionError(f"the {self.kind} load wrote less than {wal_bytes} bytes "
-                             f"of WAL in {timeout_s} s")
+                if until(parse_lsn(row[0])):
+                    return parse_lsn(row[0])
+                time.sleep(every_s)
+        return None
+
+    def wait_mid_transaction(self, wal_bytes: int, timeout_s: float = 60) -> None:
+        """Until the load has written ``wal_bytes`` of WAL and is still running."""
+        if self._poll_writer("SELECT pg_current_wal_lsn()::text",
+                             lambda lsn: lsn - self._started_lsn >= wal_bytes,
+                             timeout_s, 0.02) is None:
+            raise AssertionError(f"the {self.kind} load wrote less than {wal_bytes} bytes "
+                                 f"of WAL in {timeout_s} s")
 
     def wait_flush_inside_a_record(self, timeout_s: float = 10) -> int | None:
         """Until the writer's flush LSN stands on a page boundary (the WAL writer flushes
@@ -96,19 +106,9 @@ class BulkLoad:
         then ends inside one of the load's records, as it usually does when a writer
         dies with no other commits running. Returns that flush LSN, or None if none came
         in ``timeout_s`` (the fault then strikes wherever the log ends)."""
-        deadline = time.monotonic() + timeout_s
-        with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
-            while time.monotonic() < deadline:
-                row = conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()
-                assert row is not None
-                if self.finished or self.error is not None:
-                    raise AssertionError(f"the {self.kind} load ended before the fault: "
-                                         f"{self.error!r}")
-                flush = parse_lsn(row[0])
-                if flush % 8192 == 0 and flush > self._started_lsn:
-                    return flush
-                time.sleep(0.002)
-        return None
+        return self._poll_writer("SELECT pg_current_wal_flush_lsn()::text",
+                                 lambda lsn: lsn % 8192 == 0 and lsn > self._started_lsn,
+                                 timeout_s, 0.002)
 
     def join(self, timeout_s: float = 60) -> None:
         if self._thread is not None:
