@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import psycopg.conninfo
+import psycopg.sql
 import pytest
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -440,3 +442,32 @@ def test_deletion_protection_holds_on_every_path(cluster: ClusterView) -> None:
         assert cluster.status()["status"] == "available"
     finally:
         rds.modify_db_cluster(DBClusterIdentifier="shared", DeletionProtection=False)
+
+
+def test_a_master_password_changed_in_sql_breaks_nothing_of_ours(cluster: ClusterView) -> None:
+    """The control plane and the volume client log in as the internal role: a customer
+    who changes the master user's password with ALTER ROLE keeps a supervised cluster
+    whose commits go on (a new volume client logs in) and whose writer is not failed
+    over for failed probes."""
+    writer = cluster.writer()
+    old = psycopg.conninfo.conninfo_to_dict(writer["dsn"])
+    with cluster.connect(writer) as conn:
+        user = conn.execute("SELECT current_user").fetchone()
+        assert user is not None
+        conn.execute(psycopg.sql.SQL("ALTER ROLE {} PASSWORD 'changed-in-sql-1'").format(
+            psycopg.sql.Identifier(str(user[0]))))
+    mine = dict(old, password="changed-in-sql-1")
+    try:
+        before = cluster.status()
+        os.kill(before["volume_client"]["pid"], signal.SIGKILL)
+        wait_for("a new volume client", lambda: (v := cluster.status()["volume_client"])
+                 ["pid"] != before["volume_client"]["pid"] and v["state"] == "running", 30)
+        with psycopg.connect(autocommit=True, connect_timeout=10, **mine) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS after_alter (id int)")
+            conn.execute("INSERT INTO after_alter VALUES (1)")  # needs the volume client
+        assert cluster.writer()["id"] == writer["id"]
+        assert "failover: started" not in cluster.b.cli("events", "shared").stdout
+    finally:
+        with psycopg.connect(autocommit=True, connect_timeout=10, **mine) as conn:
+            conn.execute(psycopg.sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                psycopg.sql.Identifier(old["user"]), psycopg.sql.Literal(old["password"])))

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 ENGINE = "aurora-postgresql"
 DEFAULT_INSTANCE_CLASS = "db.r6g.large"
 _USERNAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
-_RESERVED_USERS = {"postgres", "rdsadmin", "replica", "borealis_volume"}
+_RESERVED_USERS = {"postgres", "rdsadmin", "replica", "borealis_volume", "borealis_admin"}
 
 RESTORABLE_CACHE_S = 5.0
 

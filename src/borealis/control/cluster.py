@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+import psycopg.sql
 from psycopg.conninfo import make_conninfo
 
 from borealis.backup import catalog
@@ -143,7 +144,7 @@ class ClusterRuntime:
         if source.role == "reader":
             self._recent_restartpoint_on(source)
         try:
-            pg.base_copy(self.bindir, source.port, c.master_user, c.master_password,
+            pg.base_copy(self.bindir, source.port, *self.internal_login(),
                          staging, self.run_as)
             # Continuous backup: the same image goes to the object store, where restores
             # to a point in time start from.
@@ -294,8 +295,9 @@ class ClusterRuntime:
         epoch = self.state.next_epoch(self.name)
         directory = self.volume_dir()
         directory.mkdir(parents=True, exist_ok=True)
-        conninfo = make_conninfo(host="127.0.0.1", port=writer.port, user=c.master_user,
-                                 password=c.master_password, dbname="replication",
+        user, password = self.internal_login()
+        conninfo = make_conninfo(host="127.0.0.1", port=writer.port, user=user,
+                                 password=password, dbname="replication",
                                  replication="true", application_name="borealis_volume",
                                  sslmode="disable", connect_timeout=5)
         config = {
@@ -329,11 +331,27 @@ class ClusterRuntime:
     def instance_alive(self, inst: Instance) -> bool:
         return processes.alive(inst.pid, str(self.datadir(inst.id)))
 
-    def dsn(self, inst: Instance, dbname: str = "postgres") -> str:
+    def internal_login(self) -> tuple[str, str]:
+        """Who the control plane, the volume client and base copies log in as: the
+        internal role (as Aurora keeps ``rdsadmin``), so a master user whose password
+        is changed or who is dropped in SQL breaks nothing of ours. A cluster made
+        before the role existed has only its master user."""
         c = self.cluster
+        return (ADMIN_USER, c.admin_password) if c.admin_password else \
+            (c.master_user, c.master_password)
+
+    def dsn(self, inst: Instance, dbname: str = "postgres") -> str:
+        """The control plane's own connection to an instance (the internal role)."""
+        user, password = self.internal_login()
         # Quoted by libpq's rules: a password is data, whatever characters it holds.
+        return make_conninfo(host="127.0.0.1", port=inst.port, user=user, password=password,
+                             dbname=dbname)
+
+    def client_dsn(self, inst: Instance) -> str:
+        """How the cluster's owner reaches an instance directly (the master user)."""
+        c = self.cluster
         return make_conninfo(host="127.0.0.1", port=inst.port, user=c.master_user,
-                             password=c.master_password, dbname=dbname)
+                             password=c.master_password, dbname="postgres")
 
     def server_settings(self, inst: Instance) -> pg.ServerSettings:
         s = pg.ServerSettings(port=inst.port, role=inst.role,
@@ -380,10 +398,11 @@ class ClusterRuntime:
             # The volume has a history: a new database here would be another system.
             raise ClusterError(f"writer {writer.id} has no data directory; it is rebuilt "
                                "from the base image and the volume's WAL, never made anew")
-        c = self.cluster
         self.instance_dir(writer.id).mkdir(parents=True, exist_ok=True)
         self.run_as.ensure_traversable(self.instance_dir(writer.id))
-        pg.initdb(self.bindir, datadir, c.master_user, c.master_password, self.run_as)
+        # The internal role is the bootstrap superuser; the master user is made once
+        # the server runs (create_master_user).
+        pg.initdb(self.bindir, datadir, *self.internal_login(), self.run_as)
         pg.write_settings(datadir, self.server_settings(writer), self.run_as)
         self.event("compute", f"initialized writer {writer.id}")
 
@@ -391,11 +410,9 @@ class ClusterRuntime:
         datadir = self.datadir(reader.id)
         if (datadir / "PG_VERSION").exists():
             return
-        c = self.cluster
         self.instance_dir(reader.id).mkdir(parents=True, exist_ok=True)
         self.run_as.ensure_traversable(self.instance_dir(reader.id))
-        pg.base_copy(self.bindir, writer.port, c.master_user, c.master_password, datadir,
-                     self.run_as)
+        pg.base_copy(self.bindir, writer.port, *self.internal_login(), datadir, self.run_as)
         pg.write_settings(datadir, self.server_settings(reader), self.run_as)
         self.run_as.own(datadir)
         self.event("compute", f"reader {reader.id} copied from a base backup")
@@ -531,6 +548,7 @@ class ClusterRuntime:
 
     def provision_writer(self, writer: Instance, base_image: bool = True) -> Instance:
         """A new volume's first writer: initdb, start, stream to a write quorum."""
+        fresh = not (self.datadir(writer.id) / "PG_VERSION").exists()
         self.ensure_writer_data(writer)
         self.start_instance(writer)
         current = self.state.instance(writer.id)
@@ -538,10 +556,23 @@ class ClusterRuntime:
         self.wait_ready(current)
         self.ensure_volume_client(current)
         self.wait_volume_ready()
+        if fresh and self.cluster.admin_password:
+            # Once commits can reach a write quorum (the writer waits for it to commit).
+            self.create_master_user(current)
         if base_image and self.base_image_age_s() is None:
             self.take_base_image(current)
         self.state.set_cluster(self.name, status="available")
         return current
+
+    def create_master_user(self, writer: Instance) -> None:
+        """The customer's master user, made by the internal role on a new database. A
+        superuser, as the bootstrap user was before the internal role existed."""
+        c = self.cluster
+        with psycopg.connect(self.dsn(writer), autocommit=True, connect_timeout=10) as conn:
+            conn.execute(psycopg.sql.SQL(
+                "CREATE ROLE {} LOGIN SUPERUSER CREATEDB CREATEROLE REPLICATION BYPASSRLS "
+                "PASSWORD {}").format(psycopg.sql.Identifier(c.master_user),
+                                      psycopg.sql.Literal(c.master_password)))
 
     def wait_volume_ready(self, timeout_s: float = 60) -> None:
         """Wait until the volume client streams to a write quorum (commits can complete)."""
@@ -631,6 +662,10 @@ class ClusterRuntime:
 
 
 BOOT_FILE = "boot_id"
+# The internal role: the bootstrap superuser of every database Borealis makes. Customers
+# never log in as it (the API refuses the name), and their master user's password is
+# theirs to change.
+ADMIN_USER = "borealis_admin"
 
 
 def current_boot_id() -> str:

@@ -534,7 +534,7 @@ class ControlPlane:
             "id": inst.id, "role": inst.role, "az": inst.az, "tier": inst.tier,
             "host": "127.0.0.1", "port": inst.port, "pid": inst.pid if alive else None,
             "state": inst.state if alive else "stopped", "replay_lsn": None, "lag_ms": None,
-            "dsn": rt.dsn(inst), "storage_node": inst.storage_node,
+            "dsn": rt.client_dsn(inst), "storage_node": inst.storage_node,
         }
         if not alive:
             return out
@@ -892,7 +892,8 @@ class ControlPlane:
             if snap is None or snap.status != "available":
                 raise ClusterError(f"snapshot {snapshot!r} not found (or not complete)")
             return (restore.RestoreSource(f"snapshot {snap.name}", snap.location,
-                                          snapshot_mod.prefix_of(snap.name)),
+                                          snapshot_mod.prefix_of(snap.name),
+                                          admin_password=snap.admin_password),
                     snap.master_user, snap.master_password)
         assert cluster is not None
         c = self.runtime(cluster)
@@ -929,7 +930,8 @@ class ControlPlane:
             c = rt.cluster
             self._create_cluster_from(
                 new, c.master_user, c.master_password, f"clone of {source}",
-                lambda progress: clone_mod.clone(self.state, rt, new, readers, progress))
+                lambda progress: clone_mod.clone(self.state, rt, new, readers, progress),
+                c.admin_password)
             return
         src, user, password = self.restore_source(cluster=source)
         self.start_restore(src, user, password, new, None, readers,
@@ -941,15 +943,18 @@ class ControlPlane:
         restored in the background."""
         self._create_cluster_from(
             new, user, password, label or f"restore of {src.label}",
-            lambda progress: restore.restore(self.state, src, new, target, readers, progress))
+            lambda progress: restore.restore(self.state, src, new, target, readers, progress),
+            src.admin_password)
 
     def _create_cluster_from(self, new: str, user: str, password: str, label: str,
-                             work: Callable[[restore.ProgressSink], None]) -> None:
+                             work: Callable[[restore.ProgressSink], None],
+                             admin_password: str) -> None:
         """The new cluster exists at once (``creating``); ``work`` fills it in the
-        background, reporting progress, and a failure leaves it ``failed``."""
+        background, reporting progress, and a failure leaves it ``failed``. Its data is
+        its source's, so it logs in as the source's data says (``admin_password``)."""
         if self.state.cluster(new) is not None:
             raise ClusterError(f"cluster {new!r} already exists")
-        self.state.create_cluster(new, user, password)
+        self.state.create_cluster(new, user, password, admin_password)
         self.state.event(new, "cluster", f"created by a {label}")
         self._operation_began(new, {"kind": label.split()[0]})
         self.on_cluster_created(new)
@@ -1074,8 +1079,7 @@ class ControlPlane:
         source = readers[0] if readers else writer
         copy = rt.dir / "snapshot" / "data"  # its parent is handed to the server account
         began = time.time()
-        pg.base_copy(rt.bindir, source.port, rt.cluster.master_user,
-                     rt.cluster.master_password, copy, rt.run_as)
+        pg.base_copy(rt.bindir, source.port, *rt.internal_login(), copy, rt.run_as)
         try:
             with psycopg.connect(rt.dsn(writer), connect_timeout=10) as conn:
                 row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()

@@ -97,12 +97,15 @@ class RestoreSource:
     # restore starts from, it is copied (blocks shared where the filesystem can) instead
     # of unpacked from the object store.
     local_image: Path | None = None
+    # The internal role's password in the source's data ('' for data from before it).
+    admin_password: str = ""
 
     @classmethod
     def of_cluster(cls, rt: ClusterRuntime) -> RestoreSource:
         image = rt.base_image_dir()
         return cls(f"cluster {rt.name}", rt.object_store_location, rt.backup_prefix,
-                   image if (image / "PG_VERSION").exists() else None)
+                   image if (image / "PG_VERSION").exists() else None,
+                   rt.cluster.admin_password)
 
 
 def restore(state: State, src: RestoreSource, new: str, target: float | None,

@@ -31,7 +31,8 @@ CREATE TABLE IF NOT EXISTS clusters (
     replication_password TEXT NOT NULL,
     epoch INTEGER NOT NULL DEFAULT 0,
     desired TEXT NOT NULL DEFAULT 'up',
-    status TEXT NOT NULL DEFAULT 'creating'
+    status TEXT NOT NULL DEFAULT 'creating',
+    admin_password TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS instances (
     id TEXT PRIMARY KEY,
@@ -95,7 +96,8 @@ CREATE TABLE IF NOT EXISTS snapshots (
     master_user TEXT NOT NULL,
     master_password TEXT NOT NULL,
     location TEXT NOT NULL,
-    bytes INTEGER NOT NULL DEFAULT 0
+    bytes INTEGER NOT NULL DEFAULT 0,
+    admin_password TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
@@ -124,6 +126,10 @@ class Cluster:
     epoch: int
     desired: str
     status: str
+    # The internal role's (ADMIN_USER) password: the control plane, volume client and
+    # base copies log in with it, never with the master user's, which the customer may
+    # change in SQL. '' for a cluster made before it had one (the master user then).
+    admin_password: str = ""
 
 
 @dataclass
@@ -147,6 +153,7 @@ class Snapshot:
     master_password: str
     location: str
     bytes: int
+    admin_password: str = ""  # the internal role's, as the snapshot's data carries it
 
 
 @dataclass
@@ -246,6 +253,11 @@ class State:
         if "host" not in columns:  # a home from before endpoints had addresses of their own
             self.db.execute("ALTER TABLE endpoints ADD COLUMN host TEXT NOT NULL "
                             "DEFAULT '127.0.0.1'")
+        for table in ("clusters", "snapshots"):  # from before the internal role
+            columns = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            if "admin_password" not in columns:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN admin_password TEXT "
+                                "NOT NULL DEFAULT ''")
         # The database holds passwords and secret keys: owner-only, like the home.
         for suffix in ("", "-wal", "-shm"):
             path = home / f"state.db{suffix}"
@@ -288,13 +300,18 @@ class State:
     # -- clusters -------------------------------------------------------------------
 
     def create_cluster(self, name: str, master_user: str = "borealis",
-                       master_password: str | None = None) -> Cluster:
+                       master_password: str | None = None,
+                       admin_password: str | None = None) -> Cluster:
+        """``admin_password``: the internal role's password the cluster's data carries
+        (a restore's or clone's source's); a new one for a new database."""
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO clusters (name, created, master_user, master_password, "
-                "storage_secret, replication_password) VALUES (?, ?, ?, ?, ?, ?)",
+                "storage_secret, replication_password, admin_password) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (name, time.time(), master_user, master_password or secrets.token_urlsafe(18),
-                 secrets.token_urlsafe(24), secrets.token_urlsafe(18)),
+                 secrets.token_urlsafe(24), secrets.token_urlsafe(18),
+                 secrets.token_urlsafe(24) if admin_password is None else admin_password),
             )
             for az in AZS:
                 for i in (1, 2):
@@ -518,9 +535,10 @@ class State:
     def add_snapshot(self, name: str, cluster: Cluster, location: str) -> Snapshot:
         self.db.execute(
             "INSERT INTO snapshots (name, cluster, created, status, master_user, "
-            "master_password, location) VALUES (?, ?, ?, 'creating', ?, ?, ?)",
+            "master_password, location, admin_password) "
+            "VALUES (?, ?, ?, 'creating', ?, ?, ?, ?)",
             (name, cluster.name, time.time(), cluster.master_user, cluster.master_password,
-             location))
+             location, cluster.admin_password))
         found = self.snapshot(name)
         assert found is not None
         return found
