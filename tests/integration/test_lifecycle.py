@@ -125,5 +125,5 @@ def test_nothing_is_open_to_other_local_users(borealis: Borealis, life: ClusterV
     secret = next(c for c in json.loads(
         borealis.cli("status", "--json", "--show-secrets").stdout)["clusters"]
         if c["name"] == "life")["instances"][0]["dsn"]
-    assert "password=" in secret and "password" not in st
-    assert "password" not in borealis.cli("up", "--cluster", "life").stdout
+    assert "password=" in secret and "password=" not in st
+    assert "password=" not in borealis.cli("up", "--cluster", "life").stdout

@@ -46,6 +46,7 @@ from borealis.control.state import AZS, State
 from borealis.protocol import volume as vp
 from borealis.storage.archive import RETAIN_FILE
 from borealis.storage.peers import PeerAddress, PeerConnection, PeerError, peer_states
+from borealis.volume.quorum import WRITE_QUORUM
 from borealis.wal.lsn import format_lsn, parse_lsn
 
 log = logging.getLogger("borealis.control")
@@ -161,9 +162,11 @@ class ControlPlane:
             await probe.value_once(rt.dsn(writer), "SELECT 1", WRITER_CHECK_TIMEOUT_S)
             watch.probe_ok()
         except (psycopg.Error, OSError, TimeoutError, probe.ProbeTimeout) as exc:
-            # The server answered if it sent an error of its own (a SQLSTATE): "too many
-            # clients", "starting up". A timeout or a refused socket is no answer.
-            answered = isinstance(exc, psycopg.Error) and exc.sqlstate is not None
+            # The server answered if it sent an error of its own ("FATAL: sorry, too many
+            # clients", "starting up"; libpq gives no SQLSTATE for it while connecting).
+            # A timeout or a refused socket is no answer.
+            answered = isinstance(exc, psycopg.Error) and (
+                exc.sqlstate is not None or "FATAL:" in str(exc))
             if watch.probe_failed(started_at, _writer_heard_at(rt), answered) \
                     == WRITER_MISSES:
                 rt.event("supervisor", f"writer {writer.id} failed {WRITER_MISSES} checks "
@@ -258,7 +261,12 @@ class ControlPlane:
                                   time.monotonic())
         if stalled_s < VOLUME_STALL_S:
             return False
-        return len(rt.answering_nodes()) >= 4
+        # Asked now, not from the node checks' counts (a node frozen a moment ago has
+        # not missed enough of them yet): with the quorum lost, no writer would do better.
+        answering = asyncio.run(peer_states(
+            rt.node_addresses(rt.answering_nodes()), rt.cluster.storage_secret,
+            NODE_CHECK_TIMEOUT_S, role="control"))
+        return len(answering) >= WRITE_QUORUM
 
     def _refresh_base_image(self, rt: ClusterRuntime, writer: Any) -> None:
         """Keep the base image recent, so rebuilding a writer replays little WAL; taken
