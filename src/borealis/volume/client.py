@@ -472,13 +472,22 @@ class VolumeClient:
         self._write_status()
         return self.exit_reason
 
-    async def _initial_states(self, timeout_s: float) -> list[vp.NodeState]:
+    async def _initial_states(self, timeout_s: float, grace_s: float = 0.1
+                              ) -> list[vp.NodeState]:
+        """The nodes' states, once all answered, or a write quorum did and the rest had
+        ``grace_s`` more: a frozen node must not hold up the new epoch (a failover's
+        new writer waits for it), and it is begun when it answers."""
         deadline = time.monotonic() + timeout_s
+        quorum_at: float | None = None
         while time.monotonic() < deadline:
             states = [lk.last_state for lk in self.links.values() if lk.last_state]
             if len(states) == len(self.links):
                 break
-            await asyncio.sleep(0.02)
+            if len(states) >= WRITE_QUORUM:
+                quorum_at = quorum_at or time.monotonic()
+                if time.monotonic() - quorum_at >= grace_s:
+                    break
+            await asyncio.sleep(0.01)
         return [lk.last_state for lk in self.links.values() if lk.last_state]
 
     async def _periodic(self) -> None:
