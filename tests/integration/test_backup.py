@@ -263,8 +263,12 @@ def test_snapshots_and_restores_through_the_rds_api(
     rds.restore_db_cluster_from_snapshot(DBClusterIdentifier="from-snap",
                                          SnapshotIdentifier="src-snap",
                                          Engine="aurora-postgresql")
-    rds.get_waiter("db_cluster_available").wait(DBClusterIdentifier="from-snap",
-                                                WaiterConfig=wait)
+    try:
+        rds.get_waiter("db_cluster_available").wait(DBClusterIdentifier="from-snap",
+                                                    WaiterConfig=wait)
+    except Exception:
+        print(borealis.cli("events", "from-snap", check=False).stdout)  # why it failed
+        raise
     try:
         restored = rds.describe_db_clusters(DBClusterIdentifier="from-snap")["DBClusters"][0]
         dsn = writer_dsn(ClusterView(borealis, "from-snap"))
