@@ -236,12 +236,45 @@ def run_round(view: ClusterView, bank: Bank, fault: str, rng: random.Random) -> 
         lost = bank.check(writer["dsn"])
         expected = bank.snapshot(writer["dsn"])
         for reader in view.readers():
-            wait_for(f"reader {reader['id']} to converge to the writer",
-                     lambda r=reader: bank.snapshot(r["dsn"]) == expected, 60, 0.2)
+            wait_converged(view, reader, writer, lambda: bank.snapshot(reader["dsn"]),  # noqa: B023
+                           expected)
     finally:
         bank.start()
     return RoundResult(fault, bank.acked_count() - before, lost, downtime, writer_before,
                        writer["id"])
+
+
+def wait_converged(view: ClusterView, reader: dict[str, Any], writer: dict[str, Any],
+                   seen: Callable[[], object], expected: object) -> None:
+    """Wait for a reader to return what the writer does; if it does not, fail with where
+    its WAL stands (received, replayed, the writer's) and the cluster's last events."""
+    try:
+        wait_for(f"reader {reader['id']} to converge to the writer",
+                 lambda: seen() == expected, 60, 0.2)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{_wal_positions(reader, writer)}\n"
+                             f"{_last_events(view)}") from None
+
+
+def _wal_positions(reader: dict[str, Any], writer: dict[str, Any]) -> str:
+    import psycopg
+    lines = []
+    for inst, query in ((writer, "SELECT pg_current_wal_lsn(), NULL, NULL, NULL"),
+                        (reader, "SELECT pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn(),"
+                                 " pg_last_xact_replay_timestamp(), (SELECT status || ' '"
+                                 " || coalesce(sender_host, '') || ':' || received_tli"
+                                 " FROM pg_stat_wal_receiver)")):
+        try:
+            with psycopg.connect(inst["dsn"], autocommit=True, connect_timeout=5) as conn:
+                lines.append(f"{inst['id']}: {conn.execute(query).fetchone()}")
+        except psycopg.Error as exc:
+            lines.append(f"{inst['id']}: {exc}")
+    return "\n".join(lines)
+
+
+def _last_events(view: ClusterView) -> str:
+    proc = view.b.cli("events", view.name, check=False)
+    return "\n".join(proc.stdout.splitlines()[-25:])
 
 
 def table(results: list[RoundResult]) -> str:

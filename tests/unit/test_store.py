@@ -100,6 +100,24 @@ def test_timeline_switch_inside_a_segment_copies_the_prefix(tmp_path: Path) -> N
     assert s.read(SEG, SEG + 1000, timeline=1) == b"o" * 1000
 
 
+def test_an_ended_timeline_is_read_from_the_next_ones_file(tmp_path: Path) -> None:
+    """A node that reached a switchpoint's segment only after the switch holds it under
+    the new timeline alone; a reader still on the old timeline must get its bytes up to
+    the switchpoint from there, never past it (it stalled at the segment's start)."""
+    s = open_store(tmp_path)
+    s.begin_at(SEG)
+    s.write(SEG, b"o" * SEG)  # timeline 1 up to the end of its segment
+    switch = 2 * SEG + 1000
+    s.manifest.timeline = 2
+    s.add_history(2, f"1\t0/{switch:X}\tno recovery target specified\n")
+    s.write(2 * SEG, b"o" * 1000 + b"n" * 10, timeline=2)  # copied after the switch
+    s.sync()
+    assert s.read(SEG, switch, timeline=1) == b"o" * (SEG + 1000)
+    with pytest.raises(StoreError):
+        s.read(SEG, switch + 1, timeline=1)  # past the switchpoint: not timeline 1's
+    assert s.read(2 * SEG, switch + 10) == b"o" * 1000 + b"n" * 10
+
+
 def test_drop_before_prunes_whole_segments_durably(tmp_path: Path) -> None:
     s = open_store(tmp_path)
     s.begin_at(SEG * 2)

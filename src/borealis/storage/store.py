@@ -28,7 +28,7 @@ from pathlib import Path
 
 from borealis.fsync import fsync_dir
 from borealis.wal.lsn import SEGMENT_SIZE, history_name, parse_segment_name, segment_name
-from borealis.wal.timeline import TimelineEntry, parse_history
+from borealis.wal.timeline import TimelineEntry, parse_history, switchpoint_of
 from borealis.wal.verify import WalCorruption, WalVerifier
 
 _OPEN_FILES = 16
@@ -323,11 +323,30 @@ class SegmentStore:
             segno, offset = divmod(pos, self.segment_size)
             take = min(end - pos, self.segment_size - offset)
             tli = self.timeline_for(segno, timeline)
+            if tli is None and timeline is not None:
+                tli = self._successor_file(segno, timeline, pos + take)
             if tli is None:
                 raise StoreError(f"segment {segno} missing")
             parts.append(self.read_segment(tli, segno, offset, take))
             pos += take
         return b"".join(parts)
+
+    def _successor_file(self, segno: int, timeline: int, end: int) -> int | None:
+        """A later timeline's file that holds ``timeline``'s bytes of a segment up to
+        ``end``: the segment where ``timeline`` ended may be held only under the next
+        (a node that reached it after the switch copied it as the new timeline's; a
+        promotion does the same). Bytes before a timeline's switchpoint are the same in
+        every file of the timelines after it, as PostgreSQL's walsender relies on."""
+        newer = [t for t in self._segments.get(segno, []) if t > timeline]
+        if not newer:
+            return None
+        try:
+            switch = switchpoint_of(self.timeline_entries(), timeline)
+        except KeyError:
+            return None  # not in this node's history: no file holds its bytes
+        if switch is None or end > switch:
+            return None
+        return newer[0]
 
     def read_segment(self, tli: int, segno: int, offset: int, size: int) -> bytes:
         if tli not in self._segments.get(segno, ()):
