@@ -2,11 +2,13 @@
 
 Each call outside a transaction gets its own connection (autocommit: every statement
 commits on its own, as on Aurora). ``BeginTransaction`` keeps a connection open under a
-transaction id until commit, rollback, or ``IDLE_TRANSACTION_S`` without a call, when it
-is rolled back. Calls go through the cluster endpoint, so they follow the writer through
-failovers (and are held while there is none).
+transaction id until commit, rollback, or 180 s without a call
+(``BOREALIS_DATA_API_IDLE_TRANSACTION_S``), when it is rolled back. Calls go through the
+cluster endpoint, so they follow the writer through failovers (and are held while there
+is none).
 
-Aurora's limits hold: a 1 MiB response, 64 KB a row, ``CALL_TIMEOUT_S`` a call.
+Aurora's limits hold: a 1 MiB response, 64 KB a row, 45 s a call
+(``BOREALIS_DATA_API_CALL_TIMEOUT_S``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import psycopg
 import psycopg.errors
 from psycopg.rows import tuple_row
 
+from borealis import settings
 from borealis.api import data_codec as codec
 from borealis.api import identity
 from borealis.api.data_codec import bad_request
@@ -36,8 +38,6 @@ if TYPE_CHECKING:
 
 MAX_RESPONSE = 1 << 20
 MAX_ROW = 64 * 1024
-CALL_TIMEOUT_S = float(os.environ.get("BOREALIS_DATA_API_CALL_TIMEOUT_S", "45"))
-IDLE_TRANSACTION_S = float(os.environ.get("BOREALIS_DATA_API_IDLE_TRANSACTION_S", "180"))
 MAX_TRANSACTION_S = 24 * 3600
 CONNECT_TIMEOUT_S = 30  # the cluster endpoint holds connections while there is no writer
 
@@ -60,6 +60,9 @@ class DataApi:
         self.transactions: dict[str, Transaction] = {}
         self.pool = IdleConnections()
         self.keys: dict[int, str] = {}  # id(connection) -> its pool key, while lent out
+        knobs = settings.current()
+        self.call_timeout_s = knobs.data_api_call_timeout_s
+        self.idle_transaction_s = knobs.data_api_idle_transaction_s
 
     # -- resolving who and where ---------------------------------------------------------
 
@@ -203,11 +206,11 @@ class DataApi:
 
     async def _timed(self, conn: psycopg.AsyncConnection[Any], work: Any, p: dict[str, Any],
                      keep: bool) -> dict[str, Any]:
-        """Run ``work`` on ``conn`` within CALL_TIMEOUT_S. Past it the statement is
-        cancelled, unless ``continueAfterTimeout`` asks to let it finish."""
+        """Run ``work`` on ``conn`` within the call timeout. Past it the statement is cancelled,
+        unless ``continueAfterTimeout`` asks to let it finish."""
         task: asyncio.Task[dict[str, Any]] = asyncio.ensure_future(work)
         try:
-            return await asyncio.wait_for(asyncio.shield(task), CALL_TIMEOUT_S)
+            return await asyncio.wait_for(asyncio.shield(task), self.call_timeout_s)
         except TimeoutError:
             committing = await self._waiting_for_quorum(conn, p)
             if (p.get("continueAfterTimeout") or committing) and not keep:
@@ -229,13 +232,13 @@ class DataApi:
                 # would only leave it committed on the writer and the caller told
                 # otherwise. It is left to finish; its outcome is not known yet.
                 raise ApiError("StatementTimeoutException", "The statement did not finish "
-                               f"within {CALL_TIMEOUT_S:g} seconds: its commit is waiting "
+                               f"within {self.call_timeout_s:g} seconds: its commit is waiting "
                                "for a write quorum of storage nodes, so its outcome is "
                                "unknown (it takes effect once the quorum is back, and is "
                                "lost only if the writer is replaced first); check before "
                                "retrying", 400) from None
             raise ApiError("StatementTimeoutException", "The statement did not finish within "
-                           f"{CALL_TIMEOUT_S:g} seconds" + (" (it goes on running)" if
+                           f"{self.call_timeout_s:g} seconds" + (" (it goes on running)" if
                            p.get("continueAfterTimeout") else " and was cancelled"), 400) \
                 from None
         except psycopg.Error as exc:
@@ -317,14 +320,14 @@ class DataApi:
     # -- idle transactions -----------------------------------------------------------------
 
     async def reap_idle(self) -> None:
-        """Roll back transactions idle for IDLE_TRANSACTION_S (or open for a day); close
+        """Roll back transactions idle for the idle limit (or open for a day); close
         pooled connections unused for a minute."""
         await self.pool.prune()
         now = time.monotonic()
         for tx in list(self.transactions.values()):
             if tx.lock.locked():
                 continue
-            if (now - tx.last_used > IDLE_TRANSACTION_S
+            if (now - tx.last_used > self.idle_transaction_s
                     or now - tx.started > MAX_TRANSACTION_S):
                 self.transactions.pop(tx.id, None)
                 with contextlib.suppress(Exception):
@@ -332,7 +335,7 @@ class DataApi:
                 self.keys.pop(id(tx.conn), None)
                 await tx.conn.close()
                 self.state.event(tx.cluster, "data-api", "a transaction idle for "
-                                 f"{IDLE_TRANSACTION_S:g} s was rolled back")
+                                 f"{self.idle_transaction_s:g} s was rolled back")
 
     async def close(self) -> None:
         for tx in list(self.transactions.values()):

@@ -6,10 +6,10 @@ ARNs and credentials stay the same across restarts.
 
 from __future__ import annotations
 
-import os
 import secrets
 import string
 
+from borealis import settings
 from borealis.control.state import State
 
 # A real region name, so tools that check region names accept it; not us-east-1, for
@@ -19,7 +19,7 @@ _KEY_ALPHABET = string.ascii_uppercase + string.digits
 
 
 def region(state: State) -> str:
-    return os.environ.get("BOREALIS_REGION") or state.setting("region") or DEFAULT_REGION
+    return settings.current().region or state.setting("region") or DEFAULT_REGION
 
 
 def account_id(state: State) -> str:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from borealis import settings
 from borealis.fsync import fsync_dir
 
 CHUNK = 1 << 20
@@ -334,7 +335,7 @@ def open_store(location: str) -> ObjectStore:
     parsed = urllib.parse.urlparse(location)
     if parsed.scheme == "s3":
         return S3Store(parsed.netloc, parsed.path,
-                       os.environ.get("BOREALIS_S3_ENDPOINT_URL") or None)
+                       settings.current().s3_endpoint_url or None)
     if parsed.scheme in ("", "file"):
         return LocalStore(Path(parsed.path if parsed.scheme else location))
     raise StoreError(f"unknown object store {location!r}: use file:///path or s3://bucket")

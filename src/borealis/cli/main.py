@@ -35,7 +35,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from borealis import identifiers
+from borealis import identifiers, settings
 from borealis.api import identity
 from borealis.api.times import format_time
 from borealis.control.processes import alive
@@ -52,7 +52,7 @@ class CliError(Exception):
 
 
 def home() -> Path:
-    return Path(os.environ.get("BOREALIS_HOME", Path.home() / ".borealis"))
+    return settings.current().home
 
 
 def control_info() -> dict[str, Any] | None:
@@ -500,10 +500,10 @@ def api_location() -> tuple[str, str]:
     if info is not None:
         return info["url"], info.get("region", identity.DEFAULT_REGION)
     state = State(home())
-    port = os.environ.get("BOREALIS_API_PORT") or state.setting("api_port")
+    port = settings.current().api_port or state.setting("api_port")
     if port is None:
         raise CliError("the control plane has not run yet; start it with `borealis up`")
-    host = os.environ.get("BOREALIS_API_HOST", "127.0.0.1")
+    host = settings.current().api_host
     return f"http://{host}:{port}", identity.region(state)
 
 

@@ -25,6 +25,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from borealis import settings
 from borealis.logfiles import private_log
 
 CONF_NAME = "borealis.conf"
@@ -42,7 +43,7 @@ def find_bindir(configured: str | None = None) -> Path:
     candidates: list[str] = []
     if configured:
         candidates.append(configured)
-    if env := os.environ.get("BOREALIS_PG_BINDIR"):
+    if env := settings.current().pg_bindir:
         candidates.append(env)
     pg_config = shutil.which("pg_config")
     if pg_config:
@@ -80,7 +81,7 @@ class RunAs:
     def detect(cls) -> RunAs:
         if os.geteuid() != 0:
             return cls(None, os.getuid(), os.getgid())
-        name = os.environ.get("BOREALIS_PG_USER", "postgres")
+        name = settings.current().pg_user
         try:
             entry = pwd.getpwnam(name)
         except KeyError:

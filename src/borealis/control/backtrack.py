@@ -43,11 +43,10 @@ from borealis.control.restore import (
 from borealis.wal.lsn import format_lsn, parse_lsn
 from borealis.wal.timeline import parse_history
 
-DEFAULT_WINDOW_S = float(os.environ.get("BOREALIS_BACKTRACK_WINDOW_S", str(24 * 3600)))
-
 
 def window_s(rt: ClusterRuntime) -> float:
-    return float(rt.state.setting(f"backtrack_window_s:{rt.name}") or DEFAULT_WINDOW_S)
+    return float(rt.state.setting(f"backtrack_window_s:{rt.name}")
+                 or rt.settings.backtrack_window_s)
 
 
 def check(rt: ClusterRuntime, target: float, now: float,

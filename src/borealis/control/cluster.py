@@ -25,11 +25,14 @@ import psycopg
 import psycopg.sql
 from psycopg.conninfo import make_conninfo
 
+from borealis import settings
 from borealis.backup import catalog
 from borealis.backup.store import open_store
 from borealis.compute import postgres as pg
 from borealis.control import processes
 from borealis.control.state import Cluster, Instance, State, StorageNodeRow
+from borealis.settings import Settings
+from borealis.settings import current as current_settings
 from borealis.storage.peers import PeerAddress
 from borealis.wal.lsn import parse_lsn
 
@@ -52,23 +55,11 @@ class ClusterError(Exception):
     pass
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Knobs read from the environment of the control plane."""
-
-    shared_buffers: str = os.environ.get("BOREALIS_SHARED_BUFFERS", "32MB")
-    max_connections: int = int(os.environ.get("BOREALIS_MAX_CONNECTIONS", "100"))
-    writer_fsync: bool = os.environ.get("BOREALIS_WRITER_FSYNC", "off") == "on"
-    scrub_interval_s: float = float(os.environ.get("BOREALIS_SCRUB_INTERVAL_S", "30"))
-    scrub_bytes_per_s: int = int(os.environ.get("BOREALIS_SCRUB_BYTES_PER_S", str(2 << 20)))
-    ready_timeout_s: float = float(os.environ.get("BOREALIS_READY_TIMEOUT_S", "120"))
-
-
 class ClusterRuntime:
     def __init__(self, state: State, name: str, settings: Settings | None = None) -> None:
         self.state = state
         self.name = name
-        self.settings = settings or Settings()
+        self.settings = settings or current_settings()
         self.dir = state.home / "clusters" / name
         self.run_as = pg.RunAs.detect()
         self._bindir: Path | None = None
@@ -219,7 +210,7 @@ class ClusterRuntime:
     def object_store_location(self) -> str:
         """``BOREALIS_OBJECT_STORE`` (``file:///path`` or ``s3://bucket/prefix``), else the
         ``objects`` folder of the Borealis home."""
-        return os.environ.get("BOREALIS_OBJECT_STORE") or (self.state.home / "objects").as_uri()
+        return self.settings.object_store or (self.state.home / "objects").as_uri()
 
     @property
     def backup_prefix(self) -> str:
@@ -670,7 +661,7 @@ ADMIN_USER = "borealis_admin"
 
 def current_boot_id() -> str:
     """This boot of the host (the kernel's random boot id): it changes at every boot."""
-    override = os.environ.get("BOREALIS_BOOT_ID")  # a host "rebooted" in tests
+    override = settings.current().boot_id  # a host "rebooted" in tests
     if override:
         return override
     try:

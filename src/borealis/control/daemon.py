@@ -27,7 +27,7 @@ import psycopg
 import psycopg.sql
 from aiohttp import web
 
-from borealis import identifiers
+from borealis import identifiers, settings
 from borealis.api import identity
 from borealis.api import secrets as api_secrets
 from borealis.api import server as api_server
@@ -61,23 +61,15 @@ WRITER_MISSES = 3  # failed checks in a row before a failover
 VOLUME_STALL_S = 3.0  # VDL standing still with WAL waiting, storage tier answering
 LSN_SAMPLES = 2400
 SAMPLE_TIMEOUT_S = 1.0
-BASE_IMAGE_INTERVAL_S = float(os.environ.get("BOREALIS_BASE_IMAGE_INTERVAL_S", "3600"))
-# A new base image also after this much WAL, so a restore never replays much more.
-BASE_IMAGE_WAL_BYTES = int(os.environ.get("BOREALIS_BASE_IMAGE_WAL_BYTES", str(1 << 30)))
-# After a failed base image (its source went away, a full disk), wait this long to retry.
-BASE_IMAGE_RETRY_S = float(os.environ.get("BOREALIS_BASE_IMAGE_RETRY_S", "30"))
-PRUNE_INTERVAL_S = float(os.environ.get("BOREALIS_PRUNE_INTERVAL_S", "60"))
-# WAL the storage nodes keep below VDL however old (readers catching up read it there).
-NODE_WAL_KEEP_BYTES = int(os.environ.get("BOREALIS_NODE_WAL_KEEP_BYTES", str(128 << 20)))
-
 
 def default_home() -> Path:
-    return Path(os.environ.get("BOREALIS_HOME", Path.home() / ".borealis"))
+    return settings.current().home
 
 
 class ControlPlane:
     def __init__(self, home: Path) -> None:
         self.home = home
+        self.settings = settings.current()
         self.state = State(home)
         self.locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         # (monotonic time, writer LSN) samples per cluster, for replica lag.
@@ -273,12 +265,12 @@ class ControlPlane:
         from a reader when there is one (the writer has enough to do)."""
         age = rt.base_image_age_s()
         if (rt.name not in self.image_wanted and age is not None
-                and age < BASE_IMAGE_INTERVAL_S and self._image_stored(rt)
+                and age < self.settings.base_image_interval_s and self._image_stored(rt)
                 and not self._much_wal_since_image(rt)):
             return
         if (writer.state != "available" or rt.name in self.image_tasks
                 or time.monotonic() - self.image_failed_at.get(rt.name, -1e9)
-                < BASE_IMAGE_RETRY_S):
+                < self.settings.base_image_retry_s):
             return
         readers = rt.available_readers()
         self.image_due[rt.name] = (readers[0] if readers else writer).id
@@ -311,7 +303,7 @@ class ControlPlane:
             cluster = self.state.cluster(name)
             if cluster is not None and cluster.desired == "up" and not self.stopping.is_set():
                 rt.event("backup", f"base image from {source_id} failed; trying again in "
-                                   f"{BASE_IMAGE_RETRY_S:.0f} s: {_last_line(exc)}")
+                                   f"{self.settings.base_image_retry_s:.0f} s: {_last_line(exc)}")
             return
         async with self.locks[name]:
             cluster = self.state.cluster(name)
@@ -329,20 +321,20 @@ class ControlPlane:
             await asyncio.to_thread(rt.install_base_image, staged)
 
     def _much_wal_since_image(self, rt: ClusterRuntime) -> bool:
-        """BASE_IMAGE_WAL_BYTES of WAL written since the local base image began: a restore
+        """``base_image_wal_bytes`` of WAL written since the local base image began: a restore
         from it would replay too much."""
         try:
             start, _ = catalog.backup_label(rt.base_image_dir())
         except (OSError, StoreError):
             return False
         vdl = str((rt.volume_status() or {}).get("vdl", "0/0"))
-        return parse_lsn(vdl) - start > BASE_IMAGE_WAL_BYTES
+        return parse_lsn(vdl) - start > self.settings.base_image_wal_bytes
 
     def prune_backups(self, name: str) -> None:
         """Drop what the retention window no longer needs (at most once a minute), and
         tell the storage nodes how much WAL they must keep."""
         now = time.time()
-        if now - self.pruned_at.get(name, 0.0) < PRUNE_INTERVAL_S:
+        if now - self.pruned_at.get(name, 0.0) < self.settings.prune_interval_s:
             return
         self.pruned_at[name] = now
         rt = self.runtime(name)
@@ -365,7 +357,8 @@ class ControlPlane:
         instances = self.state.instances(rt.name)
         redo = [self._redo_lsn(rt, i) if i.state == "available" else None for i in instances]
         vdl = parse_lsn(str((rt.volume_status() or {}).get("vdl", "0/0")))
-        lsn = wal_retention.retain_from(image_start, redo, vdl, NODE_WAL_KEEP_BYTES)
+        lsn = wal_retention.retain_from(image_start, redo, vdl,
+                                        self.settings.node_wal_keep_bytes)
         if lsn is None:
             return
         body = json.dumps({"retain_from": format_lsn(lsn), "written": time.time()})
@@ -1343,8 +1336,8 @@ def _error(status: int, message: str) -> web.Response:
 def api_address(state: State, port: int) -> tuple[str, int]:
     """Where the API listens: ``--port``, else ``BOREALIS_API_PORT``, else a port chosen
     once for this home and kept (so ``borealis credentials`` stays valid)."""
-    host = os.environ.get("BOREALIS_API_HOST", "127.0.0.1")
-    port = port or int(os.environ.get("BOREALIS_API_PORT", "0"))
+    host = settings.current().api_host
+    port = port or settings.current().api_port
     if not port:
         port = int(state.setting_once("api_port", lambda: str(state.allocate_port())))
     return host, port

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import time
 from pathlib import Path
@@ -30,9 +29,7 @@ from borealis.endpoints.routing import (
 )
 
 MAX_CUSTOM = 5
-HOLD_TIMEOUT_S = float(os.environ.get("BOREALIS_ENDPOINT_HOLD_S", "30"))
 APPLY_TIMEOUT_S = 2.0  # the proxy reads its config every 0.1 s
-MAX_READER_LAG_MS = int(os.environ.get("BOREALIS_ENDPOINT_MAX_LAG_MS", "30000"))
 
 
 class ClusterEndpoints:
@@ -124,12 +121,13 @@ class ClusterEndpoints:
         return out
 
     def specs(self) -> list[EndpointSpec]:
-        return [_spec(e) for e in self.state.endpoints(self.rt.name)]
+        lag_ms = self.rt.settings.endpoint_max_lag_ms
+        return [_spec(e, lag_ms) for e in self.state.endpoints(self.rt.name)]
 
     def write_config(self, lag_ms: dict[str, int | None]) -> bool:
         """Write the proxy's config if it changed; returns True when it did."""
         config = {
-            "cluster": self.rt.name, "hold_timeout_s": HOLD_TIMEOUT_S,
+            "cluster": self.rt.name, "hold_timeout_s": self.rt.settings.endpoint_hold_s,
             "client_timeout_s": 10.0,
             "endpoints": [{"name": s.name, "type": s.type, "host": s.host, "port": s.port,
                            "custom_type": s.custom_type, "static": list(s.static),
@@ -166,7 +164,7 @@ class ClusterEndpoints:
         metrics = self.proxy_status()
         out = []
         for row in self.state.endpoints(self.rt.name):
-            spec = _spec(row)
+            spec = _spec(row, self.rt.settings.endpoint_max_lag_ms)
             m = metrics.get(spec.name, {})
             out.append({
                 "name": spec.name, "type": spec.type, "host": spec.host, "port": spec.port,
@@ -220,6 +218,6 @@ class ClusterEndpoints:
         self.state.set_proxy_pid(self.rt.name, None)
 
 
-def _spec(row: EndpointRow) -> EndpointSpec:
+def _spec(row: EndpointRow, max_lag_ms: int) -> EndpointSpec:
     return EndpointSpec(row.name, row.type, row.port, row.custom_type, tuple(row.static),
-                        tuple(row.excluded), row.instance, MAX_READER_LAG_MS, row.host)
+                        tuple(row.excluded), row.instance, max_lag_ms, row.host)

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from borealis import settings
 from borealis.endpoints import bpf
 
 log = logging.getLogger("borealis.endpoints")
@@ -147,7 +148,7 @@ class Steering:
 
     @classmethod
     def open(cls) -> Steering | None:
-        if os.environ.get("BOREALIS_ENDPOINT_STEERING", "1") == "0" or _NR_BPF < 0:
+        if not settings.current().endpoint_steering or _NR_BPF < 0:
             return None
         try:
             return cls()
