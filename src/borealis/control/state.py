@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from borealis import identifiers
+from borealis.control import lifecycle
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS clusters (
@@ -334,9 +335,8 @@ class State:
         return [Cluster(**dict(r)) for r in rows]
 
     def set_cluster(self, name: str, **fields: object) -> None:
-        assignments = ", ".join(f"{k} = ?" for k in fields)
-        self.db.execute(f"UPDATE clusters SET {assignments} WHERE name = ?",
-                        (*fields.values(), name))
+        """Update a cluster's row; a new ``status`` must be a move its lifecycle allows."""
+        self._update("clusters", "name", name, fields, "status", lifecycle.check_cluster)
 
     def next_epoch(self, name: str) -> int:
         with self.transaction() as db:
@@ -384,9 +384,8 @@ class State:
         return [Instance(**dict(r)) for r in rows]
 
     def set_instance(self, instance_id: str, **fields: object) -> None:
-        assignments = ", ".join(f"{k} = ?" for k in fields)
-        self.db.execute(f"UPDATE instances SET {assignments} WHERE id = ?",
-                        (*fields.values(), instance_id))
+        """Update an instance's row; a new ``state`` must be a move its lifecycle allows."""
+        self._update("instances", "id", instance_id, fields, "state", lifecycle.check_instance)
 
     def delete_instance(self, instance_id: str) -> None:
         self.db.execute("DELETE FROM instances WHERE id = ?", (instance_id,))
@@ -552,9 +551,23 @@ class State:
         return [Snapshot(**dict(r)) for r in rows]
 
     def set_snapshot(self, name: str, **fields: object) -> None:
+        """Update a snapshot's row; a new ``status`` must be a move its lifecycle allows."""
+        self._update("snapshots", "name", name, fields, "status", lifecycle.check_snapshot)
+
+    def _update(self, table: str, key: str, value: str, fields: dict[str, object],
+                state_column: str, check: Callable[[str, str, str], object]) -> None:
+        """One row's fields, in a transaction that first checks the state move (a row
+        already gone is left alone, as an UPDATE of nothing)."""
         assignments = ", ".join(f"{k} = ?" for k in fields)
-        self.db.execute(f"UPDATE snapshots SET {assignments} WHERE name = ?",
-                        (*fields.values(), name))
+        with self.transaction() as db:
+            if state_column in fields:
+                row = db.execute(f"SELECT {state_column} FROM {table} WHERE {key} = ?",
+                                 (value,)).fetchone()
+                if row is not None:
+                    fields = {**fields, state_column: str(check(value, row[0],
+                                                                 str(fields[state_column])))}
+            db.execute(f"UPDATE {table} SET {assignments} WHERE {key} = ?",
+                       (*fields.values(), value))
 
     def delete_snapshot(self, name: str) -> None:
         self.db.execute("DELETE FROM snapshots WHERE name = ?", (name,))
