@@ -39,9 +39,9 @@ from typing import Any
 
 import psycopg
 
-from borealis.api.times import parse_time
 from borealis.compute import postgres as pg
 from borealis.control.state import free_port
+from borealis.times import parse_time
 from borealis.wal.lsn import parse_lsn
 
 

@@ -17,9 +17,9 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # (component, marker in the command line); the first that matches names the process.
 COMPONENTS = [
-    ("storage nodes", "borealis.storage.node"),
+    ("storage nodes", "borealis.storage.server"),
     ("volume client", "borealis.volume.client"),
-    ("control plane", "borealis.control.daemon"),
+    ("control plane", "borealis.daemon"),
     ("endpoint proxy", "borealis.endpoints.proxy"),
     ("pgbench", "pgbench"),
     ("wal senders", "postgres: walsender"),

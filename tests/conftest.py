@@ -34,3 +34,8 @@ def cluster(borealis: Borealis) -> ClusterView:
     view = ClusterView(borealis, "shared")
     view.wait_all_serving()
     return view
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--seeds", type=int, default=20,
+                     help="how many seeds the supervision simulation runs (0..N-1)")

@@ -108,14 +108,14 @@ class Borealis:
 
     def _remember(self, status: dict[str, Any]) -> None:
         if status.get("control"):
-            self.seen_pids[status["control"]["pid"]] = "borealis.control.daemon"
+            self.seen_pids[status["control"]["pid"]] = "borealis.daemon"
         for c in status.get("clusters", []):
             for inst in c["instances"]:
                 if inst["pid"]:
                     self.seen_pids[inst["pid"]] = "postgres"
             for node in c["storage_nodes"]:
                 if node["pid"]:
-                    self.seen_pids[node["pid"]] = "borealis.storage.node"
+                    self.seen_pids[node["pid"]] = "borealis.storage.server"
             vc = c["volume_client"]
             if vc and vc.get("pid"):
                 self.seen_pids[vc["pid"]] = "borealis.volume.client"

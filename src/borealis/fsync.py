@@ -1,5 +1,5 @@
-"""Making a rename durable: the directory entry is on disk only once the directory is
-fsynced (used by the segment store and the local object store)."""
+"""Making writes durable and atomic: a rename is on disk only once the directory is
+fsynced; a file replaced through a temporary one is never seen half-written."""
 
 from __future__ import annotations
 
@@ -13,3 +13,24 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_atomic(path: Path, data: str | bytes, mode: int = 0o600, durable: bool = False
+                 ) -> None:
+    """Replace ``path`` with ``data`` all at once: a reader sees the old file or the new
+    one, never a part. With ``durable`` the data and the rename reach the disk before
+    this returns (files a crash must not lose; status files need not)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    raw = data.encode() if isinstance(data, str) else data
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        view = memoryview(raw)
+        while view:
+            view = view[os.write(fd, view):]
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    if durable:
+        fsync_dir(path.parent)

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from borealis.api.times import parse_time
 from borealis.control.processes import alive
+from borealis.times import parse_time
 from tests.harness import Borealis, ClusterView, iso, own_control_plane, wait_for
 
 
@@ -56,7 +56,7 @@ def kill_control_plane_at(b: Borealis, cluster: str, event: str,
         "events", cluster, check=False).stdout.count(event) > seen, 120, 0.02)
     os.kill(control_pid, signal.SIGKILL)
     wait_for("the control plane to die",
-             lambda: not alive(control_pid, "borealis.control.daemon"))
+             lambda: not alive(control_pid, "borealis.daemon"))
     proc.communicate(timeout=120)
     return proc
 

@@ -83,7 +83,7 @@ def test_control_plane_restart_adopts_running_processes(borealis: Borealis,
     control_pid = st["control"]["pid"]
     os.kill(control_pid, signal.SIGKILL)
     wait_for("the control plane to die", lambda: not alive(control_pid,
-                                                            "borealis.control.daemon"))
+                                                            "borealis.daemon"))
     assert "not running" in borealis.cli("status").stdout
     borealis.cli("up", "--cluster", "life")
     st = borealis.status()
@@ -98,7 +98,7 @@ def test_destroy_deletes_everything(borealis: Borealis) -> None:
     borealis.cli("up", "--cluster", "doomed", "--readers", "0")
     pids = [n["pid"] for n in borealis.cluster("doomed")["storage_nodes"]]
     borealis.cli("destroy", "doomed")
-    assert all(not alive(p, "borealis.storage.node") for p in pids)
+    assert all(not alive(p, "borealis.storage.server") for p in pids)
     assert not (borealis.home / "clusters" / "doomed").exists()
     assert "doomed" not in [c["name"] for c in borealis.status()["clusters"]]
     bad = borealis.cli("destroy", "doomed", check=False)

@@ -75,7 +75,7 @@ def node(two_timelines: tuple[Path, dict[str, object]], tmp_path: Path
     cfg = tmp_path / "node.json"
     cfg.write_text(json.dumps(config))
     with open(tmp_path / "node.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "borealis.storage.node", "--config",
+        proc = subprocess.Popen([sys.executable, "-m", "borealis.storage.server", "--config",
                                  str(cfg)], stdout=log, stderr=log)
 
     def listening() -> bool:

@@ -34,7 +34,7 @@ from borealis.api.errors import ApiError
 from borealis.control.state import Secret
 
 if TYPE_CHECKING:
-    from borealis.control.daemon import ControlPlane
+    from borealis.control.plane import ControlPlane
 
 MAX_RESPONSE = 1 << 20
 MAX_ROW = 64 * 1024

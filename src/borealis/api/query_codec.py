@@ -21,7 +21,7 @@ from typing import Any
 from botocore.model import OperationModel, ServiceModel, Shape
 
 from borealis.api.errors import ApiError
-from borealis.api.times import format_time, parse_time
+from borealis.times import format_time, parse_time
 
 MAX_FIELDS = 10_000
 

@@ -31,7 +31,7 @@ from borealis.control.endpoints import ClusterEndpoints
 from borealis.control.state import Cluster, EndpointRow, Instance, Snapshot
 
 if TYPE_CHECKING:
-    from borealis.control.daemon import ControlPlane
+    from borealis.control.plane import ControlPlane
 
 ENGINE = "aurora-postgresql"
 DEFAULT_INSTANCE_CLASS = "db.r6g.large"

@@ -20,7 +20,7 @@ from borealis.api import identity
 from borealis.control.cluster import ClusterError
 
 if TYPE_CHECKING:
-    from borealis.control.daemon import ControlPlane
+    from borealis.control.plane import ControlPlane
 
 _USER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 

@@ -30,7 +30,7 @@ from borealis.api.rds import RdsOperations, master_secret_name
 from borealis.control.cluster import ClusterError
 
 if TYPE_CHECKING:
-    from borealis.control.daemon import ControlPlane
+    from borealis.control.plane import ControlPlane
 
 log = logging.getLogger("borealis.api")
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, cast
 
-from borealis.api import times
+from borealis import times
 from borealis.backup.store import CHUNK, ObjectInfo, ObjectStore, StoreError, put_if_longer
 from borealis.wal.lsn import SEGMENT_SIZE, format_lsn, parse_lsn, parse_segment_name
 from borealis.wal.timeline import TimelineEntry, parse_history

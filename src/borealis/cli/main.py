@@ -37,10 +37,10 @@ from rich.table import Table
 
 from borealis import identifiers, settings
 from borealis.api import identity
-from borealis.api.times import format_time
 from borealis.control.processes import alive
 from borealis.control.state import State
 from borealis.logfiles import private_log
+from borealis.times import format_time
 
 # No emoji codes: ":secret:" inside an ARN must stay as it is.
 console = Console(emoji=False)
@@ -60,7 +60,7 @@ def control_info() -> dict[str, Any] | None:
         info: dict[str, Any] = json.loads((home() / "control.json").read_text())
     except (OSError, ValueError):
         return None
-    if not alive(info.get("pid"), "borealis.control.daemon"):
+    if not alive(info.get("pid"), "borealis.daemon"):
         return None
     return info
 
@@ -108,7 +108,7 @@ def ensure_control_plane() -> dict[str, Any]:
         h.mkdir(parents=True)
         os.chmod(h, 0o700)
     with private_log(h / "control.log") as log:
-        subprocess.Popen([sys.executable, "-m", "borealis.control.daemon", "--home", str(h)],
+        subprocess.Popen([sys.executable, "-m", "borealis.daemon", "--home", str(h)],
                          stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                          start_new_session=True, cwd="/")
     deadline = time.monotonic() + 30
@@ -197,7 +197,7 @@ def cmd_down(_: argparse.Namespace) -> None:
     with console.status("stopping..."):
         request("POST", "/v1/down")
         deadline = time.monotonic() + 60
-        while alive(info["pid"], "borealis.control.daemon") and time.monotonic() < deadline:
+        while alive(info["pid"], "borealis.daemon") and time.monotonic() < deadline:
             time.sleep(0.1)
     console.print("stopped; data kept (`borealis up` brings it back)")
 

@@ -28,7 +28,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from borealis.api.times import format_time
 from borealis.backup import catalog
 from borealis.backup.store import ObjectStore, open_store
 from borealis.control import failover
@@ -40,6 +39,7 @@ from borealis.control.restore import (
     check_restorable,
     recover_into,
 )
+from borealis.times import format_time
 from borealis.wal.lsn import format_lsn, parse_lsn
 from borealis.wal.timeline import parse_history
 

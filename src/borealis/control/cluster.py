@@ -29,7 +29,8 @@ from borealis import settings
 from borealis.backup import catalog
 from borealis.backup.store import open_store
 from borealis.compute import postgres as pg
-from borealis.control import processes
+from borealis.control import decide, processes
+from borealis.control.lifecycle import InstanceState
 from borealis.control.state import Cluster, Instance, State, StorageNodeRow
 from borealis.settings import Settings
 from borealis.settings import current as current_settings
@@ -252,7 +253,7 @@ class ClusterRuntime:
         }
         path = self.node_config_path(node)
         _write_private(path, json.dumps(config, indent=1))
-        pid = processes.spawn_python("borealis.storage.node", ["--config", str(path)],
+        pid = processes.spawn_python("borealis.storage.server", ["--config", str(path)],
                                      directory / "node.log")
         self.state.set_storage_pid(self.name, node.id, pid)
         self.event("storage", f"started {node.id} (pid {pid})")
@@ -344,13 +345,16 @@ class ClusterRuntime:
         return make_conninfo(host="127.0.0.1", port=inst.port, user=c.master_user,
                              password=c.master_password, dbname="postgres")
 
-    def server_settings(self, inst: Instance) -> pg.ServerSettings:
+    def server_settings(self, inst: Instance, node: StorageNodeRow | None = None
+                        ) -> pg.ServerSettings:
+        """How the instance's server runs; a reader streams from ``node`` (by default
+        the one :meth:`storage_node_for` picks)."""
         s = pg.ServerSettings(port=inst.port, role=inst.role,
                               shared_buffers=self.settings.shared_buffers,
                               max_connections=self.settings.max_connections,
                               fsync=self.settings.writer_fsync if inst.role == "writer" else False)
         if inst.role == "reader":
-            node = self.storage_node_for(inst)
+            node = node or self.storage_node_for(inst)
             s.primary_conninfo = self.node_conninfo(node, inst.id)
             self.state.set_instance(inst.id, storage_node=node.id)
         return s
@@ -372,14 +376,22 @@ class ClusterRuntime:
         return [r for r in self.readers() if r.state == "available" and self.instance_alive(r)]
 
     def storage_node_for(self, inst: Instance) -> StorageNodeRow:
-        """The node a reader streams from: a running one in its own AZ if there is one."""
-        nodes = self.state.storage_nodes(self.name)
-        running = self.answering_nodes() or nodes
-        if self.preferred_nodes:
-            running = [n for n in running if n.id in self.preferred_nodes] or running
-        same_az = [n for n in running if n.az == inst.az]
-        current = [n for n in (same_az or running) if n.id == inst.storage_node]
-        return (current or same_az or running)[0]
+        """The node a reader streams from (:func:`decide.reader_node`)."""
+        chosen = decide.reader_node(inst.az, inst.storage_node, self._node_views(),
+                                    frozenset(self.preferred_nodes))
+        return next(n for n in self.state.storage_nodes(self.name) if n.id == chosen)
+
+    def _node_views(self) -> list[decide.NodeView]:
+        """The nodes as this handle knows them (alive by PID; unhealthy as the
+        supervisor found them)."""
+        return [decide.NodeView(n.id, n.az, self.node_alive(n),
+                                decide.NODE_MISSES if n.id in self.unhealthy_nodes else 0)
+                for n in self.state.storage_nodes(self.name)]
+
+    @staticmethod
+    def _reader_view(inst: Instance) -> decide.InstanceView:
+        return decide.InstanceView(inst.id, inst.role, inst.az, InstanceState(inst.state),
+                                   True, storage_node=inst.storage_node)
 
     def ensure_writer_data(self, writer: Instance) -> None:
         datadir = self.datadir(writer.id)
@@ -455,14 +467,20 @@ class ClusterRuntime:
                        kill_group=True)
         self.state.set_instance(inst.id, pid=None, state="stopped")
 
-    def accepts_connections(self, inst: Instance, timeout_s: int = 1) -> bool:
-        """Mark the instance available once it accepts connections."""
+    def answers(self, inst: Instance, timeout_s: int = 1) -> bool:
+        """Whether the instance's server takes a connection and a query now."""
         try:
             with psycopg.connect(self.dsn(inst), connect_timeout=timeout_s) as conn:
                 conn.execute("SELECT 1")
         except psycopg.Error:
             return False
-        self.state.set_instance(inst.id, state="available")
+        return True
+
+    def accepts_connections(self, inst: Instance, timeout_s: int = 1) -> bool:
+        """Mark the instance available once it accepts connections."""
+        if not self.answers(inst, timeout_s):
+            return False
+        self.state.set_instance(inst.id, state=InstanceState.AVAILABLE)
         return True
 
     def wait_ready(self, inst: Instance, timeout_s: float | None = None) -> None:
@@ -479,15 +497,18 @@ class ClusterRuntime:
         raise ClusterError(f"{inst.id} not ready after {timeout_s}s; "
                            f"see {self.instance_dir(inst.id) / 'postgres.log'}")
 
-    def repoint_reader(self, reader: Instance) -> bool:
-        """Move a reader to a live storage node when its node is down (reload, no restart)."""
+    def repoint_reader(self, reader: Instance, node_id: str | None = None) -> bool:
+        """Move a reader to ``node_id`` (by default: where :func:`decide.repoint_target`
+        says, if its node is down) with a reload, no restart."""
         nodes = {n.id: n for n in self.state.storage_nodes(self.name)}
-        node = nodes.get(reader.storage_node or "")
-        if (node is not None and self.node_alive(node) and node.id not in self.unhealthy_nodes
-                and (not self.preferred_nodes or node.id in self.preferred_nodes)):
-            return False
+        if node_id is None:
+            node_id = decide.repoint_target(self._reader_view(reader), self._node_views(),
+                                            frozenset(self.preferred_nodes))
+            if node_id is None:
+                return False
         before = reader.storage_node
-        pg.write_settings(self.datadir(reader.id), self.server_settings(reader), self.run_as)
+        settings = self.server_settings(reader, nodes[node_id])
+        pg.write_settings(self.datadir(reader.id), settings, self.run_as)
         if reader.pid:
             os.kill(reader.pid, signal.SIGHUP)
         after = self.state.instance(reader.id)

@@ -58,7 +58,9 @@ INSTANCE_MOVES: dict[InstanceState, frozenset[InstanceState]] = {
     I.STOPPED: frozenset({I.STARTING, I.REBUILDING, I.REBOOTING, I.DELETING, I.FAILED}),
     I.REBUILDING: frozenset({I.CREATING, I.STARTING, I.STOPPED, I.REBOOTING, I.DELETING,
                              I.FAILED}),
-    I.REBOOTING: frozenset({I.STARTING, I.STOPPED, I.REBUILDING, I.DELETING, I.FAILED}),
+    # -> AVAILABLE: a reboot cut short (the control plane stopped) whose server answers.
+    I.REBOOTING: frozenset({I.STARTING, I.AVAILABLE, I.STOPPED, I.REBUILDING, I.DELETING,
+                            I.FAILED}),
     # A writer being deleted is first failed over: stopped, then a reader to rebuild,
     # then removed; its row is gone at the end, never available again.
     I.DELETING: frozenset({I.STOPPED}),

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import psycopg
 
-from borealis.api.times import format_time
 from borealis.backup import catalog, image_fetch
 from borealis.backup.store import ObjectStore, StoreError, open_store
 from borealis.compute import postgres as pg
 from borealis.control.cluster import ClusterError, ClusterRuntime
 from borealis.control.state import Instance, State
+from borealis.times import format_time
 from borealis.wal.lsn import SEGMENT_SIZE, parse_lsn, parse_segment_name
 
 RECOVERY_TIMEOUT_S = 1800.0
