@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -25,6 +24,8 @@ from borealis.api import server as api_server
 from borealis.api.control_routes import build_app
 from borealis.control.plane import ControlPlane, default_home
 from borealis.control.state import State
+from borealis.fsync import write_atomic
+from borealis.protocol.files import ClientConfig, ControlInfo
 
 log = logging.getLogger("borealis.control")
 
@@ -59,12 +60,12 @@ async def serve(home: Path, port: int) -> None:
         raise SystemExit(1) from None
     bound = runner.addresses[0][1]
     cp.api_url = f"http://{host}:{bound}"
-    info = {"pid": os.getpid(), "port": bound, "url": cp.api_url,
-            "region": identity.region(cp.state)}
-    tmp = home / "control.json.tmp"
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, home / "control.json")
-    log.info("control plane and API on %s (pid %d)", info["url"], os.getpid())
+    info = ControlInfo(os.getpid(), bound, cp.api_url, identity.region(cp.state))
+    key_id, secret = cp.state.access_keys()[0]  # the API made one if there was none
+    write_atomic(home / "client.json",
+                 ClientConfig(key_id, secret, cp.api_url, info.region).to_json())
+    write_atomic(home / "control.json", info.to_json())
+    log.info("control plane and API on %s (pid %d)", info.url, os.getpid())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, cp.stopping.set)
@@ -77,8 +78,7 @@ async def serve(home: Path, port: int) -> None:
     await api.data.close()
     await runner.cleanup()
     with contextlib.suppress(FileNotFoundError):
-        info_now = json.loads((home / "control.json").read_text())
-        if info_now.get("pid") == os.getpid():
+        if ControlInfo.from_json((home / "control.json").read_text()).pid == os.getpid():
             (home / "control.json").unlink()
 
 

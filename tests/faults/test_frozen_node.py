@@ -23,7 +23,8 @@ import psycopg
 import pytest
 
 from borealis.protocol import volume as vp
-from borealis.storage.peers import PeerAddress, PeerConnection
+from borealis.protocol.files import PeerAddress
+from borealis.storage.peers import PeerConnection
 from borealis.wal.lsn import format_lsn, parse_lsn
 from borealis.wal.timeline import parse_history
 from tests.harness import Borealis, ClusterView, iso, own_cluster, wait_for

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from borealis.protocol import volume as vp
-from borealis.storage.node import NodeConfig, StorageNode, first_difference
+from borealis.protocol.files import NodeConfig
+from borealis.storage.node import StorageNode, first_difference
 from borealis.wal.lsn import format_lsn
 
 from .walgen import WalBuilder

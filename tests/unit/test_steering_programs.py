@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from borealis.endpoints import bpf
-from borealis.endpoints.routing import Backend, plan
+from borealis.endpoints.routing import plan
+from borealis.protocol.files import Backend
 
 
 def decode(code: bytes) -> list[tuple[int, int, int, int, int]]:

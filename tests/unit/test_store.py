@@ -118,6 +118,23 @@ def test_an_ended_timeline_is_read_from_the_next_ones_file(tmp_path: Path) -> No
     assert s.read(2 * SEG, switch + 10) == b"o" * 1000 + b"n" * 10
 
 
+def test_an_ended_timeline_is_read_from_the_newest_file_that_holds_it(tmp_path: Path) -> None:
+    """A node behind at a switch holds the old timeline's files only up to where it
+    stood; it fetched the rest after the switch, into the new timeline's files. A reader
+    still on the old timeline must get those bytes (it stalled where the node had been)."""
+    s = open_store(tmp_path)
+    s.begin_at(SEG)
+    s.write(SEG, b"o" * 1000)  # timeline 1, as far as this node got before the failover
+    switch = 2 * SEG + 500
+    s.manifest.timeline = 2
+    s.add_history(2, f"1\t0/{switch:X}\tno recovery target specified\n")
+    s.write(SEG + 1000, b"o" * (SEG - 500), timeline=2)  # caught up after it: tl 1 bytes
+    s.write(switch, b"n" * 10, timeline=2)
+    s.sync()
+    assert s.read(SEG, switch, timeline=1) == b"o" * (SEG + 500)
+    assert s.read(SEG, switch + 10) == b"o" * (SEG + 500) + b"n" * 10
+
+
 def test_drop_before_prunes_whole_segments_durably(tmp_path: Path) -> None:
     s = open_store(tmp_path)
     s.begin_at(SEG * 2)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from borealis import settings
-from borealis.fsync import fsync_dir
+from borealis.fsync import fsync_dir, write_atomic
 
 CHUNK = 1 << 20
 
@@ -161,7 +161,8 @@ class LocalStore:
         # The checksum first: an object without one is never visible.
         meta = self._sum(key)
         meta.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(meta, json.dumps({"sha256": sha, "size": tmp.stat().st_size}).encode())
+        write_atomic(meta, json.dumps({"sha256": sha, "size": tmp.stat().st_size}),
+                     durable=True)
         os.replace(tmp, self._data(key))
         fsync_dir(self._data(key).parent)
         if file_sha256(self._data(key)) != sha:  # verify what landed
@@ -340,11 +341,3 @@ def open_store(location: str) -> ObjectStore:
         return LocalStore(Path(parsed.path if parsed.scheme else location))
     raise StoreError(f"unknown object store {location!r}: use file:///path or s3://bucket")
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".meta-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

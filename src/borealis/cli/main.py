@@ -38,8 +38,8 @@ from rich.table import Table
 from borealis import identifiers, settings
 from borealis.api import identity
 from borealis.control.processes import alive
-from borealis.control.state import State
 from borealis.logfiles import private_log
+from borealis.protocol.files import ClientConfig, ControlInfo
 from borealis.times import format_time
 
 # No emoji codes: ":secret:" inside an ARN must stay as it is.
@@ -55,22 +55,30 @@ def home() -> Path:
     return settings.current().home
 
 
-def control_info() -> dict[str, Any] | None:
+def control_info() -> ControlInfo | None:
+    """Where the running control plane listens (None if none runs for this home)."""
     try:
-        info: dict[str, Any] = json.loads((home() / "control.json").read_text())
-    except (OSError, ValueError):
+        info = ControlInfo.from_json((home() / "control.json").read_text())
+    except (OSError, ValueError, TypeError):
         return None
-    if not alive(info.get("pid"), "borealis.daemon"):
+    if not alive(info.pid, "borealis.daemon"):
         return None
     return info
 
 
 def credentials() -> tuple[str, str]:
     """The first access key of this home (the control plane creates it)."""
-    keys = State(home()).access_keys()
-    if not keys:
-        raise CliError("no access key yet; start the control plane with `borealis up`")
-    return keys[0]
+    client = client_config()
+    return client.access_key_id, client.secret_access_key
+
+
+def client_config() -> ClientConfig:
+    """The credentials and API address the control plane left for this home."""
+    try:
+        return ClientConfig.from_json((home() / "client.json").read_text())
+    except (OSError, ValueError, TypeError):
+        raise CliError("no access key yet; start the control plane with `borealis up`"
+                       ) from None
 
 
 def request(method: str, path: str, body: dict[str, Any] | None = None,
@@ -80,11 +88,11 @@ def request(method: str, path: str, body: dict[str, Any] | None = None,
     if info is None:
         raise CliError("the control plane is not running; start it with `borealis up`")
     data = json.dumps(body).encode() if body is not None else b""
-    signed = AWSRequest(method=method, url=info["url"] + path, data=data,
+    signed = AWSRequest(method=method, url=info.url + path, data=data,
                         headers={"Content-Type": "application/json"})
-    SigV4Auth(Credentials(*credentials()), "borealis", info.get("region", identity.DEFAULT_REGION)
+    SigV4Auth(Credentials(*credentials()), "borealis", info.region or identity.DEFAULT_REGION
               ).add_auth(signed)
-    req = urllib.request.Request(info["url"] + path, data=data or None, method=method,
+    req = urllib.request.Request(info.url + path, data=data or None, method=method,
                                  headers=dict(signed.headers.items()))
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
@@ -99,7 +107,7 @@ def request(method: str, path: str, body: dict[str, Any] | None = None,
         raise CliError(f"cannot reach the control plane: {exc.reason}") from None
 
 
-def ensure_control_plane() -> dict[str, Any]:
+def ensure_control_plane() -> ControlInfo:
     info = control_info()
     if info is not None:
         return info
@@ -197,7 +205,7 @@ def cmd_down(_: argparse.Namespace) -> None:
     with console.status("stopping..."):
         request("POST", "/v1/down")
         deadline = time.monotonic() + 60
-        while alive(info["pid"], "borealis.daemon") and time.monotonic() < deadline:
+        while alive(info.pid, "borealis.daemon") and time.monotonic() < deadline:
             time.sleep(0.1)
     console.print("stopped; data kept (`borealis up` brings it back)")
 
@@ -498,13 +506,9 @@ def api_location() -> tuple[str, str]:
     for this home (so exported credentials stay valid across restarts)."""
     info = control_info()
     if info is not None:
-        return info["url"], info.get("region", identity.DEFAULT_REGION)
-    state = State(home())
-    port = settings.current().api_port or state.setting("api_port")
-    if port is None:
-        raise CliError("the control plane has not run yet; start it with `borealis up`")
-    host = settings.current().api_host
-    return f"http://{host}:{port}", identity.region(state)
+        return info.url, info.region or identity.DEFAULT_REGION
+    client = client_config()
+    return client.url, client.region
 
 
 def rds_client() -> Any:

@@ -40,7 +40,7 @@ from borealis.control.restore import (
     recover_into,
 )
 from borealis.times import format_time
-from borealis.wal.lsn import format_lsn, parse_lsn
+from borealis.wal.lsn import format_lsn
 from borealis.wal.timeline import parse_history
 
 
@@ -164,13 +164,13 @@ def _archive_the_end(rt: ClusterRuntime, store: ObjectStore, wal_dir: Path,
     to a time in the period the rewind undoes need it, and the nodes are about to drop
     it). Returns that timeline (successor still 0: not known yet) and how far in time
     its archive reaches."""
-    status = rt.volume_status() or {}
-    timeline = int(str(status.get("timeline", 0)))
-    end = parse_lsn(str(status.get("vdl", "0/0")))
+    status = rt.volume_status()
+    timeline = status.timeline if status else 0
+    end = status.vdl if status else 0
     # A volume client that saw the writer end its stream wrote its final VDL: every
     # commit ever acknowledged is below it. Else its last status covers what was
     # acknowledged before it was written.
-    until = stopped_at if status.get("stopped") else float(str(status.get("updated", 0)))
+    until = stopped_at if status is None or status.stopped else status.updated
     if timeline and end:
         uploaded = catalog.archive_timeline_end(store, rt.backup_prefix, wal_dir, timeline,
                                                 end)

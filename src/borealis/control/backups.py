@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import shutil
 import time
@@ -29,9 +28,9 @@ from borealis.control.decide import ImageView
 from borealis.control.lifecycle import InstanceState
 from borealis.control.state import State
 from borealis.fsync import write_atomic
+from borealis.protocol.files import RETAIN_FILE, RetainMark
 from borealis.settings import Settings
-from borealis.storage.archive import RETAIN_FILE
-from borealis.wal.lsn import format_lsn, parse_lsn
+from borealis.wal.lsn import parse_lsn
 
 log = logging.getLogger("borealis.control")
 
@@ -158,12 +157,13 @@ class Backups:
         instances = self.state.instances(rt.name)
         redo = [_redo_lsn(rt, i) if i.state == InstanceState.AVAILABLE else None
                 for i in instances]
-        vdl = parse_lsn(str((rt.volume_status() or {}).get("vdl", "0/0")))
+        status = rt.volume_status()
+        vdl = status.vdl if status else 0
         lsn = wal_retention.retain_from(image_start, redo, vdl,
                                         self.settings.node_wal_keep_bytes)
         if lsn is None:
             return
-        body = json.dumps({"retain_from": format_lsn(lsn), "written": time.time()})
+        body = RetainMark(lsn, time.time()).to_json()
         for node in self.state.storage_nodes(rt.name):
             with contextlib.suppress(OSError):  # a node being rebuilt: next time
                 write_atomic(rt.node_dir(node.id) / "data" / RETAIN_FILE, body)

@@ -12,7 +12,6 @@ storage nodes.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -32,9 +31,11 @@ from borealis.compute import postgres as pg
 from borealis.control import decide, processes
 from borealis.control.lifecycle import InstanceState
 from borealis.control.state import Cluster, Instance, State, StorageNodeRow
+from borealis.fsync import write_atomic
+from borealis.protocol.files import NodeConfig, PeerAddress, VolumeClientConfig, VolumeStatus
 from borealis.settings import Settings
 from borealis.settings import current as current_settings
-from borealis.storage.peers import PeerAddress
+from borealis.volume.quorum import WRITE_QUORUM
 from borealis.wal.lsn import parse_lsn
 
 log = logging.getLogger("borealis.control")
@@ -238,21 +239,18 @@ class ClusterRuntime:
         directory = self.node_dir(node.id)
         directory.mkdir(parents=True, exist_ok=True)
         data_dir = directory / "data"  # the node's disk; config and log stay beside it
-        peers = [{"node_id": p.id, "host": "127.0.0.1", "port": p.port}
-                 for p in self.state.storage_nodes(self.name) if p.id != node.id]
-        config = {
-            "node_id": node.id, "az": node.az, "directory": str(data_dir),
-            "host": "127.0.0.1", "port": node.port, "pg_port": node.pg_port,
-            "secret": c.storage_secret, "replication_user": REPLICATION_USER,
-            "replication_password": c.replication_password, "peers": peers,
-            "scrub_interval_s": self.settings.scrub_interval_s,
-            "scrub_bytes_per_s": self.settings.scrub_bytes_per_s,
-            "archive_location": self.object_store_location,
-            "archive_prefix": self.backup_prefix,
-            "archive_rank": [n.id for n in self.state.storage_nodes(self.name)].index(node.id),
-        }
+        nodes = self.state.storage_nodes(self.name)
+        config = NodeConfig(
+            node_id=node.id, az=node.az, directory=data_dir, host="127.0.0.1",
+            port=node.port, pg_port=node.pg_port, secret=c.storage_secret,
+            replication_user=REPLICATION_USER, replication_password=c.replication_password,
+            peers=[PeerAddress(p.id, "127.0.0.1", p.port) for p in nodes if p.id != node.id],
+            scrub_interval_s=self.settings.scrub_interval_s,
+            scrub_bytes_per_s=self.settings.scrub_bytes_per_s,
+            archive_location=self.object_store_location, archive_prefix=self.backup_prefix,
+            archive_rank=[n.id for n in nodes].index(node.id))
         path = self.node_config_path(node)
-        _write_private(path, json.dumps(config, indent=1))
+        write_atomic(path, config.to_json(), make_parent=True)  # secrets: owner-only
         pid = processes.spawn_python("borealis.storage.server", ["--config", str(path)],
                                      directory / "node.log")
         self.state.set_storage_pid(self.name, node.id, pid)
@@ -268,12 +266,11 @@ class ClusterRuntime:
     def volume_config_path(self) -> Path:
         return self.volume_dir() / "volume.json"
 
-    def volume_status(self) -> dict[str, object] | None:
+    def volume_status(self) -> VolumeStatus | None:
+        """The volume client's last report (None if there is none, or it is unreadable)."""
         try:
-            data: dict[str, object] = json.loads(
-                (self.volume_dir() / "status.json").read_text())
-            return data
-        except (OSError, ValueError):
+            return VolumeStatus.from_json((self.volume_dir() / "status.json").read_text())
+        except (OSError, ValueError, KeyError, TypeError):
             return None
 
     def volume_client_alive(self) -> bool:
@@ -292,14 +289,12 @@ class ClusterRuntime:
                                  password=password, dbname="replication",
                                  replication="true", application_name="borealis_volume",
                                  sslmode="disable", connect_timeout=5)
-        config = {
-            "cluster": self.name, "epoch": epoch, "writer_conninfo": conninfo,
-            "nodes": [{"node_id": n.id, "host": "127.0.0.1", "port": n.port}
-                      for n in self.state.storage_nodes(self.name)],
-            "secret": c.storage_secret, "status_path": str(directory / "status.json"),
-        }
+        config = VolumeClientConfig(
+            cluster=self.name, epoch=epoch, writer_conninfo=conninfo,
+            nodes=self.node_addresses(), secret=c.storage_secret,
+            status_path=directory / "status.json")
         path = self.volume_config_path()
-        _write_private(path, json.dumps(config, indent=1))
+        write_atomic(path, config.to_json(), make_parent=True)  # secrets: owner-only
         pid = processes.spawn_python("borealis.volume.client", ["--config", str(path)],
                                      directory / "volume.log")
         self.state.set_volume_client(self.name, pid, epoch)
@@ -432,7 +427,8 @@ class ClusterRuntime:
                                self.run_as)
         # Which boot of this host the data directory is now written in: after a host
         # crash, a server that ran with fsync=off may have lost writes it made.
-        _write_private(self.instance_dir(inst.id) / BOOT_FILE, current_boot_id())
+        write_atomic(self.instance_dir(inst.id) / BOOT_FILE, current_boot_id(),
+                     make_parent=True)
         self.state.set_instance(inst.id, pid=proc.pid, state="starting")
         self.event("compute", f"started {inst.role} {inst.id} (pid {proc.pid})")
         return True
@@ -592,11 +588,9 @@ class ClusterRuntime:
         while time.monotonic() < deadline:
             status = self.volume_status()
             row = self.state.volume_client(self.name)
-            if status and row and status.get("epoch") == row[1]:
-                nodes = status.get("nodes", {})
-                assert isinstance(nodes, dict)
-                if sum(1 for n in nodes.values() if n.get("ready")) >= 4:
-                    return
+            if (status and row and status.epoch == row[1]
+                    and sum(1 for n in status.nodes.values() if n.ready) >= WRITE_QUORUM):
+                return
             time.sleep(0.05)
         raise ClusterError("the volume client did not reach a write quorum of storage nodes")
 
@@ -689,16 +683,6 @@ def current_boot_id() -> str:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return "unknown"
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Config files carry secrets: owner-only from the start."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _inside(folder: Path, name: str) -> Path:

@@ -9,7 +9,6 @@ are created, modified and deleted by users.
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import time
 from pathlib import Path
@@ -18,14 +17,17 @@ from typing import Any
 from psycopg.conninfo import make_conninfo
 
 from borealis.control import processes
-from borealis.control.cluster import ClusterError, ClusterRuntime, _write_private
+from borealis.control.cluster import ClusterError, ClusterRuntime
 from borealis.control.state import EndpointRow
-from borealis.endpoints.routing import (
+from borealis.endpoints.routing import members
+from borealis.fsync import write_atomic
+from borealis.protocol.files import (
     APPLIED_FILE,
     Backend,
     EndpointSpec,
+    ProxyConfig,
+    ProxyStatus,
     config_digest,
-    members,
 )
 
 MAX_CUSTOM = 5
@@ -126,32 +128,26 @@ class ClusterEndpoints:
 
     def write_config(self, lag_ms: dict[str, int | None]) -> bool:
         """Write the proxy's config if it changed; returns True when it did."""
-        config = {
-            "cluster": self.rt.name, "hold_timeout_s": self.rt.settings.endpoint_hold_s,
-            "client_timeout_s": 10.0,
-            "endpoints": [{"name": s.name, "type": s.type, "host": s.host, "port": s.port,
-                           "custom_type": s.custom_type, "static": list(s.static),
-                           "excluded": list(s.excluded), "instance": s.instance,
-                           "max_lag_ms": s.max_lag_ms} for s in self.specs()],
-            "backends": [b.__dict__ for b in self.backends(lag_ms)],
-        }
-        text = json.dumps(config, indent=1, sort_keys=True)
+        text = ProxyConfig(self.rt.name, tuple(self.specs()), tuple(self.backends(lag_ms)),
+                           hold_timeout_s=self.rt.settings.endpoint_hold_s).to_json()
         try:
             if self.config_path.read_text() == text:
                 return False
         except FileNotFoundError:
             pass
-        _write_private(self.config_path, text)
+        write_atomic(self.config_path, text, make_parent=True)
         return True
 
     def proxy_status(self) -> dict[str, Any]:
         """What the proxy last reported for each endpoint it listens for (every 0.5 s)."""
+        status = self.read_status()
+        return status.endpoints if status else {}
+
+    def read_status(self) -> ProxyStatus | None:
         try:
-            endpoints: dict[str, Any] = json.loads(
-                (self.dir / "status.json").read_text())["endpoints"]
-        except (OSError, ValueError, KeyError):
-            return {}
-        return endpoints
+            return ProxyStatus.from_json((self.dir / "status.json").read_text())
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def serving(self, row: EndpointRow) -> bool:
         """The proxy listens at the endpoint's address (a new one does within a second)."""

@@ -74,8 +74,10 @@ CLUSTER_MOVES: dict[ClusterStatus, frozenset[ClusterStatus]] = {
                             C.FAILED}),
     C.FAILING_OVER: frozenset({C.AVAILABLE, C.STOPPING, C.DELETING, C.FAILED}),
     C.BACKTRACKING: frozenset({C.AVAILABLE, C.STOPPING, C.DELETING, C.FAILED}),
-    C.STOPPING: frozenset({C.STOPPED, C.AVAILABLE, C.DELETING}),
-    C.STOPPED: frozenset({C.AVAILABLE, C.STOPPING, C.DELETING}),
+    # -> FAILED: a restore or clone the control plane's stop interrupted is stopped, then
+    # marked failed (never resumed: its source is unchanged, it is made again).
+    C.STOPPING: frozenset({C.STOPPED, C.AVAILABLE, C.DELETING, C.FAILED}),
+    C.STOPPED: frozenset({C.AVAILABLE, C.STOPPING, C.DELETING, C.FAILED}),
     C.DELETING: frozenset({C.STOPPING, C.STOPPED}),  # its processes stop, then it goes
     # A failed restore is left to look at; `borealis up` may start it, or it is deleted.
     C.FAILED: frozenset({C.AVAILABLE, C.STOPPING, C.STOPPED, C.DELETING}),

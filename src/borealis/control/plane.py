@@ -31,7 +31,7 @@ from borealis.backup import catalog
 from borealis.backup import snapshot as snapshot_mod
 from borealis.backup.store import open_store
 from borealis.compute import postgres as pg
-from borealis.control import backtrack, failover, probe, restore
+from borealis.control import backtrack, failover, restore
 from borealis.control import clone as clone_mod
 from borealis.control.backups import Backups
 from borealis.control.cluster import ClusterError, ClusterRuntime
@@ -40,9 +40,9 @@ from borealis.control.failover_rules import FailoverRefused
 from borealis.control.restore import check_restorable
 from borealis.control.sampling import Sampling
 from borealis.control.state import AZS, State
+from borealis.control.status import StatusReader
 from borealis.control.supervisor import Supervisor
-from borealis.storage.peers import PeerAddress, PeerConnection, PeerError
-from borealis.wal.lsn import format_lsn, parse_lsn
+from borealis.wal.lsn import parse_lsn
 
 log = logging.getLogger("borealis.control")
 
@@ -64,6 +64,7 @@ class ControlPlane:
         self.background: set[asyncio.Task[None]] = set()
         self.sampling = Sampling()
         self.backups = Backups(self.state, self.settings, self.locks, self.stopping)
+        self.reader = StatusReader(self.state, self.settings, self.sampling)
         self.supervisor = Supervisor(self.state, self.settings, self.locks, self.stopping,
                                      self.backups, self.sampling, self._keep_endpoints)
         self.progress: dict[str, dict[str, Any]] = {}  # cluster -> a restore's Progress
@@ -88,103 +89,15 @@ class ControlPlane:
         if settle and not eps.wait_applied():
             log.warning("%s: the endpoint proxy did not apply its config in time", name)
 
-    # -- status ---------------------------------------------------------------------------
+    # -- status -------------------------------------------------------------------------------
 
     async def cluster_status(self, name: str) -> dict[str, Any]:
-        rt = self.runtime(name)
-        cluster = rt.cluster
-        instances = await asyncio.gather(*(self._instance_status(rt, i)
-                                           for i in self.state.instances(name)))
-        nodes = await asyncio.gather(*(self._node_status(rt, n)
-                                       for n in self.state.storage_nodes(name)))
-        volume = rt.volume_status() or {}
-        row = self.state.volume_client(name)
-        vc_alive = await asyncio.to_thread(rt.volume_client_alive)
-        return {
-            "name": name,
-            "status": cluster.status,
-            "engine": "aurora-postgresql",
-            "master_user": cluster.master_user,
-            "epoch": cluster.epoch,
-            "vdl": volume.get("vdl") if vc_alive else None,
-            "volume_client": {
-                "pid": row[0] if row and vc_alive else None,
-                "epoch": row[1] if row else None,
-                "vdl": volume.get("vdl"),
-                "state": "running" if vc_alive else "stopped",
-                "nodes": volume.get("nodes"),
-            },
-            "instances": list(instances),
-            "storage_nodes": list(nodes),
-            "endpoints": await asyncio.to_thread(ClusterEndpoints(rt).describe,
-                                                 self.sampling.lags(name)),
-            "endpoint_proxy": await asyncio.to_thread(self._proxy_status, rt),
-            "progress": self.progress.get(name),
-        }
-
-    def _proxy_status(self, rt: ClusterRuntime) -> dict[str, Any]:
-        """Its pid, and whether the kernel steers connections (else it forwards them)."""
-        endpoints = ClusterEndpoints(rt)
-        if not endpoints.proxy_alive():
-            return {"pid": None, "steering": False}
-        try:
-            steering = bool(json.loads((endpoints.dir / "status.json").read_text())
-                            .get("steering"))
-        except (OSError, ValueError):
-            steering = False
-        return {"pid": self.state.proxy_pid(rt.name), "steering": steering}
-
-    async def _instance_status(self, rt: ClusterRuntime, inst: Any) -> dict[str, Any]:
-        alive = await asyncio.to_thread(rt.instance_alive, inst)
-        out: dict[str, Any] = {
-            "id": inst.id, "role": inst.role, "az": inst.az, "tier": inst.tier,
-            "host": "127.0.0.1", "port": inst.port, "pid": inst.pid if alive else None,
-            "state": inst.state if alive else "stopped", "replay_lsn": None, "lag_ms": None,
-            "dsn": rt.client_dsn(inst), "storage_node": inst.storage_node,
-        }
-        if not alive:
-            return out
-        sql = ("SELECT pg_current_wal_lsn()::text" if inst.role == "writer"
-               else "SELECT pg_last_wal_replay_lsn()::text")
-        try:
-            value = await probe.value_once(rt.dsn(inst), sql, 1.0)
-        except (psycopg.Error, OSError, TimeoutError, probe.ProbeTimeout):
-            return out
-        if value:
-            lsn = parse_lsn(value)
-            out["replay_lsn"] = format_lsn(lsn)
-            out["lag_ms"] = 0 if inst.role == "writer" else self.sampling.lag_ms(rt.name, lsn)
-        return out
-
-    async def _node_status(self, rt: ClusterRuntime, node: Any) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": node.id, "az": node.az, "port": node.port,
-                               "pg_port": node.pg_port, "pid": None, "state": "stopped",
-                               "flush_lsn": None, "epoch": None}
-        if not await asyncio.to_thread(rt.node_alive, node):
-            return out
-        out["pid"] = node.pid
-        try:
-            conn, st = await PeerConnection.open(
-                PeerAddress(node.id, "127.0.0.1", node.port), rt.cluster.storage_secret,
-                "control", timeout_s=1.0)
-            conn.close()
-        except PeerError:
-            out["state"] = "unreachable"
-            return out
-        out.update(state="recovering" if st.recovering else "serving",
-                   flush_lsn=format_lsn(st.flush_lsn), epoch=st.epoch, vdl=format_lsn(st.vdl),
-                   start_lsn=format_lsn(st.start_lsn), timeline=st.timeline)
-        return out
-
-    async def endpoint_status(self, cluster: str, endpoint: str) -> dict[str, Any]:
-        described = await asyncio.to_thread(ClusterEndpoints(self.runtime(cluster)).describe,
-                                            self.sampling.lags(cluster))
-        return next(e for e in described if e["name"] == endpoint)
+        return await self.reader.cluster(name, self.progress.get(name))
 
     async def status(self) -> dict[str, Any]:
-        clusters = [await self.cluster_status(c.name) for c in self.state.clusters()]
         return {"control": {"pid": os.getpid(), "home": str(self.home)},
-                "api_url": self.api_url, "clusters": clusters}
+                "api_url": self.api_url,
+                "clusters": [await self.cluster_status(c.name) for c in self.state.clusters()]}
 
     # -- operations ------------------------------------------------------------------------
 

@@ -41,7 +41,6 @@ from borealis.control.sampling import Sampling
 from borealis.control.state import Instance, State
 from borealis.settings import Settings
 from borealis.storage.peers import peer_states
-from borealis.wal.lsn import parse_lsn
 
 log = logging.getLogger("borealis.control")
 
@@ -157,18 +156,16 @@ class Supervisor:
                               inst.storage_node)
 
     def _volume_view(self, rt: ClusterRuntime, now: float) -> d.VolumeView:
-        status = rt.volume_status() or {}
+        status = rt.volume_status()
         alive = rt.volume_client_alive()
-        epoch = status.get("epoch")
-        vdl = parse_lsn(str(status.get("vdl", "0/0")))
+        if status is None:
+            return d.VolumeView(client_alive=alive)
         stalled_s = 0.0
-        if alive and status and not status.get("stopped"):
-            stalled_s = self.volume_stalls[rt.name].observe(
-                int(str(epoch or 0)), vdl, parse_lsn(str(status.get("received", "0/0"))), now)
-        return d.VolumeView(client_alive=alive,
-                            epoch=int(str(epoch)) if epoch is not None else None,
-                            stopped=str(status["stopped"]) if status.get("stopped") else None,
-                            vdl=vdl, stalled_s=stalled_s)
+        if alive and not status.stopped:
+            stalled_s = self.volume_stalls[rt.name].observe(status.epoch, status.vdl,
+                                                            status.received, now)
+        return d.VolumeView(client_alive=alive, epoch=status.epoch, stopped=status.stopped,
+                            vdl=status.vdl, stalled_s=stalled_s)
 
     # -- act --------------------------------------------------------------------------------
 
@@ -299,5 +296,5 @@ def _instance_id(action: d.Action) -> str:
 
 def _writer_heard_at(rt: ClusterRuntime) -> float | None:
     """When the writer last answered its volume client (wall clock), if known."""
-    heard = (rt.volume_status() or {}).get("writer_heard")
-    return float(str(heard)) if heard else None
+    status = rt.volume_status()
+    return status.writer_heard if status else None

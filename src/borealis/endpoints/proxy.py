@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import os
 import signal
@@ -44,14 +43,15 @@ from borealis.endpoints.kernel import (
     steered_backends,
     tcp_sockets,
 )
-from borealis.endpoints.routing import (
+from borealis.endpoints.routing import choose, members, plan
+from borealis.fsync import write_atomic
+from borealis.protocol.files import (
     APPLIED_FILE,
     Backend,
     EndpointSpec,
-    choose,
+    ProxyConfig,
+    ProxyStatus,
     config_digest,
-    members,
-    plan,
 )
 
 log = logging.getLogger("borealis.endpoints")
@@ -196,31 +196,26 @@ class Proxy:
         self._mtime = mtime
         try:
             text = self.config_path.read_text()
-            config = json.loads(text)
-        except (OSError, ValueError) as exc:
+            config = ProxyConfig.from_json(text)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring an unreadable config: %s", exc)
             return
         await self.apply(config)
         # Said once applied: the control plane waits for it before it stops a server
         # the new config stops routing to (else a connection let through meanwhile
         # reaches a server shutting down, and is refused instead of held).
-        _write_replacing(self.applied_path, config_digest(text))
+        write_atomic(self.applied_path, config_digest(text), mode=0o644)
 
-    async def apply(self, config: dict[str, object]) -> None:
-        self.hold_timeout_s = float(config.get("hold_timeout_s", 30.0))  # type: ignore[arg-type]
-        self.client_timeout_s = float(config.get("client_timeout_s", 10.0))  # type: ignore[arg-type]
-        self.backends = [Backend(**b) for b in config.get("backends", [])]  # type: ignore[attr-defined]
+    async def apply(self, config: ProxyConfig) -> None:
+        self.hold_timeout_s = config.hold_timeout_s
+        self.client_timeout_s = config.client_timeout_s
+        self.backends = list(config.backends)
         for b in self.backends:
             if not b.available:
                 # The control plane has seen it go: when it is listed as available
                 # again it is a new server, ready for connections.
                 self.suspects.pop(b.id, None)
-        specs = {}
-        for raw in config.get("endpoints", []):  # type: ignore[attr-defined]
-            raw = dict(raw)
-            raw["static"] = tuple(raw.get("static") or ())
-            raw["excluded"] = tuple(raw.get("excluded") or ())
-            specs[raw["name"]] = EndpointSpec(**raw)
+        specs = {spec.name: spec for spec in config.endpoints}
         for name in list(self.endpoints):
             ep = self.endpoints[name]
             if name not in specs or (specs[name].host, specs[name].port) != (ep.spec.host,
@@ -453,18 +448,14 @@ class Proxy:
 
     # -- status --------------------------------------------------------------------------------
 
-    def status(self) -> dict[str, object]:
-        return {
-            "pid": os.getpid(),
-            "steering": self.kernel is not None,
-            "endpoints": {
-                name: {**self._metrics(ep),
-                       "members": [b.id for b in members(ep.spec, self.backends)],
-                       "address": [ep.spec.host, ep.spec.port]}
-                for name, ep in self.endpoints.items()
-            },
-            "updated": time.time(),
-        }
+    def status(self) -> ProxyStatus:
+        return ProxyStatus(
+            pid=os.getpid(), steering=self.kernel is not None,
+            endpoints={name: {**self._metrics(ep),
+                              "members": [b.id for b in members(ep.spec, self.backends)],
+                              "address": [ep.spec.host, ep.spec.port]}
+                       for name, ep in self.endpoints.items()},
+            updated=time.time())
 
     def _metrics(self, ep: Endpoint) -> dict[str, int]:
         """With steering, the kernel counts every connection to the endpoint's address
@@ -489,15 +480,8 @@ class Proxy:
                 self._steer_logged()
             if now - last_status >= 0.5:
                 last_status = now
-                _write_replacing(self.status_path, json.dumps(self.status()))
+                write_atomic(self.status_path, self.status().to_json(), mode=0o644)
             await asyncio.sleep(WATCH_S)
-
-
-def _write_replacing(path: Path, text: str) -> None:
-    """Readers (the control plane) see the old text or the new, never half of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main() -> None:

@@ -13,42 +13,10 @@ endpoint; ties go round in turn, so short sequential connections spread too.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
-# Beside the proxy's config: the digest of the config it last applied. The control plane
-# waits for it before it stops a server a new config stops routing to.
-APPLIED_FILE = "applied"
-
-
-def config_digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class Backend:
-    id: str
-    host: str
-    port: int
-    role: str  # "writer" | "reader"
-    available: bool = True
-    lag_ms: int | None = 0
-    pid: int | None = None  # its postmaster, whose listening socket steering borrows
-
-
-@dataclass(frozen=True)
-class EndpointSpec:
-    name: str
-    type: str  # WRITER | READER | CUSTOM | INSTANCE
-    port: int
-    custom_type: str | None = None  # READER | ANY for CUSTOM
-    static: tuple[str, ...] = ()
-    excluded: tuple[str, ...] = ()
-    instance: str | None = None
-    max_lag_ms: int = 30_000
-    host: str = "127.0.0.1"
-    extra: dict[str, object] = field(default_factory=dict, compare=False)
+# The shapes are those of the proxy's config file.
+from borealis.protocol.files import Backend, EndpointSpec
 
 
 def members(spec: EndpointSpec, backends: Sequence[Backend]) -> list[Backend]:

@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from borealis.backup.store import ObjectStore, open_store, put_if_longer
-from borealis.wal.lsn import SEGMENT_SIZE, format_lsn, history_name, parse_lsn, segment_name
+from borealis.protocol.files import RETAIN_FILE, RetainMark
+from borealis.wal.lsn import SEGMENT_SIZE, format_lsn, history_name, segment_name
 from borealis.wal.verify import WalCorruption, verify_segment_file
 
 if TYPE_CHECKING:
@@ -53,7 +54,6 @@ CHECK_INTERVAL_S = 0.5
 # of a change); the latest restorable time is kept this far behind what was heard.
 VDL_NEWS_MARGIN_S = 0.25
 VDL_NEWS_MAX_AGE_S = 2.0
-RETAIN_FILE = "retain.json"
 
 
 @dataclass
@@ -129,7 +129,7 @@ class Archiver:
         """The control plane's word on what instances may still need (0: keep all)."""
         path = self.node.config.directory / RETAIN_FILE
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            return parse_lsn(json.loads(path.read_text())["retain_from"])
+            return RetainMark.from_json(path.read_text()).retain_from
         return 0
 
     def _prune(self, limit: int) -> None:

@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Protocol
 
 from borealis.protocol import volume as vp
-from borealis.storage.peers import PeerAddress, PeerConnection, PeerError, peer_states
+from borealis.protocol.files import NodeConfig
+from borealis.storage.peers import PeerConnection, PeerError, peer_states
 from borealis.storage.store import SegmentStore, StoreError
 from borealis.storage.verify_range import CHUNK, check_replacement, verify_steps
 from borealis.wal.lsn import SEGMENT_SIZE, format_lsn
@@ -37,33 +36,6 @@ from borealis.wal.verify import WalCorruption, last_record_end
 log = logging.getLogger("borealis.storage")
 
 FETCH_CHUNK = 1024 * 1024
-
-
-@dataclass
-class NodeConfig:
-    node_id: str
-    az: str
-    directory: Path
-    host: str
-    port: int  # volume protocol
-    pg_port: int  # replication protocol for hot standbys
-    secret: str
-    replication_user: str
-    replication_password: str
-    peers: list[PeerAddress] = field(default_factory=list)
-    scrub_interval_s: float = 30.0
-    scrub_bytes_per_s: int = 2 * 1024 * 1024  # a pass never takes more than its share of CPU
-    gossip_interval_s: float = 1.0
-    archive_location: str | None = None  # the object store for continuous backup
-    archive_prefix: str = ""  # clusters/<name>
-    archive_rank: int = 0  # 0-5: who archives first (see archive.py)
-
-    @classmethod
-    def load(cls, path: Path) -> NodeConfig:
-        data = json.loads(path.read_text())
-        data["directory"] = Path(data["directory"])
-        data["peers"] = [PeerAddress(**p) for p in data.get("peers", [])]
-        return cls(**data)
 
 
 @dataclass

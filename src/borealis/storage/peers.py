@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import TypeVar
 
 from borealis.protocol import volume as vp
+from borealis.protocol.files import PeerAddress
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class PeerAddress:
-    node_id: str
-    host: str
-    port: int
 
 
 class PeerError(Exception):

@@ -1,6 +1,6 @@
 """The storage node's WAL sender: what a PostgreSQL hot standby's walreceiver talks to.
 
-The conversation follows PostgreSQL's walsender (see ``research/pg-replication-protocol.md``
+The conversation follows PostgreSQL's walsender (see ``docs/pg-replication-protocol.md``
 section 2): startup with MD5 password, IDENTIFY_SYSTEM, TIMELINE_HISTORY, SHOW,
 START_REPLICATION, then XLogData/keepalives in CopyBoth, and the end-of-timeline
 result set when the requested timeline is historic.

@@ -20,8 +20,9 @@ from typing import cast
 from borealis import entrypoint
 from borealis.fsync import write_atomic
 from borealis.protocol import volume as vp
+from borealis.protocol.files import NodeConfig
 from borealis.storage.archive import Archiver
-from borealis.storage.node import NodeConfig, StorageNode
+from borealis.storage.node import StorageNode
 from borealis.storage.peers import PeerError
 from borealis.storage.sender import serve_readers
 
@@ -177,7 +178,8 @@ async def _write_status(node: StorageNode, path: Path) -> None:
 
 
 def main() -> None:
-    config = NodeConfig.load(entrypoint.config_path("Borealis storage node"))
+    config = NodeConfig.from_json(
+        entrypoint.config_path("Borealis storage node").read_text())
     entrypoint.run(lambda: run_node(config))
 
 

@@ -26,7 +26,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from borealis.fsync import fsync_dir
+from borealis.fsync import fsync_dir, write_atomic
 from borealis.wal.lsn import SEGMENT_SIZE, history_name, parse_segment_name, segment_name
 from borealis.wal.timeline import TimelineEntry, parse_history, switchpoint_of
 from borealis.wal.verify import WalCorruption, WalVerifier
@@ -122,14 +122,8 @@ class SegmentStore:
 
     def save_manifest(self) -> None:
         """Write, fsync, rename, fsync the directory: never a half manifest."""
-        path = self.dir / "manifest.json"
-        tmp = self.dir / "manifest.json.tmp"
-        with open(tmp, "w") as f:
-            json.dump(asdict(self.manifest), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(self.dir)
+        write_atomic(self.dir / "manifest.json", json.dumps(asdict(self.manifest)),
+                     durable=True)
 
     @property
     def empty(self) -> bool:
@@ -322,31 +316,34 @@ class SegmentStore:
         while pos < end:
             segno, offset = divmod(pos, self.segment_size)
             take = min(end - pos, self.segment_size - offset)
-            tli = self.timeline_for(segno, timeline)
-            if tli is None and timeline is not None:
-                tli = self._successor_file(segno, timeline, pos + take)
+            tli = self._file_for(segno, timeline, pos + take)
             if tli is None:
                 raise StoreError(f"segment {segno} missing")
             parts.append(self.read_segment(tli, segno, offset, take))
             pos += take
         return b"".join(parts)
 
-    def _successor_file(self, segno: int, timeline: int, end: int) -> int | None:
-        """A later timeline's file that holds ``timeline``'s bytes of a segment up to
-        ``end``: the segment where ``timeline`` ended may be held only under the next
-        (a node that reached it after the switch copied it as the new timeline's; a
-        promotion does the same). Bytes before a timeline's switchpoint are the same in
-        every file of the timelines after it, as PostgreSQL's walsender relies on."""
-        newer = [t for t in self._segments.get(segno, []) if t > timeline]
-        if not newer:
-            return None
-        try:
-            switch = switchpoint_of(self.timeline_entries(), timeline)
-        except KeyError:
-            return None  # not in this node's history: no file holds its bytes
-        if switch is None or end > switch:
-            return None
-        return newer[0]
+    def _file_for(self, segno: int, timeline: int | None, end: int) -> int | None:
+        """The file to read a segment's bytes of ``timeline`` from, up to ``end``.
+
+        Bytes of an ended timeline (before its switchpoint) are the same in the files of
+        every later timeline of this node's history, and the newest of those files is
+        the most complete: a node appends on its current timeline, so a node that was
+        behind at a switch copies the rest of the old timeline's bytes into the new
+        timeline's files (the old file stops where the node stood; a promotion copies
+        a segment's prefix the same way, and PostgreSQL's walsender reads a switchpoint's
+        segment from the new timeline's file for that reason). Reading the old file there
+        would stall a reader at the point the node had reached."""
+        held = self._segments.get(segno, [])
+        if timeline is not None and timeline != self.manifest.timeline:
+            entries = self.timeline_entries()
+            chain = {e.timeline for e in entries}
+            if timeline in chain:
+                switch = switchpoint_of(entries, timeline)
+                later = [t for t in held if t >= timeline and t in chain]
+                if switch is not None and end <= switch and later:
+                    return later[-1]
+        return self.timeline_for(segno, timeline)
 
     def read_segment(self, tli: int, segno: int, offset: int, size: int) -> bytes:
         if tli not in self._segments.get(segno, ()):

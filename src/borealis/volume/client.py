@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import os
 import signal
@@ -25,14 +24,14 @@ import struct
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from psycopg import pq
 
 from borealis import entrypoint
+from borealis.fsync import write_atomic
 from borealis.protocol import replication as rp
 from borealis.protocol import volume as vp
-from borealis.storage.peers import PeerAddress
+from borealis.protocol.files import LinkStatus, PeerAddress, VolumeClientConfig, VolumeStatus
 from borealis.volume.quorum import WRITE_QUORUM, VdlTracker, stream_start_point
 from borealis.wal.lsn import format_lsn, parse_lsn, segment_start
 from borealis.wal.timeline import parse_history
@@ -53,24 +52,6 @@ PING_S = 0.25
 MAX_NODE_BACKLOG = 16 * 1024 * 1024
 XMIN_HOLD_S = 30.0
 _xlogdata = struct.Struct(">qqq")
-
-
-@dataclass
-class VolumeClientConfig:
-    cluster: str
-    epoch: int
-    writer_conninfo: str
-    nodes: list[PeerAddress]
-    secret: str
-    status_path: Path
-    buffer_bytes: int = 64 * 1024 * 1024
-
-    @classmethod
-    def load(cls, path: Path) -> VolumeClientConfig:
-        data = json.loads(path.read_text())
-        data["nodes"] = [PeerAddress(**n) for n in data["nodes"]]
-        data["status_path"] = Path(data["status_path"])
-        return cls(**data)
 
 
 class WalBuffer:
@@ -521,25 +502,16 @@ class VolumeClient:
                 self.buffer.trim(min(acked) if len(acked) == len(self.links) else 0)
 
     def _write_status(self) -> None:
-        status = {
-            "pid": os.getpid(), "cluster": self.config.cluster, "epoch": self.epoch,
-            "timeline": self.timeline, "vdl": format_lsn(self.tracker.vdl),
-            "stream_start": format_lsn(self.stream_start),
-            "received": format_lsn(self.received), "writer_flush": format_lsn(self.writer_flush),
-            "buffer_start": format_lsn(self.buffer.start),
-            "nodes": {
-                nid: {"connected": lk.transport is not None, "ready": lk.ready,
-                      "flush_lsn": format_lsn(lk.flush_lsn), "reconnects": lk.reconnects}
-                for nid, lk in self.links.items()
-            },
-            "writer_heard": self.writer_heard_at or None,
-            "stopped": self.exit_reason or None,
-            "updated": time.time(),
-        }
-        path = self.config.status_path
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(status))
-        os.replace(tmp, path)
+        status = VolumeStatus(
+            pid=os.getpid(), cluster=self.config.cluster, epoch=self.epoch,
+            timeline=self.timeline, vdl=self.tracker.vdl, stream_start=self.stream_start,
+            received=self.received, writer_flush=self.writer_flush,
+            buffer_start=self.buffer.start,
+            nodes={nid: LinkStatus(lk.transport is not None, lk.ready, lk.flush_lsn,
+                                   lk.reconnects) for nid, lk in self.links.items()},
+            writer_heard=self.writer_heard_at or None, stopped=self.exit_reason or None,
+            updated=time.time())
+        write_atomic(self.config.status_path, status.to_json())
 
 
 class _NodeProtocol(asyncio.Protocol):
@@ -575,7 +547,8 @@ def _err(conn: pq.abc.PGconn) -> str:
 
 
 def main() -> None:
-    config = VolumeClientConfig.load(entrypoint.config_path("Borealis volume client"))
+    config = VolumeClientConfig.from_json(
+        entrypoint.config_path("Borealis volume client").read_text())
     client = VolumeClient(config)
 
     async def run() -> str:
