@@ -38,7 +38,7 @@ def backup_status(b: Borealis, cluster: str, verify: bool = True) -> dict[str, o
 # polls through ``borealis status`` (a new interpreter each) on a busy machine.
 _POLL_PROGRESS = """
 import json, sys, time
-from borealis.cli.main import CliError, request
+from borealis.cli.client import CliError, request
 while True:
     try:
         p = request("GET", "/v1/clusters/" + sys.argv[1], timeout_s=10).get("progress")

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from borealis.backup import catalog
 from borealis.backup.store import LocalStore, StoreError
-from borealis.control.cluster import ClusterError
+from borealis.control.handle import ClusterError
 from borealis.control.restore import check_restorable
 from borealis.wal.lsn import SEGMENT_SIZE, format_lsn, segment_name
 from borealis.wal.timeline import parse_history

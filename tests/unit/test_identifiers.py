@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from borealis import identifiers
-from borealis.control.cluster import _inside
+from borealis.control.handle import _inside
 
 BAD = ["..", ".", "/etc", "", "a" * 64, "é1", "a/b", "a--b", "a-", "1abc", "a\n", "a\x00",
        "-a", "a b", None, 5]
@@ -38,7 +38,7 @@ def test_a_valid_identifier_is_always_one_plain_path_entry(value: str) -> None:
 
 @pytest.mark.parametrize("value", ["..", ".", "/etc", "", "a/b"])
 def test_no_id_becomes_another_path(value: str, tmp_path: Path) -> None:
-    from borealis.control.cluster import ClusterError
+    from borealis.control.handle import ClusterError
     with pytest.raises(ClusterError):
         _inside(tmp_path, value)
 

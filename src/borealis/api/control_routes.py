@@ -19,7 +19,7 @@ from borealis import identifiers
 from borealis.api import secrets as api_secrets
 from borealis.api import server as api_server
 from borealis.control import backtrack
-from borealis.control.cluster import ClusterError
+from borealis.control.handle import ClusterError
 from borealis.control.plane import ControlPlane
 from borealis.times import format_time, parse_time
 

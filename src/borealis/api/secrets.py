@@ -17,7 +17,7 @@ import psycopg.sql
 
 from borealis import identifiers
 from borealis.api import identity
-from borealis.control.cluster import ClusterError
+from borealis.control.handle import ClusterError
 
 if TYPE_CHECKING:
     from borealis.control.plane import ControlPlane

@@ -26,8 +26,9 @@ from botocore.validate import ParamValidator
 from borealis.api import data_api, identity, query_codec, sigv4
 from borealis.api.data_api import DataApi
 from borealis.api.errors import ApiError
-from borealis.api.rds import RdsOperations, master_secret_name
-from borealis.control.cluster import ClusterError
+from borealis.api.rds import RdsOperations
+from borealis.api.rds_rules import master_secret_name
+from borealis.control.handle import ClusterError
 
 if TYPE_CHECKING:
     from borealis.control.plane import ControlPlane

@@ -8,21 +8,15 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
-from botocore.exceptions import ClientError, WaiterError
+from botocore.exceptions import ClientError
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from rich.console import Console
 from rich.progress import (
@@ -35,101 +29,25 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from borealis import identifiers, settings
-from borealis.api import identity
+from borealis import identifiers
+from borealis.cli.client import (
+    CliError,
+    api_location,
+    call,
+    control_info,
+    credentials,
+    describe_cluster,
+    ensure_control_plane,
+    rds_client,
+    request,
+    wait,
+)
 from borealis.control.processes import alive
-from borealis.logfiles import private_log
-from borealis.protocol.files import ClientConfig, ControlInfo
 from borealis.times import format_time
 
 # No emoji codes: ":secret:" inside an ARN must stay as it is.
 console = Console(emoji=False)
 err_console = Console(stderr=True, emoji=False)
-
-
-class CliError(Exception):
-    pass
-
-
-def home() -> Path:
-    return settings.current().home
-
-
-def control_info() -> ControlInfo | None:
-    """Where the running control plane listens (None if none runs for this home)."""
-    try:
-        info = ControlInfo.from_json((home() / "control.json").read_text())
-    except (OSError, ValueError, TypeError):
-        return None
-    if not alive(info.pid, "borealis.daemon"):
-        return None
-    return info
-
-
-def credentials() -> tuple[str, str]:
-    """The first access key of this home (the control plane creates it)."""
-    client = client_config()
-    return client.access_key_id, client.secret_access_key
-
-
-def client_config() -> ClientConfig:
-    """The credentials and API address the control plane left for this home."""
-    try:
-        return ClientConfig.from_json((home() / "client.json").read_text())
-    except (OSError, ValueError, TypeError):
-        raise CliError("no access key yet; start the control plane with `borealis up`"
-                       ) from None
-
-
-def request(method: str, path: str, body: dict[str, Any] | None = None,
-            timeout_s: float = 900) -> Any:
-    """A signed call to the control plane's own verbs (SigV4, as every API request)."""
-    info = control_info()
-    if info is None:
-        raise CliError("the control plane is not running; start it with `borealis up`")
-    data = json.dumps(body).encode() if body is not None else b""
-    signed = AWSRequest(method=method, url=info.url + path, data=data,
-                        headers={"Content-Type": "application/json"})
-    SigV4Auth(Credentials(*credentials()), "borealis", info.region or identity.DEFAULT_REGION
-              ).add_auth(signed)
-    req = urllib.request.Request(info.url + path, data=data or None, method=method,
-                                 headers=dict(signed.headers.items()))
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read()).get("error", str(exc))
-        except ValueError:
-            message = str(exc)
-        raise CliError(message) from None
-    except urllib.error.URLError as exc:
-        raise CliError(f"cannot reach the control plane: {exc.reason}") from None
-
-
-def ensure_control_plane() -> ControlInfo:
-    info = control_info()
-    if info is not None:
-        return info
-    h = home()
-    if not h.exists():
-        h.mkdir(parents=True)
-        os.chmod(h, 0o700)
-    with private_log(h / "control.log") as log:
-        subprocess.Popen([sys.executable, "-m", "borealis.daemon", "--home", str(h)],
-                         stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                         start_new_session=True, cwd="/")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        info = control_info()
-        if info is not None:
-            try:
-                request("GET", "/v1/health", timeout_s=2)
-                return info
-            except CliError:
-                pass
-        time.sleep(0.1)
-    raise CliError(f"the control plane did not start; see {h / 'control.log'}")
 
 
 # -- commands ---------------------------------------------------------------------------
@@ -496,49 +414,6 @@ def cmd_snapshot_restore(args: argparse.Namespace) -> None:
     request("POST", f"/v1/snapshots/{args.name}/restore",
             {"new_cluster": args.new_cluster, "readers": args.readers})
     wait_restored(f"snapshot {args.name}", args.new_cluster)
-
-
-# -- the RDS API, through boto3 ---------------------------------------------------------------
-
-
-def api_location() -> tuple[str, str]:
-    """The API's URL and region: the running control plane's, else the address it keeps
-    for this home (so exported credentials stay valid across restarts)."""
-    info = control_info()
-    if info is not None:
-        return info.url, info.region or identity.DEFAULT_REGION
-    client = client_config()
-    return client.url, client.region
-
-
-def rds_client() -> Any:
-    import boto3  # here, not at the top: most commands never need it (0.2 s to import)
-
-    url, region = api_location()
-    key_id, secret = credentials()
-    return boto3.client("rds", endpoint_url=url, region_name=region,
-                        aws_access_key_id=key_id, aws_secret_access_key=secret)
-
-
-def call(method: Any, **params: Any) -> Any:
-    try:
-        return method(**params)
-    except ClientError as exc:
-        raise CliError(exc.response["Error"]["Message"]) from None
-
-
-def describe_cluster(rds: Any, name: str) -> dict[str, Any]:
-    result: dict[str, Any] = call(rds.describe_db_clusters,
-                                  DBClusterIdentifier=name)["DBClusters"][0]
-    return result
-
-
-def wait(rds: Any, waiter: str, **params: Any) -> None:
-    try:
-        rds.get_waiter(waiter).wait(WaiterConfig={"Delay": 1, "MaxAttempts": 900}, **params)
-    except WaiterError as exc:
-        error = exc.last_response.get("Error", {}).get("Message", str(exc))
-        raise CliError(f"{waiter.replace('_', ' ')}: {error}") from None
 
 
 def _name(what: str, check: Callable[[object, str], str]) -> Callable[[str], str]:

@@ -31,8 +31,9 @@ from typing import Any
 from borealis.backup import catalog
 from borealis.backup.store import ObjectStore, open_store
 from borealis.control import failover
-from borealis.control.cluster import ClusterError, ClusterRuntime
+from borealis.control.cluster import ClusterRuntime
 from borealis.control.failover_rules import EndOfLog, FailoverRefused, end_of_log
+from borealis.control.handle import ClusterError
 from borealis.control.restore import (
     ProgressSink,
     RestoreSource,

@@ -29,7 +29,8 @@ import psycopg
 
 from borealis.compute import live_copy, tree_copy
 from borealis.compute import postgres as pg
-from borealis.control.cluster import ClusterError, ClusterRuntime
+from borealis.control.cluster import ClusterRuntime
+from borealis.control.handle import ClusterError
 from borealis.control.restore import (
     Progress,
     ProgressSink,

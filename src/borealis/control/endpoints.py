@@ -17,7 +17,8 @@ from typing import Any
 from psycopg.conninfo import make_conninfo
 
 from borealis.control import processes
-from borealis.control.cluster import ClusterError, ClusterRuntime
+from borealis.control.cluster import ClusterRuntime
+from borealis.control.handle import ClusterError
 from borealis.control.state import EndpointRow
 from borealis.endpoints.routing import members
 from borealis.fsync import write_atomic

@@ -34,9 +34,10 @@ from borealis.compute import postgres as pg
 from borealis.control import backtrack, failover, restore
 from borealis.control import clone as clone_mod
 from borealis.control.backups import Backups
-from borealis.control.cluster import ClusterError, ClusterRuntime
+from borealis.control.cluster import ClusterRuntime
 from borealis.control.endpoints import ClusterEndpoints
 from borealis.control.failover_rules import FailoverRefused
+from borealis.control.handle import ClusterError
 from borealis.control.restore import check_restorable
 from borealis.control.sampling import Sampling
 from borealis.control.state import AZS, State

@@ -33,7 +33,8 @@ import psycopg
 from borealis.backup import catalog, image_fetch
 from borealis.backup.store import ObjectStore, StoreError, open_store
 from borealis.compute import postgres as pg
-from borealis.control.cluster import ClusterError, ClusterRuntime
+from borealis.control.cluster import ClusterRuntime
+from borealis.control.handle import ClusterError
 from borealis.control.state import Instance, State
 from borealis.times import format_time
 from borealis.wal.lsn import SEGMENT_SIZE, parse_lsn, parse_segment_name
