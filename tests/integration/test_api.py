@@ -113,7 +113,11 @@ def test_cluster_lifecycle_with_boto3(cluster: ClusterView) -> None:
     with psycopg.connect(host=cluster["Endpoint"], autocommit=True, **conninfo) as conn:
         conn.execute("DELETE FROM t WHERE id = 2")
 
-    # Fail over to the chosen reader.
+    # Fail over to the chosen reader (the writer itself is no target: refused at once).
+    with pytest.raises(ClientError) as self_target:
+        rds.failover_db_cluster(DBClusterIdentifier="life", TargetDBInstanceIdentifier="life-a")
+    assert error_code(self_target) == "InvalidDBInstanceStateFault"
+    assert "already the writer" in str(self_target.value)
     failing = rds.failover_db_cluster(DBClusterIdentifier="life",
                                       TargetDBInstanceIdentifier="life-b")["DBCluster"]
     assert failing["Status"] == "failing-over"

@@ -152,3 +152,21 @@ def test_the_sealed_end_is_the_record_end_the_nodes_agree_on() -> None:
         sealed_end([sealed("a", 960), sealed("b", 960), sealed("c", 900)], 5, end)
     with pytest.raises(FailoverRefused):  # never past the end of log
         sealed_end([sealed("a", 1010), sealed("b", 1010), sealed("c", 1010)], 5, end)
+
+
+def test_failover_preconditions_are_one_rule_for_every_path() -> None:
+    from borealis.control.failover_rules import Member, check_failover
+    members = [Member("c-1", "writer", False), Member("c-2", "reader", True),
+               Member("c-3", "reader", False)]
+    check_failover("c", members, None)
+    check_failover("c", members, "c-2")
+    for target, words in (("c-1", "already the writer"), ("c-3", "not an available reader"),
+                          ("x-9", "not a member")):
+        with pytest.raises(FailoverRefused, match=words) as refused:
+            check_failover("c", members, target)
+        assert refused.value.about == "instance"
+    alone = [Member("c-1", "writer", False), Member("c-3", "reader", False)]
+    with pytest.raises(FailoverRefused, match="no available reader") as refused:
+        check_failover("c", alone, None)
+    assert refused.value.about == "cluster"
+    check_failover("c", alone, None, rebuild_possible=True)  # the writer is rebuilt

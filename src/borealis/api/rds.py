@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from borealis.api import identity
 from borealis.api.errors import ApiError, not_found
 from borealis.control import backtrack
+from borealis.control.failover_rules import FailoverRefused
 from borealis.control.handle import ClusterError
 from borealis.control.state import EndpointRow
 
@@ -145,18 +146,13 @@ class RdsOperations(RdsBackups):
         cluster = self._cluster(p["DBClusterIdentifier"])
         target = p.get("TargetDBInstanceIdentifier")
         if target is not None:
-            inst = self._instance(target)
-            if inst.cluster != cluster.name:
-                raise ApiError("InvalidDBInstanceStateFault", f"{inst.id} is not a member "
-                               f"of {cluster.name}.")
-            if inst.role == "writer":
-                raise ApiError("InvalidDBInstanceStateFault", f"{inst.id} is already the "
-                               "writer.")
-            target = inst.id
+            target = self._instance(target).id  # an unknown one is DBInstanceNotFound
         try:
             self.cp.start_failover(cluster.name, target)
-        except ClusterError as exc:
-            raise ApiError("InvalidDBClusterStateFault", str(exc)) from None
+        except FailoverRefused as exc:  # the preconditions, checked once in the verb
+            fault = ("InvalidDBInstanceStateFault" if exc.about == "instance"
+                     else "InvalidDBClusterStateFault")
+            raise ApiError(fault, f"{exc}.") from None
         return {"DBCluster": self.describe_cluster(self._cluster(cluster.name))}
 
     # -- instances -------------------------------------------------------------------------

@@ -33,6 +33,8 @@ from borealis.control.failover_rules import (
     Candidate,
     EndOfLog,
     FailoverRefused,
+    Member,
+    check_failover,
     choose_writer,
     end_of_log,
     sealed_end,
@@ -48,6 +50,12 @@ CATCH_UP_TIMEOUT_S = 30.0
 PROMOTE_TIMEOUT_S = 60
 
 
+def members(rt: ClusterRuntime) -> list[Member]:
+    """The cluster's instances as the failover preconditions see them."""
+    available = {r.id for r in rt.available_readers()}
+    return [Member(i.id, i.role, i.id in available) for i in rt.state.instances(rt.name)]
+
+
 def fail_over(rt: ClusterRuntime, reason: str, target: str | None = None,
               switch_endpoints: Callable[[], None] = lambda: None) -> Instance:
     """Run a whole failover; returns the new writer. Raises FailoverRefused (with the
@@ -58,11 +66,8 @@ def fail_over(rt: ClusterRuntime, reason: str, target: str | None = None,
     began = time.monotonic()
     old = rt.writer()
     candidates = rt.available_readers()
-    if target is not None and not any(r.id == target for r in candidates):
-        raise FailoverRefused(f"{target} is not an available reader of {rt.name}")
-    if not candidates and (old is None or rt.base_image_age_s() is None):
-        raise FailoverRefused(f"{rt.name} has no available reader to promote and no base "
-                              "image to rebuild the writer from")
+    check_failover(rt.name, members(rt), target,
+                   rebuild_possible=rt.base_image_age_s() is not None)
     rt.event("failover", f"started: {reason}")
     rt.state.set_cluster(rt.name, status="failing-over")
 

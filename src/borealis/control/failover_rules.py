@@ -18,7 +18,46 @@ READ_QUORUM = 3
 
 
 class FailoverRefused(Exception):
-    """The failover cannot go on safely; nothing was promoted."""
+    """The failover cannot go on safely; nothing was promoted. ``about`` says what the
+    refusal is about: the cluster's state, or the instance asked for as the target."""
+
+    def __init__(self, message: str, about: str = "cluster") -> None:
+        super().__init__(message)
+        self.about = about
+
+
+@dataclass(frozen=True)
+class Member:
+    """An instance as the failover preconditions see it."""
+
+    id: str
+    role: str  # "writer" | "reader"
+    available: bool  # it runs and serves: it can be promoted
+
+
+def check_failover(cluster: str, members: list[Member], target: str | None,
+                   rebuild_possible: bool = False) -> None:
+    """The preconditions of a failover, checked once for every path (the API's
+    FailoverDBCluster, a reboot with failover, the supervisor, deleting the writer):
+    a writer to fail over from (or none when it is rebuilt), a target that is an
+    available reader of this cluster, and a reader to promote unless the writer can be
+    rebuilt from the base image instead. Raises :class:`FailoverRefused`."""
+    by_id = {m.id: m for m in members}
+    if target is not None:
+        chosen = by_id.get(target)
+        if chosen is None:
+            raise FailoverRefused(f"{target} is not a member of {cluster}", "instance")
+        if chosen.role == "writer":
+            raise FailoverRefused(f"{target} is already the writer", "instance")
+        if not chosen.available:
+            raise FailoverRefused(f"{target} is not an available reader of {cluster}",
+                                  "instance")
+    writers = [m for m in members if m.role == "writer"]
+    readers = [m for m in members if m.role == "reader" and m.available]
+    if not readers and not (writers and rebuild_possible):
+        raise FailoverRefused(f"{cluster} has no available reader to promote"
+                              + (" and no base image to rebuild the writer from"
+                                 if writers else ""))
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from borealis.control import clone as clone_mod
 from borealis.control.backups import Backups
 from borealis.control.cluster import ClusterRuntime
 from borealis.control.endpoints import ClusterEndpoints
-from borealis.control.failover_rules import FailoverRefused
+from borealis.control.failover_rules import FailoverRefused, check_failover
 from borealis.control.handle import ClusterError
 from borealis.control.restore import check_restorable
 from borealis.control.sampling import Sampling
@@ -299,8 +299,10 @@ class ControlPlane:
         if force_failover:
             if inst.role != "writer":
                 raise ClusterError("ForceFailover reboots the writer; this is a reader")
-            if not rt.available_readers():
-                raise ClusterError("ForceFailover needs an available reader")
+            try:
+                check_failover(inst.cluster, failover.members(rt), None)
+            except FailoverRefused as exc:
+                raise ClusterError(f"ForceFailover needs an available reader: {exc}") from None
         self.state.set_instance(inst.id, state="rebooting")
 
         def reboot() -> None:
@@ -328,9 +330,8 @@ class ControlPlane:
     def start_failover(self, name: str, target: str | None) -> None:
         rt = self.runtime(name)
         if rt.writer() is None:
-            raise ClusterError(f"cluster {name} has no writer to fail over from")
-        if not rt.available_readers():
-            raise ClusterError(f"cluster {name} has no available reader to fail over to")
+            raise FailoverRefused(f"cluster {name} has no writer to fail over from")
+        check_failover(name, failover.members(rt), target)  # a reader, the target's state
         self.state.set_cluster(name, status="failing-over")
 
         def run() -> None:
