@@ -60,7 +60,6 @@ class RdsBase:
         return inst
 
     def _endpoint_rows(self, cluster: str) -> list[EndpointRow]:
-        ClusterEndpoints(self.cp.runtime(cluster)).ensure_rows()
         return self.state.endpoints(cluster)
 
     def _engine_version(self) -> str:

@@ -322,6 +322,9 @@ class State:
                         "VALUES (?, ?, ?, ?, ?)",
                         (f"sn-{az[-1]}{i}", name, az, port, self.allocate_port(port)),
                     )
+        # Its built-in endpoints exist from the start (reads never have to make them).
+        self.add_endpoint(name, name, "WRITER")
+        self.add_endpoint(f"{name}-ro", name, "READER")
         cluster = self.cluster(name)
         assert cluster is not None
         return cluster
@@ -369,6 +372,8 @@ class State:
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (instance_id, cluster, role, az, tier, self.allocate_port(), time.time()),
             )
+        if self.endpoint(instance_id) is None:  # its instance endpoint, as on Aurora
+            self.add_endpoint(instance_id, cluster, "INSTANCE", instance=instance_id)
         inst = self.instance(instance_id)
         assert inst is not None
         return inst
@@ -388,7 +393,10 @@ class State:
         self._update("instances", "id", instance_id, fields, "state", lifecycle.check_instance)
 
     def delete_instance(self, instance_id: str) -> None:
-        self.db.execute("DELETE FROM instances WHERE id = ?", (instance_id,))
+        with self.transaction() as db:
+            db.execute("DELETE FROM instances WHERE id = ?", (instance_id,))
+            db.execute("DELETE FROM endpoints WHERE instance = ? AND type = 'INSTANCE'",
+                       (instance_id,))
 
     # -- storage and volume ------------------------------------------------------------
 
