@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 from borealis.api import identity
 from borealis.api.errors import ApiError, not_found
-from borealis.control import backtrack
 from borealis.control.failover_rules import FailoverRefused
 from borealis.control.handle import ClusterError
 from borealis.control.state import EndpointRow
@@ -69,20 +68,26 @@ class RdsOperations(RdsBackups):
             password = secrets.token_urlsafe(24)
         check_password(password)
         refuse_unsupported(p, CREATE_CLUSTER_UNSUPPORTED)
+        options = self._options(p)
         try:
             self.cp.create_cluster(name, user, password)
         except ClusterError as exc:
             raise ApiError("InvalidParameterValue", str(exc)) from None
-        if p.get("DeletionProtection"):
-            self.state.set_setting(f"deletion_protection:{name}", "true")
-        if "BacktrackWindow" in p:
-            backtrack.set_window(self.cp.runtime(name), check_window(p["BacktrackWindow"]))
-        if "BackupRetentionPeriod" in p:
-            self.state.set_setting(f"backup_retention_days:{name}",
-                                   str(check_retention(p["BackupRetentionPeriod"])))
+        self.cp.set_cluster_options(name, **options)
         if p.get("Tags"):
             self._add_tags(identity.rds_arn(self.state, "cluster", name), p["Tags"])
         return {"DBCluster": self.describe_cluster(self._cluster(name))}
+
+    @staticmethod
+    def _options(p: dict[str, Any]) -> dict[str, Any]:
+        """DeletionProtection, BackupRetentionPeriod and BacktrackWindow as given, checked
+        (before anything changes: a bad one refuses the whole call)."""
+        return {"deletion_protection": (bool(p["DeletionProtection"])
+                                        if "DeletionProtection" in p else None),
+                "retention_days": (check_retention(p["BackupRetentionPeriod"])
+                                   if "BackupRetentionPeriod" in p else None),
+                "backtrack_window_s": (check_window(p["BacktrackWindow"])
+                                       if "BacktrackWindow" in p else None)}
 
     async def op_DescribeDBClusters(self, p: dict[str, Any]) -> dict[str, Any]:
         if "DBClusterIdentifier" in p:
@@ -104,17 +109,11 @@ class RdsOperations(RdsBackups):
         unsupported = sorted(set(p) - supported)
         if unsupported:
             raise not_built(f"changing {', '.join(unsupported)}")
-        if "BacktrackWindow" in p:
-            backtrack.set_window(self.cp.runtime(cluster.name),
-                                 check_window(p["BacktrackWindow"]))
-        if "BackupRetentionPeriod" in p:
-            self.state.set_setting(f"backup_retention_days:{cluster.name}",
-                                   str(check_retention(p["BackupRetentionPeriod"])))
-        if "DeletionProtection" in p:
-            self.state.set_setting(f"deletion_protection:{cluster.name}",
-                                   "true" if p["DeletionProtection"] else "false")
+        options = self._options(p)
         if "MasterUserPassword" in p:
             check_password(p["MasterUserPassword"])
+        self.cp.set_cluster_options(cluster.name, **options)
+        if "MasterUserPassword" in p:
             await self.cp.set_master_password(cluster.name, p["MasterUserPassword"])
         return {"DBCluster": self.describe_cluster(self._cluster(cluster.name))}
 
@@ -136,9 +135,8 @@ class RdsOperations(RdsBackups):
                            "please disable deletion protection and try again.")
         described = self.describe_cluster(cluster)
         self.cp.delete_cluster(cluster.name)
-        for key in (f"deletion_protection:{cluster.name}", f"resource_id:cluster:{cluster.name}",
-                    f"tags:{described['DBClusterArn']}"):
-            self.state.delete_setting(key)  # a new cluster of the same name starts afresh
+        self.cp.forget(f"deletion_protection:{cluster.name}",
+                       f"resource_id:cluster:{cluster.name}", f"tags:{described['DBClusterArn']}")
         described["Status"] = "deleting"
         return {"DBCluster": described}
 
@@ -180,7 +178,7 @@ class RdsOperations(RdsBackups):
                                            p.get("AvailabilityZone"), tier)
         except ClusterError as exc:
             raise ApiError("InvalidParameterValue", str(exc)) from None
-        self.state.set_setting(f"instance_class:{inst.id}", p["DBInstanceClass"])
+        self.cp.set_instance_class(inst.id, p["DBInstanceClass"])
         if p.get("Tags"):
             self._add_tags(identity.rds_arn(self.state, "db", inst.id), p["Tags"])
         return {"DBInstance": self.describe_instance(self._instance(inst.id))}
@@ -210,9 +208,8 @@ class RdsOperations(RdsBackups):
                            "being deleted.")
         described = self.describe_instance(inst)
         self.cp.delete_instance(inst.id)
-        for key in (f"instance_class:{inst.id}", f"resource_id:db:{inst.id}",
-                    f"tags:{described['DBInstanceArn']}"):
-            self.state.delete_setting(key)
+        self.cp.forget(f"instance_class:{inst.id}", f"resource_id:db:{inst.id}",
+                       f"tags:{described['DBInstanceArn']}")
         described["DBInstanceStatus"] = "deleting"
         return {"DBInstance": described}
 

@@ -210,7 +210,7 @@ class RdsBase:
     def _set_tags(self, arn: str, tags: list[dict[str, str]]) -> None:
         if len(tags) > 50:
             raise ApiError("TagQuotaPerResourceExceeded", "a resource has at most 50 tags")
-        self.state.set_setting(f"tags:{arn}", json.dumps(tags))
+        self.cp.set_tags(arn, tags)
 
     def _add_tags(self, arn: str, new: list[dict[str, Any]]) -> None:
         merged = {t["Key"]: t.get("Value", "") for t in self.tags(arn)}

@@ -619,6 +619,31 @@ class ControlPlane:
         for hook in self.cluster_created_hooks:
             hook(name)
 
+    def set_cluster_options(self, name: str, deletion_protection: bool | None = None,
+                            retention_days: int | None = None,
+                            backtrack_window_s: float | None = None) -> None:
+        """A cluster's settings that need no process (values checked by the caller's
+        API rules); None leaves one as it is."""
+        if deletion_protection is not None:
+            self.state.set_setting(f"deletion_protection:{name}",
+                                   "true" if deletion_protection else "false")
+        if retention_days is not None:
+            self.state.set_setting(f"backup_retention_days:{name}", str(retention_days))
+        if backtrack_window_s is not None:
+            backtrack.set_window(self.runtime(name), backtrack_window_s)
+
+    def set_tags(self, arn: str, tags: list[dict[str, str]]) -> None:
+        self.state.set_setting(f"tags:{arn}", json.dumps(tags))
+
+    def set_instance_class(self, instance_id: str, instance_class: str) -> None:
+        self.state.set_setting(f"instance_class:{instance_id}", instance_class)
+
+    def forget(self, *keys: str) -> None:
+        """Drop what the API kept about a deleted resource (its options, resource id,
+        tags): a new one of the same name starts afresh."""
+        for key in keys:
+            self.state.delete_setting(key)
+
     def deletion_protected(self, name: str) -> bool:
         """DeletionProtection (set through the RDS API): no path deletes the cluster."""
         return self.state.setting(f"deletion_protection:{name}") == "true"
