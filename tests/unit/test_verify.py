@@ -194,3 +194,15 @@ def test_damage_in_a_continuation_names_both_segments() -> None:
     assert found.value.lsn // SEG == 3 and (found.value.end - 1) // SEG == 4
     alone = WalVerifier(SEG * 4, SEG, 7)
     alone.feed(bytes(data[SEG:]))  # the continuation is skipped: no error
+
+
+def test_a_cut_in_the_zeros_after_a_switch_is_not_taken_for_a_page_header() -> None:
+    # The zeros after an XLOG_SWITCH carry no page headers: a cut 24 bytes past a page
+    # start there is the cut, not a bare header to step back over.
+    b = build([300, 500], switch_at=1)
+    end = b.switch_ends[0]
+    cut = end - end % 8192 + 2 * 8192 + 24
+    data = bytes(b.out)
+    found = last_record_end(lambda s, e: data[s - b.start : e - b.start], b.start, cut, SEG,
+                            7, window=8192)
+    assert found == _expected_record_end(b, cut) == cut

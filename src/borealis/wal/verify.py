@@ -276,8 +276,12 @@ def last_record_end(
         if verifier.records or start == floor:
             found = min(verifier.verified_end, end)
             page = found - found % PAGE_SIZE
-            if found - page == header_size(page, segment_size):
-                found = page  # a bare page header: the record before ends at the page
+            if (found - page == header_size(page, segment_size) and page >= start
+                    and int.from_bytes(data[page - start:page - start + 2], "little")
+                    in WAL_PAGE_MAGICS):
+                # A bare page header: the record before ends at the page. (Not in the
+                # zeros after an XLOG_SWITCH, which carry no headers.)
+                found = page
             assert floor <= found <= end
             return found
         window *= 4
