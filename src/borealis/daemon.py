@@ -22,7 +22,8 @@ from borealis import settings
 from borealis.api import identity
 from borealis.api import server as api_server
 from borealis.api.control_routes import build_app
-from borealis.control.plane import ControlPlane, default_home
+from borealis.control.plane import ControlPlane
+from borealis.control.plane_base import default_home
 from borealis.control.state import State
 from borealis.fsync import write_atomic
 from borealis.protocol.files import ClientConfig, ControlInfo

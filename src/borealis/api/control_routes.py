@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -25,90 +26,106 @@ from borealis.times import format_time, parse_time
 
 log = logging.getLogger("borealis.api")
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-def build_app(cp: ControlPlane, api: api_server.Api) -> web.Application:
-    routes = web.RouteTableDef()
 
-    def need_cluster(name: str) -> None:
-        if cp.state.cluster(name) is None:
+class ControlRoutes:
+    """The ``/v1`` routes, one method each; :meth:`table` lists them."""
+
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+
+    def table(self) -> list[tuple[str, str, Handler]]:
+        return [
+            ("get", "/v1/health", self.health),
+            ("get", "/v1/status", self.status),
+            ("post", "/v1/clusters/{name}/up", self.up),
+            ("get", "/v1/clusters/{name}", self.cluster),
+            ("delete", "/v1/clusters/{name}", self.destroy),
+            ("get", "/v1/clusters/{name}/events", self.events),
+            ("post", "/v1/secrets", self.create_secret),
+            ("get", "/v1/secrets", self.list_secrets),
+            ("delete", "/v1/secrets/{name:.+}", self.delete_secret),
+            ("get", "/v1/clusters/{name}/backup", self.backup_status),
+            ("post", "/v1/clusters/{name}/restore", self.restore_cluster),
+            ("post", "/v1/clusters/{name}/clone", self.clone_cluster),
+            ("post", "/v1/clusters/{name}/backtrack", self.backtrack_cluster),
+            ("post", "/v1/snapshots", self.create_snapshot),
+            ("get", "/v1/snapshots", self.list_snapshots),
+            ("delete", "/v1/snapshots/{name}", self.delete_snapshot),
+            ("post", "/v1/snapshots/{name}/restore", self.restore_snapshot),
+            ("post", "/v1/down", self.down),
+        ]
+
+    def need_cluster(self, name: str) -> None:
+        if self.cp.state.cluster(name) is None:
             raise web.HTTPNotFound(text=json.dumps({"error": f"cluster {name!r} not found"}),
                                    content_type="application/json")
 
-    @routes.get("/v1/health")
-    async def health(_: web.Request) -> web.Response:
+    async def health(self, _: web.Request) -> web.Response:
         return web.json_response({"ok": True, "pid": os.getpid()})
 
-    @routes.get("/v1/status")
-    async def status(_: web.Request) -> web.Response:
-        return web.json_response(await cp.status())
+    async def status(self, _: web.Request) -> web.Response:
+        return web.json_response(await self.cp.status())
 
-    @routes.post("/v1/clusters/{name}/up")
-    async def up(request: web.Request) -> web.Response:
+    async def up(self, request: web.Request) -> web.Response:
         body = await request.json() if request.body_exists else {}
         readers = body.get("readers")
         if readers is not None and (not isinstance(readers, int) or not 0 <= readers <= 15):
             return _error(400, "readers must be an integer between 0 and 15")
         name = _identifier(request.match_info["name"], "cluster name")
-        return web.json_response(await cp.up(name, readers))
+        return web.json_response(await self.cp.up(name, readers))
 
-    @routes.get("/v1/clusters/{name}")
-    async def cluster(request: web.Request) -> web.Response:
+    async def cluster(self, request: web.Request) -> web.Response:
         name = _identifier(request.match_info["name"], "cluster name")
-        need_cluster(name)
-        return web.json_response(await cp.cluster_status(name))
+        self.need_cluster(name)
+        return web.json_response(await self.cp.cluster_status(name))
 
-    @routes.delete("/v1/clusters/{name}")
-    async def destroy(request: web.Request) -> web.Response:
+    async def destroy(self, request: web.Request) -> web.Response:
         name = _identifier(request.match_info["name"], "cluster name")
-        need_cluster(name)
-        await cp.destroy(name)
+        self.need_cluster(name)
+        await self.cp.destroy(name)
         return web.json_response({"destroyed": name})
 
-    @routes.get("/v1/clusters/{name}/events")
-    async def events(request: web.Request) -> web.Response:
+    async def events(self, request: web.Request) -> web.Response:
         name = _identifier(request.match_info["name"], "cluster name")
-        need_cluster(name)
-        return web.json_response({"events": cp.state.events(name)})
+        self.need_cluster(name)
+        return web.json_response({"events": self.cp.state.events(name)})
 
-    @routes.post("/v1/secrets")
-    async def create_secret(request: web.Request) -> web.Response:
+    async def create_secret(self, request: web.Request) -> web.Response:
         body = await request.json()
         fields = {k: body.get(k) for k in ("name", "cluster", "user", "password")}
         if not all(isinstance(v, str) for k, v in fields.items()
                    if v is not None or k in ("name", "cluster")):
             return _error(400, "name and cluster are required; all fields are strings")
         return web.json_response(await api_secrets.create_secret(
-            cp, fields["name"], fields["cluster"], fields["user"], fields["password"]))
+            self.cp, fields["name"], fields["cluster"], fields["user"], fields["password"]))
 
-    @routes.get("/v1/secrets")
-    async def list_secrets(_: web.Request) -> web.Response:
+    async def list_secrets(self, _: web.Request) -> web.Response:
         return web.json_response({"secrets": [
             api_secrets.describe(s.name, s.cluster, s.arn, s.username)
-            for s in cp.state.secrets()]})
+            for s in self.cp.state.secrets()]})
 
-    @routes.delete("/v1/secrets/{name:.+}")
-    async def delete_secret(request: web.Request) -> web.Response:
+    async def delete_secret(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         try:
             identifiers.secret_name(name)
         except identifiers.BadIdentifier as exc:
             return _error(400, str(exc))
-        if cp.state.secret(name) is None:
+        if self.cp.state.secret(name) is None:
             return _error(404, f"secret {name!r} not found")
-        cp.state.delete_secret(name)
+        self.cp.state.delete_secret(name)
         return web.json_response({"deleted": name})
 
-    @routes.get("/v1/clusters/{name}/backup")
-    async def backup_status(request: web.Request) -> web.Response:
+    async def backup_status(self, request: web.Request) -> web.Response:
         name = _identifier(request.match_info["name"], "cluster name")
-        need_cluster(name)
+        self.need_cluster(name)
         quick = request.query.get("verify") == "no"
-        return web.json_response(await asyncio.to_thread(cp.backup_status, name, not quick))
+        return web.json_response(await asyncio.to_thread(self.cp.backup_status, name, not quick))
 
-    @routes.post("/v1/clusters/{name}/restore")
-    async def restore_cluster(request: web.Request) -> web.Response:
+    async def restore_cluster(self, request: web.Request) -> web.Response:
         name = _identifier(request.match_info["name"], "cluster name")
-        need_cluster(name)
+        self.need_cluster(name)
         body = await request.json()
         new, readers = _new_cluster(body)
         target = None
@@ -120,95 +137,94 @@ def build_app(cp: ControlPlane, api: api_server.Api) -> web.Application:
                                    "2026-11-23T04:55:00.250Z)")
         elif not body.get("latest"):
             return _error(400, "give to_time or latest")
-        src, user, password = cp.restore_source(cluster=name)
-        await asyncio.to_thread(cp.check_restore, src, new, target)
-        cp.start_restore(src, user, password, new, target, readers)
+        src, user, password = self.cp.restore_source(cluster=name)
+        await asyncio.to_thread(self.cp.check_restore, src, new, target)
+        self.cp.start_restore(src, user, password, new, target, readers)
         return web.json_response({"cluster": new, "status": "creating"})
 
-    @routes.post("/v1/clusters/{name}/clone")
-    async def clone_cluster(request: web.Request) -> web.Response:
+    async def clone_cluster(self, request: web.Request) -> web.Response:
         name = _identifier(request.match_info["name"], "cluster name")
-        need_cluster(name)
+        self.need_cluster(name)
         new, readers = _new_cluster(await request.json())
-        await asyncio.to_thread(cp.check_clone, name, new)
-        cp.start_clone(name, new, readers)
+        await asyncio.to_thread(self.cp.check_clone, name, new)
+        self.cp.start_clone(name, new, readers)
         return web.json_response({"cluster": new, "status": "creating"})
 
-    @routes.post("/v1/clusters/{name}/backtrack")
-    async def backtrack_cluster(request: web.Request) -> web.Response:
+    async def backtrack_cluster(self, request: web.Request) -> web.Response:
         name = _identifier(request.match_info["name"], "cluster name")
-        need_cluster(name)
+        self.need_cluster(name)
         body = await request.json()
         try:
             target = parse_time(str(body.get("to_time"))).timestamp()
         except ValueError:
             return _error(400, f"not an ISO 8601 time: {body.get('to_time')!r} (for example "
                                "2026-11-23T04:55:00.250Z)")
-        await asyncio.to_thread(backtrack.check, cp.runtime(name), target, time.time())
-        cp.start_backtrack(name, target)
+        await asyncio.to_thread(backtrack.check, self.cp.runtime(name), target, time.time())
+        self.cp.start_backtrack(name, target)
         return web.json_response({"cluster": name, "status": "backtracking"})
 
-    @routes.post("/v1/snapshots")
-    async def create_snapshot(request: web.Request) -> web.Response:
+    async def create_snapshot(self, request: web.Request) -> web.Response:
         body = await request.json()
         name = _identifier(body.get("name"), "snapshot name")
         cluster = _identifier(body.get("cluster"), "cluster name")
-        need_cluster(cluster)
-        cp.create_snapshot(cluster, name)
-        return web.json_response(snapshot_json(name))
+        self.need_cluster(cluster)
+        self.cp.create_snapshot(cluster, name)
+        return web.json_response(self.snapshot_json(name))
 
-    @routes.get("/v1/snapshots")
-    async def list_snapshots(_: web.Request) -> web.Response:
-        return web.json_response({"snapshots": [snapshot_json(s.name)
-                                                for s in cp.state.snapshots()]})
+    async def list_snapshots(self, _: web.Request) -> web.Response:
+        return web.json_response({"snapshots": [self.snapshot_json(s.name)
+                                                for s in self.cp.state.snapshots()]})
 
-    @routes.delete("/v1/snapshots/{name}")
-    async def delete_snapshot(request: web.Request) -> web.Response:
+    async def delete_snapshot(self, request: web.Request) -> web.Response:
         name = _identifier(request.match_info["name"], "snapshot name")
-        await asyncio.to_thread(cp.delete_snapshot, name)
+        await asyncio.to_thread(self.cp.delete_snapshot, name)
         return web.json_response({"deleted": name})
 
-    @routes.post("/v1/snapshots/{name}/restore")
-    async def restore_snapshot(request: web.Request) -> web.Response:
+    async def restore_snapshot(self, request: web.Request) -> web.Response:
         new, readers = _new_cluster(await request.json())
         snapshot = _identifier(request.match_info["name"], "snapshot name")
-        src, user, password = cp.restore_source(snapshot=snapshot)
-        await asyncio.to_thread(cp.check_restore, src, new, None)
-        cp.start_restore(src, user, password, new, None, readers)
+        src, user, password = self.cp.restore_source(snapshot=snapshot)
+        await asyncio.to_thread(self.cp.check_restore, src, new, None)
+        self.cp.start_restore(src, user, password, new, None, readers)
         return web.json_response({"cluster": new, "status": "creating"})
 
-    def snapshot_json(name: str) -> dict[str, Any]:
-        snap = cp.state.snapshot(name)
+    def snapshot_json(self, name: str) -> dict[str, Any]:
+        snap = self.cp.state.snapshot(name)
         assert snap is not None
         return {"name": snap.name, "cluster": snap.cluster, "status": snap.status,
                 "time": format_time(snap.created), "bytes": snap.bytes}
 
-    @routes.post("/v1/down")
-    async def down(_: web.Request) -> web.Response:
-        await cp.down_all()
-        cp.stopping.set()
+    async def down(self, _: web.Request) -> web.Response:
+        await self.cp.down_all()
+        self.cp.stopping.set()
         return web.json_response({"stopped": True})
 
-    @web.middleware
-    async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
-        if not request.path.startswith("/v1/"):  # the AWS APIs answer in AWS's error shapes
-            return await handler(request)  # type: ignore[no-any-return]
-        try:
-            response: web.StreamResponse = await handler(request)
-            return response
-        except ClusterError as exc:
-            return _error(400, str(exc))
-        except json.JSONDecodeError:
-            return _error(400, "request body is not valid JSON")
-        except web.HTTPException:
-            raise
-        except Exception as exc:
-            log.exception("%s %s failed", request.method, request.path)
-            return _error(500, f"{type(exc).__name__}: {exc}")
 
+@web.middleware
+async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    if not request.path.startswith("/v1/"):  # the AWS APIs answer in AWS's error shapes
+        return await handler(request)  # type: ignore[no-any-return]
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except ClusterError as exc:
+        return _error(400, str(exc))
+    except json.JSONDecodeError:
+        return _error(400, "request body is not valid JSON")
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        log.exception("%s %s failed", request.method, request.path)
+        return _error(500, f"{type(exc).__name__}: {exc}")
+
+
+def build_app(cp: ControlPlane, api: api_server.Api) -> web.Application:
+    """The one HTTP app: the AWS APIs (``api``) and the ``/v1`` routes, every request
+    signed (SigV4)."""
     app = web.Application(middlewares=[api.authenticate, errors],
                           client_max_size=api_server.MAX_REQUEST)
-    app.add_routes(routes)
+    for method, path, handler in ControlRoutes(cp).table():
+        app.router.add_route(method.upper(), path, handler)
     api.add_routes(app)
     return app
 

@@ -460,6 +460,16 @@ def parser() -> argparse.ArgumentParser:
                     help="the reader to promote (default: by promotion tier, then replay "
                     "position)")
     fo.set_defaults(func=cmd_failover)
+    _secret_and_backup_commands(sub)
+    _copy_commands(sub)
+    _instance_and_endpoint_commands(sub)
+    return p
+
+
+Subparsers = Any  # argparse's _SubParsersAction is private
+
+
+def _secret_and_backup_commands(sub: Subparsers) -> None:
     sub.add_parser("credentials", help="shell exports for boto3 and the AWS CLI "
                    "(eval \"$(borealis credentials)\")").set_defaults(func=cmd_credentials)
     sec = sub.add_parser("secret", help="database credentials for the Data API")
@@ -485,6 +495,9 @@ def parser() -> argparse.ArgumentParser:
     bs.add_argument("--json", action="store_true")
     bs.add_argument("--no-verify", action="store_true", help="skip checking every object")
     bs.set_defaults(func=cmd_backup_status)
+
+
+def _copy_commands(sub: Subparsers) -> None:
     rs = sub.add_parser("restore", help="a new cluster from a cluster's backups")
     rs.add_argument("cluster", type=CLUSTER)
     when = rs.add_mutually_exclusive_group(required=True)
@@ -518,6 +531,9 @@ def parser() -> argparse.ArgumentParser:
     snr.add_argument("name", type=SNAPSHOT)
     new_cluster_args(snr)
     snr.set_defaults(func=cmd_snapshot_restore)
+
+
+def _instance_and_endpoint_commands(sub: Subparsers) -> None:
     inst = sub.add_parser("instance", help="add or remove instances")
     isub = inst.add_subparsers(dest="instance_command", required=True)
     add = isub.add_parser("add", help="add an instance (a reader; the writer when the "
@@ -548,7 +564,6 @@ def parser() -> argparse.ArgumentParser:
     de = esub.add_parser("delete", help="delete a custom endpoint")
     de.add_argument("name", type=ENDPOINT)
     de.set_defaults(func=cmd_endpoint_delete)
-    return p
 
 
 def new_cluster_args(p: argparse.ArgumentParser) -> None:

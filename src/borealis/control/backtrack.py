@@ -40,6 +40,7 @@ from borealis.control.restore import (
     check_restorable,
     recover_into,
 )
+from borealis.control.state import Instance
 from borealis.times import format_time
 from borealis.wal.lsn import format_lsn
 from borealis.wal.timeline import parse_history
@@ -93,15 +94,7 @@ def backtrack(rt: ClusterRuntime, target: float, keep_endpoints: object,
     # The endpoints hold new connections before any instance stops (``keep_endpoints``
     # returns once the proxy applied that): one let through to a server shutting down
     # would be refused, not held.
-    for inst in [writer, *rt.readers()]:
-        rt.state.set_instance(inst.id, state="rebuilding")
-    _switch(keep_endpoints)
-    for reader in rt.readers():
-        rt.stop_instance(reader)
-        rt.state.set_instance(reader.id, state="rebuilding")
-    rt.stop_instance(writer)
-    stopped_at = time.time()
-    rt.stop_volume_client()
+    stopped_at = _stop_instances(rt, writer, keep_endpoints)
     datadir = rt.datadir(writer.id)
     aside = datadir.with_name("data.before-backtrack")
     discarded = datadir.with_name("data.discarded")
@@ -145,17 +138,38 @@ def backtrack(rt: ClusterRuntime, target: float, keep_endpoints: object,
     rt.ensure_volume_client(current)
     rt.wait_volume_ready()
     _switch(keep_endpoints)
+    _rebuild_readers(rt, keep_endpoints)
+    took = time.monotonic() - began
+    rt.event("backtrack", f"completed in {took:.1f} s: {rt.name} is as it was at "
+                          f"{format_time(target)}")
+    rt.state.set_cluster(rt.name, status="available")
+    return took
+
+
+def _stop_instances(rt: ClusterRuntime, writer: Instance, keep_endpoints: object) -> float:
+    """Every instance stopped (marked to be rebuilt first, so the endpoints hold new
+    connections before any server stops) and the volume client; returns when the writer
+    stopped."""
+    for inst in [writer, *rt.readers()]:
+        rt.state.set_instance(inst.id, state="rebuilding")
+    _switch(keep_endpoints)
+    for reader in rt.readers():
+        rt.stop_instance(reader)
+        rt.state.set_instance(reader.id, state="rebuilding")
+    rt.stop_instance(writer)
+    stopped_at = time.time()
+    rt.stop_volume_client()
+    return stopped_at
+
+
+def _rebuild_readers(rt: ClusterRuntime, keep_endpoints: object) -> None:
+    """The readers copied afresh from the rewound writer."""
     for reader in rt.readers():
         failover.rebuild_reader(rt, reader)
     for reader in rt.readers():
         with contextlib.suppress(ClusterError):  # one that fails is the supervisor's
             rt.wait_ready(reader)
     _switch(keep_endpoints)  # the reader endpoint has its readers back
-    took = time.monotonic() - began
-    rt.event("backtrack", f"completed in {took:.1f} s: {rt.name} is as it was at "
-                          f"{format_time(target)}")
-    rt.state.set_cluster(rt.name, status="available")
-    return took
 
 
 def _archive_the_end(rt: ClusterRuntime, store: ObjectStore, wal_dir: Path,
