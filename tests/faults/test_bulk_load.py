@@ -53,11 +53,26 @@ def _rounds(view: ClusterView, faults: list[str], seed: int,
             results.append(run_round(view, bank, faults[0], rng))
     except Exception:
         print(view.b.cli("events", view.name, check=False).stdout)  # what the cluster did
+        print(_log_tails(view))
         raise
     finally:
         bank.stop()
         print("\n" + table(results) if results else "no round completed")
     return results
+
+
+def _log_tails(view: ClusterView) -> str:
+    """The servers' last log lines and the storage nodes' warnings: why a reader stood
+    still is told there (a refused request, a read the sender could not do)."""
+    cluster_dir = view.b.home / "clusters" / view.name
+    out = []
+    for log in sorted(cluster_dir.glob("instances/*/postgres.log")):
+        out += [f"== {log.parent.name}", *log.read_text(errors="replace").splitlines()[-15:]]
+    for log in sorted(cluster_dir.glob("storage/*/node.log")):
+        lines = [ln for ln in log.read_text(errors="replace").splitlines()
+                 if "WARNING" in ln or "ERROR" in ln]
+        out += [f"== {log.parent.name}", *lines[-10:]]
+    return "\n".join(out)
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ log = logging.getLogger("borealis.sender")
 MAX_SEND = 128 * 1024
 KEEPALIVE_S = 5.0
 STARTUP_TIMEOUT_S = 10.0
+STUCK_LOG_S = 10.0
 SERVER_VERSION = "15.0 (borealis storage)"
 
 _START_RE = re.compile(
@@ -64,6 +65,7 @@ class ReaderSession(ReaderSessionHandle):
         self.events: list[pw.FrontendEvent] = []
         self.application_name = ""
         self.sent_lsn = 0
+        self._store_error_logged = 0.0
         self.flush_lsn = 0
         self.apply_lsn = 0
         self.xmin = 0
@@ -266,7 +268,14 @@ class ReaderSession(ReaderSessionHandle):
                     verifier, read_pos = self._new_verifier(self.sent_lsn)
                     unsent.clear()
                     continue
-                except StoreError:
+                except StoreError as exc:
+                    # Nothing to send yet is normal; a read that keeps failing is not:
+                    # say so (once every STUCK_LOG_S) so a stalled reader is explained.
+                    now = time.monotonic()
+                    if now - self._store_error_logged >= STUCK_LOG_S:
+                        self._store_error_logged = now
+                        log.warning("serving %s: cannot read %s on timeline %d: %s",
+                                    self.application_name, format_lsn(read_pos), tli, exc)
                     await self.node.wait_advanced(0.2)
                     continue
                 if end > self.sent_lsn:
