@@ -212,3 +212,12 @@ def test_a_writer_that_runs_and_passes_its_checks_is_left_alone(
                                          *obs.readers),
         volume=dataclasses.replace(obs.volume, stalled_s=0.0, stopped=None))
     assert not any(isinstance(a, (*d.WRITER_ACTIONS, d.Hold)) for a in d.decide(quiet))
+
+
+def test_a_stall_counts_only_nodes_that_answered_lately() -> None:
+    # Three nodes froze just after the stall's clock started: their last answers came
+    # after it began, but seconds ago; they must not make a write quorum.
+    stalled = d.VolumeView(client_alive=True, epoch=7, vdl=5 << 20, stalled_s=3.5)
+    late = tuple(dataclasses.replace(n, answered_at=NOW - 3.2) if i < 3 else n
+                 for i, n in enumerate(nodes()))
+    assert kinds(d.decide(healthy(volume=stalled, nodes=late))) == []

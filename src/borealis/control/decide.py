@@ -30,6 +30,10 @@ from borealis.volume.quorum import READ_QUORUM, WRITE_QUORUM
 NODE_MISSES = 3  # failed status checks in a row before a node counts as not answering
 WRITER_MISSES = 3  # failed writer checks in a row before the writer counts as lost
 VOLUME_STALL_S = 3.0  # VDL standing still with WAL waiting, storage tier answering
+# A node counts as answering the stall question only if it answered this recently: the
+# stall's start is known to a tick (a node that froze just after it may have answered
+# since), its freezing to a check round (1 s at most, every 0.5 s).
+NODE_FRESH_S = 2.0
 
 I = InstanceState  # noqa: E741 - short name for the many comparisons
 
@@ -282,9 +286,9 @@ def _volume_stalled(obs: ClusterObservation) -> bool:
     volume = obs.volume
     if volume.stopped or volume.stalled_s < VOLUME_STALL_S:
         return False
-    began = obs.now_s - volume.stalled_s
+    since = max(obs.now_s - volume.stalled_s, obs.now_s - NODE_FRESH_S)
     fresh = [n for n in obs.nodes if n.alive and n.answered_at is not None
-             and n.answered_at > began]
+             and n.answered_at >= since]
     return len(fresh) >= WRITE_QUORUM
 
 

@@ -273,10 +273,12 @@ class Supervisor:
         and note when each last answered."""
         rt = self.runtime(name)
         nodes = self.state.storage_nodes(name)
+        # An answer shows the node was alive when the round began, not when it ended (a
+        # round waits out the timeout of a node that does not answer).
+        now = time.monotonic()
         answered = {s.node_id for s in await peer_states(
             rt.node_addresses(nodes), rt.cluster.storage_secret, NODE_CHECK_TIMEOUT_S,
             role="control")}
-        now = time.monotonic()
         for node in nodes:
             key = (name, node.id)
             if node.id in answered:
