@@ -114,7 +114,7 @@ class Supervisor:
             obs = await asyncio.to_thread(self.observe, rt)
             actions = d.decide(obs)
             d.check(obs, actions)
-            await asyncio.to_thread(self.act, rt, actions)
+            await asyncio.to_thread(self.act, rt, obs, actions)
             for action in actions:
                 if isinstance(action, d.TakeBaseImage):
                     self.backups.start(name, action.source_id)
@@ -169,10 +169,11 @@ class Supervisor:
 
     # -- act --------------------------------------------------------------------------------
 
-    def act(self, rt: ClusterRuntime, actions: list[d.Action]) -> None:
-        """Carry out a tick's actions in order (blocking; a worker thread)."""
-        rt.unhealthy_nodes = {n.id for n in self.state.storage_nodes(rt.name)
-                              if self.node_misses[(rt.name, n.id)] >= d.NODE_MISSES}
+    def act(self, rt: ClusterRuntime, obs: d.ClusterObservation,
+            actions: list[d.Action]) -> None:
+        """Carry out a tick's actions in order (blocking; a worker thread). The runtime
+        steers readers away from the nodes the observation found not answering."""
+        rt.unhealthy_nodes = {n.id for n in obs.nodes if not n.answering}
         for action in actions:
             if isinstance(action, d.Hold):
                 if self.held.get(rt.name) != action.why:

@@ -24,7 +24,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from borealis.wal.lsn import format_lsn, parse_lsn
 
@@ -35,6 +35,17 @@ RETAIN_FILE = "retain.json"
 def config_digest(text: str) -> str:
     """What the endpoint proxy writes to ``applied`` once it applied a config's text."""
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+class FlatJson:
+    """``to_json``/``from_json`` for a file whose fields are all plain JSON values."""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls, text: str) -> Self:
+        return cls(**json.loads(text))
 
 
 @dataclass(frozen=True)
@@ -222,39 +233,25 @@ class ProxyConfig:
 
 
 @dataclass(frozen=True)
-class ProxyStatus:
+class ProxyStatus(FlatJson):
     pid: int
     steering: bool  # the kernel steers connections (else the proxy forwards them)
     endpoints: dict[str, dict[str, Any]]  # name -> counters, members, address
     updated: float
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> ProxyStatus:
-        return cls(**json.loads(text))
-
 
 # -- the control plane's address -------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class ControlInfo:
+class ControlInfo(FlatJson):
     pid: int
     port: int
     url: str
     region: str
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> ControlInfo:
-        return cls(**json.loads(text))
-
 
 @dataclass(frozen=True)
-class ClientConfig:
+class ClientConfig(FlatJson):
     """What the CLI needs to call the API, kept while the control plane is stopped too
     (owner-only: it holds the secret key). The CLI never opens the state database."""
 
@@ -262,10 +259,3 @@ class ClientConfig:
     secret_access_key: str
     url: str  # the address kept for this home, whether or not the API runs now
     region: str
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> ClientConfig:
-        return cls(**json.loads(text))
