@@ -9,9 +9,13 @@ its effects may be visible (:meth:`BulkLoad.assert_absent`).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 
@@ -100,15 +104,52 @@ class BulkLoad:
             raise AssertionError(f"the {self.kind} load wrote less than {wal_bytes} bytes "
                                  f"of WAL in {timeout_s} s")
 
-    def wait_flush_inside_a_record(self, timeout_s: float = 10) -> int | None:
-        """Until the writer's flush LSN stands on a page boundary (the WAL writer flushes
-        whole pages; a commit flushes to a record's end): the log the storage nodes hold
-        then ends inside one of the load's records, as it usually does when a writer
-        dies with no other commits running. Returns that flush LSN, or None if none came
-        in ``timeout_s`` (the fault then strikes wherever the log ends)."""
-        return self._poll_writer("SELECT pg_current_wal_flush_lsn()::text",
-                                 lambda lsn: lsn % 8192 == 0 and lsn > self._started_lsn,
-                                 timeout_s, 0.002)
+    def freeze_inside_a_record(self, timeout_s: float = 10) -> int | None:
+        """Freeze the load's backend (SIGSTOP) at a moment when the log the writer has
+        flushed ends inside one of the load's records, and return once the volume client
+        holds all of it: the end the storage nodes hold when the writer dies is then
+        inside a record, as it usually is when a writer dies with no other commit running.
+
+        Only the load writes WAL meanwhile (the bank is held), and its backend flushes to
+        a record's end whenever it evicts a page it dirtied: a flush seen standing on a
+        page boundary (the WAL writer and full WAL buffers flush whole pages) is only
+        still the end if the backend is stopped before it is read. Returns the flush LSN
+        with the backend frozen (:meth:`kill_backend` ends it), or None if no such
+        moment came in ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
+            while time.monotonic() < deadline:
+                if self.finished or self.error is not None:
+                    raise AssertionError(f"the {self.kind} load ended before the fault: "
+                                         f"{self.error!r}")
+                os.kill(self._pid, signal.SIGSTOP)
+                flush = self._lsn(conn, "SELECT pg_current_wal_flush_lsn()::text")
+                if (flush % 8192 == 0 and flush > self._started_lsn
+                        and self._volume_holds(conn, flush, deadline)):
+                    return flush
+                os.kill(self._pid, signal.SIGCONT)
+                time.sleep(0.002)
+        return None
+
+    @staticmethod
+    def _lsn(conn: psycopg.Connection[Any], sql: str) -> int:
+        row = conn.execute(sql).fetchone()
+        return parse_lsn(row[0]) if row and row[0] else 0
+
+    def _volume_holds(self, conn: psycopg.Connection[Any], lsn: int, deadline: float) -> bool:
+        """Whether the writer's synchronous standby (the volume client) has flushed the
+        log up to ``lsn`` before the deadline."""
+        while time.monotonic() < deadline:
+            if self._lsn(conn, "SELECT max(flush_lsn)::text FROM pg_stat_replication "
+                               "WHERE sync_state = 'sync'") >= lsn:
+                return True
+            time.sleep(0.002)
+        return False
+
+    def kill_backend(self) -> None:
+        """SIGKILL the load's backend (frozen by :meth:`freeze_inside_a_record`)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._pid, signal.SIGKILL)
 
     def join(self, timeout_s: float = 60) -> None:
         if self._thread is not None:

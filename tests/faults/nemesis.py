@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from borealis.control.processes import kill_tree
+from borealis.processes import kill_tree
 from tests.faults.bank import Bank
 from tests.faults.bulk import KINDS, BulkLoad
 from tests.harness import ClusterView, wait_for
@@ -177,9 +177,9 @@ def inject(st: dict[str, Any], fault: str, rng: random.Random, bank: Bank | None
 def _kill_in_bulk_load(st: dict[str, Any], writer: dict[str, Any], rng: random.Random,
                        kind: str | None, bank: Bank | None) -> Callable[[], None]:
     """A bulk load of a random kind, the writer killed after a random amount of its WAL
-    while its flush stands inside one of the load's records (the bank's commits, which
-    flush to a record's end, are held meanwhile: a few milliseconds); the heal checks
-    that none of the load is visible on the new writer."""
+    while the log the volume holds ends inside one of the load's records (the bank's
+    commits, which flush to a record's end, are held meanwhile: milliseconds); the heal
+    checks that none of the load is visible on the new writer."""
     dsn = next(e["dsn"] for e in st["endpoints"] if e["type"] == "WRITER")
     load = BulkLoad(dsn, kind or rng.choice(KINDS), f"{os.getpid()}_{rng.randrange(10**6)}")
     load.prepare()
@@ -188,9 +188,9 @@ def _kill_in_bulk_load(st: dict[str, Any], writer: dict[str, Any], rng: random.R
     if bank is not None:
         bank.hold()
     try:
-        if load.kind != "index":  # an index build's records are whole pages: any end
-            load.wait_flush_inside_a_record()  # of its log lies inside one
+        load.freeze_inside_a_record()
         _kill(writer["pid"])
+        load.kill_backend()  # frozen, or running on as an orphan: gone with its host
     finally:
         if bank is not None:
             bank.release()
