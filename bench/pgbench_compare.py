@@ -32,8 +32,8 @@ from typing import Any
 import cpu_account  # bench/, beside this file
 import psycopg
 
+from borealis import processes
 from borealis.compute import postgres as pg
-from borealis.control import processes
 from borealis.control.state import free_port
 
 USER = "bench"

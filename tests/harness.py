@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from borealis.control.processes import alive, cmdline
+from borealis.processes import alive, cmdline
 from borealis.wal.lsn import parse_lsn
 
 T = TypeVar("T")

@@ -22,6 +22,7 @@ from borealis import settings
 from borealis.api import identity
 from borealis.api import server as api_server
 from borealis.api.control_routes import build_app
+from borealis.api.host_routes import HostListeners
 from borealis.control.plane import ControlPlane
 from borealis.control.plane_base import default_home
 from borealis.control.state import State
@@ -48,7 +49,8 @@ async def serve(home: Path, port: int) -> None:
     cp.recover_lost_with_host()  # before anything could start a server on such data
     cp.recover_interrupted()  # before supervision starts: it takes the cluster's lock first
     api = api_server.Api(cp)
-    app = build_app(cp, api)
+    listeners = HostListeners(cp.hosts, 0)
+    app = build_app(cp, api, listeners)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     host, port = api_address(cp.state, port)
@@ -60,6 +62,8 @@ async def serve(home: Path, port: int) -> None:
                   host, port, exc)
         raise SystemExit(1) from None
     bound = runner.addresses[0][1]
+    listeners.port = bound  # agents reach the control plane on the API's port number
+    await listeners.start()
     cp.api_url = f"http://{host}:{bound}"
     info = ControlInfo(os.getpid(), bound, cp.api_url, identity.region(cp.state))
     key_id, secret = cp.state.access_keys()[0]  # the API made one if there was none
@@ -77,6 +81,7 @@ async def serve(home: Path, port: int) -> None:
         task.cancel()
     await asyncio.sleep(0.2)  # let the last response go out
     await api.data.close()
+    await listeners.stop()
     await runner.cleanup()
     with contextlib.suppress(FileNotFoundError):
         if ControlInfo.from_json((home / "control.json").read_text()).pid == os.getpid():

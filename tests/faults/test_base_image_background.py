@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from borealis.control import processes
+from borealis import processes
 from tests.harness import Borealis, ClusterView, own_control_plane, wait_for
 
 

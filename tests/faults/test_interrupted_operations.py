@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from borealis.control.processes import alive
+from borealis.processes import alive
 from borealis.times import parse_time
 from tests.harness import Borealis, ClusterView, iso, own_control_plane, wait_for
 

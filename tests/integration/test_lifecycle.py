@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from borealis.control.processes import alive
+from borealis.processes import alive
 from tests.harness import Borealis, ClusterView, wait_for
 
 

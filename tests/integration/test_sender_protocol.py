@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from borealis.compute.postgres import find_bindir
-from borealis.control.processes import alive
 from borealis.control.state import free_port
+from borealis.processes import alive
 from borealis.storage.store import SegmentStore
 from borealis.wal.lsn import SEGMENT_SIZE, format_lsn
 from tests.harness import wait_for

@@ -19,6 +19,7 @@ from aiohttp import web
 from borealis import identifiers
 from borealis.api import secrets as api_secrets
 from borealis.api import server as api_server
+from borealis.api.host_routes import HostAdminRoutes, HostListeners
 from borealis.control import backtrack
 from borealis.control.handle import ClusterError
 from borealis.control.plane import ControlPlane
@@ -218,12 +219,14 @@ async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return _error(500, f"{type(exc).__name__}: {exc}")
 
 
-def build_app(cp: ControlPlane, api: api_server.Api) -> web.Application:
+def build_app(cp: ControlPlane, api: api_server.Api,
+              listeners: HostListeners) -> web.Application:
     """The one HTTP app: the AWS APIs (``api``) and the ``/v1`` routes, every request
     signed (SigV4)."""
     app = web.Application(middlewares=[api.authenticate, errors],
                           client_max_size=api_server.MAX_REQUEST)
-    for method, path, handler in ControlRoutes(cp).table():
+    hosts = HostAdminRoutes(cp.hosts, listeners, cp.processes_on_host)
+    for method, path, handler in ControlRoutes(cp).table() + hosts.table():
         app.router.add_route(method.upper(), path, handler)
     api.add_routes(app)
     return app

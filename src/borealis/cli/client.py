@@ -24,8 +24,8 @@ from botocore.exceptions import ClientError, WaiterError
 
 from borealis import settings
 from borealis.api import identity
-from borealis.control.processes import alive
 from borealis.logfiles import private_log
+from borealis.processes import alive
 from borealis.protocol.files import ClientConfig, ControlInfo
 
 

@@ -30,6 +30,7 @@ from rich.progress import (
 from rich.table import Table
 
 from borealis import identifiers
+from borealis.cli import hosts
 from borealis.cli.client import (
     CliError,
     api_location,
@@ -42,7 +43,7 @@ from borealis.cli.client import (
     request,
     wait,
 )
-from borealis.control.processes import alive
+from borealis.processes import alive
 from borealis.times import format_time
 
 # No emoji codes: ":secret:" inside an ARN must stay as it is.
@@ -463,6 +464,7 @@ def parser() -> argparse.ArgumentParser:
     _secret_and_backup_commands(sub)
     _copy_commands(sub)
     _instance_and_endpoint_commands(sub)
+    hosts.add_commands(sub)
     return p
 
 

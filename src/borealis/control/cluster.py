@@ -23,9 +23,9 @@ import psycopg
 import psycopg.sql
 from psycopg.conninfo import make_conninfo
 
-from borealis import settings
+from borealis import processes, settings
 from borealis.compute import postgres as pg
-from borealis.control import decide, processes
+from borealis.control import decide
 from borealis.control.handle import ClusterError, ClusterHandle
 from borealis.control.lifecycle import InstanceState
 from borealis.control.state import Instance, State, StorageNodeRow

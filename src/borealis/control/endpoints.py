@@ -16,7 +16,7 @@ from typing import Any
 
 from psycopg.conninfo import make_conninfo
 
-from borealis.control import processes
+from borealis import processes
 from borealis.control.cluster import ClusterRuntime
 from borealis.control.handle import ClusterError
 from borealis.control.state import EndpointRow

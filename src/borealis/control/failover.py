@@ -25,8 +25,8 @@ from collections.abc import Callable
 
 import psycopg
 
+from borealis import processes
 from borealis.compute import postgres as pg
-from borealis.control import processes
 from borealis.control.cluster import ClusterRuntime
 from borealis.control.failover_rules import (
     READ_QUORUM,

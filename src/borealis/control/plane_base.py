@@ -23,6 +23,7 @@ from borealis.control.backups import Backups
 from borealis.control.cluster import ClusterRuntime
 from borealis.control.endpoints import ClusterEndpoints
 from borealis.control.handle import ClusterError
+from borealis.control.hosts import HostRegistry
 from borealis.control.sampling import Sampling
 from borealis.control.state import State
 from borealis.control.status import StatusReader
@@ -42,6 +43,7 @@ class PlaneBase:
         self.home = home
         self.settings = settings.current()
         self.state = State(home)
+        self.hosts = HostRegistry(self.state)
         self.locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
             asyncio.Lock)
         self.stopping = asyncio.Event()
@@ -54,6 +56,11 @@ class PlaneBase:
         self.progress: dict[str, dict[str, Any]] = {}  # cluster -> a restore's Progress
         self.cluster_created_hooks: list[Callable[[str], None]] = []
         self.api_url = ""
+
+    def processes_on_host(self, host: str) -> list[str]:
+        """What of every cluster runs on ``host`` (a host holding any is not removed)."""
+        return [f"{c.name}/{n.id}" for c in self.state.clusters()
+                for n in self.state.storage_nodes(c.name) if n.host == host]
 
     def runtime(self, name: str) -> ClusterRuntime:
         return ClusterRuntime(self.state, name, self.settings)

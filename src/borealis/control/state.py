@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS storage_nodes (
     port INTEGER NOT NULL,
     pg_port INTEGER NOT NULL,
     pid INTEGER,
+    host TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (cluster, id)
 );
 CREATE TABLE IF NOT EXISTS volume_clients (
@@ -179,6 +180,7 @@ class StorageNodeRow:
     port: int
     pg_port: int
     pid: int | None
+    host: str = ""  # the host it runs on; '' for this machine (no hosts registered)
 
 
 @dataclass
@@ -254,6 +256,10 @@ class State:
         if "host" not in columns:  # a home from before endpoints had addresses of their own
             self.db.execute("ALTER TABLE endpoints ADD COLUMN host TEXT NOT NULL "
                             "DEFAULT '127.0.0.1'")
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(storage_nodes)")}
+        if "host" not in columns:  # a home from before hosts ('': this machine)
+            self.db.execute("ALTER TABLE storage_nodes ADD COLUMN host TEXT NOT NULL "
+                            "DEFAULT ''")
         for table in ("clusters", "snapshots"):  # from before the internal role
             columns = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
             if "admin_password" not in columns:
