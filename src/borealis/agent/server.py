@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -141,7 +142,8 @@ class Agent:
 
     def stop(self, key: ProcessKey, sig: int, timeout_s: float, forget: bool) -> bool:
         """Stop the process (SIGKILL after the timeout); ``forget`` drops it from the
-        table, else it stays known (not kept) for its files. Returns whether it ran."""
+        table and removes its folder, else it stays known (not kept) with its files.
+        Returns whether it ran."""
         entry = self.table.get(key)
         if entry is None:
             return False
@@ -151,6 +153,7 @@ class Agent:
         processes.stop(entry.pid, str(self.config_path(key)), sig, timeout_s)
         if forget:
             del self.table[key]
+            shutil.rmtree(self.folder(key), ignore_errors=True)
         self._save()
         return ran
 

@@ -28,6 +28,7 @@ from borealis.compute import postgres as pg
 from borealis.control import decide
 from borealis.control.handle import ClusterError, ClusterHandle
 from borealis.control.lifecycle import InstanceState
+from borealis.control.placement import LOCAL
 from borealis.control.state import Instance, State, StorageNodeRow
 from borealis.fsync import write_atomic
 from borealis.protocol.files import NodeConfig, PeerAddress, VolumeClientConfig, VolumeStatus
@@ -62,11 +63,11 @@ class ClusterRuntime(ClusterHandle):
 
     def node_addresses(self, nodes: list[StorageNodeRow] | None = None) -> list[PeerAddress]:
         """Where the control plane reaches storage nodes (all of the cluster's by default)."""
-        return [PeerAddress(n.id, "127.0.0.1", n.port)
+        return [PeerAddress(n.id, self.node_hosts.address(n), n.port)
                 for n in (self.state.storage_nodes(self.name) if nodes is None else nodes)]
 
     def node_alive(self, node: StorageNodeRow) -> bool:
-        return processes.alive(node.pid, str(self.node_config_path(node)))
+        return self.node_hosts.alive(node, self.node_config_path(node))
 
     def ensure_storage_node(self, node: StorageNodeRow) -> bool:
         """Start the node if it is not running; returns True if it was started."""
@@ -74,28 +75,36 @@ class ClusterRuntime(ClusterHandle):
             return False
         c = self.cluster
         directory = self.node_dir(node.id)
-        directory.mkdir(parents=True, exist_ok=True)
-        data_dir = directory / "data"  # the node's disk; config and log stay beside it
         nodes = self.state.storage_nodes(self.name)
+        remote = node.host != LOCAL
         config = NodeConfig(
-            node_id=node.id, az=node.az, directory=data_dir, host="127.0.0.1",
-            port=node.port, pg_port=node.pg_port, secret=c.storage_secret,
-            replication_user=REPLICATION_USER, replication_password=c.replication_password,
-            peers=[PeerAddress(p.id, "127.0.0.1", p.port) for p in nodes if p.id != node.id],
+            # The node's disk; config and log stay beside it (on a host, the agent's
+            # folder for the node: a relative path is taken from the config's folder).
+            node_id=node.id, az=node.az, directory=Path("data") if remote else directory / "data",
+            host=self.node_hosts.address(node), port=node.port, pg_port=node.pg_port,
+            secret=c.storage_secret, replication_user=REPLICATION_USER,
+            replication_password=c.replication_password,
+            peers=[p for p in self.node_addresses(nodes) if p.node_id != node.id],
             scrub_interval_s=self.settings.scrub_interval_s,
             scrub_bytes_per_s=self.settings.scrub_bytes_per_s,
             archive_location=self.object_store_location, archive_prefix=self.backup_prefix,
             archive_rank=[n.id for n in nodes].index(node.id))
-        path = self.node_config_path(node)
-        write_atomic(path, config.to_json(), make_parent=True)  # secrets: owner-only
-        pid = processes.spawn_python("borealis.storage.server", ["--config", str(path)],
-                                     directory / "node.log")
+        if remote:
+            pid = self.node_hosts.start_remote(node, config.to_json())
+            where = f"on {node.host}"
+        else:
+            path = self.node_config_path(node)
+            write_atomic(path, config.to_json(), make_parent=True)  # secrets: owner-only
+            pid = processes.spawn_python("borealis.storage.server", ["--config", str(path)],
+                                         directory / "node.log")
+            where = "here"
         self.state.set_storage_pid(self.name, node.id, pid)
-        self.event("storage", f"started {node.id} (pid {pid})")
+        self.event("storage", f"started {node.id} {where} (pid {pid})")
         return True
 
-    def stop_storage_node(self, node: StorageNodeRow, sig: int = signal.SIGTERM) -> None:
-        processes.stop(node.pid, str(self.node_config_path(node)), sig, timeout_s=10)
+    def stop_storage_node(self, node: StorageNodeRow, sig: int = signal.SIGTERM,
+                          forget: bool = False) -> None:
+        self.node_hosts.stop(node, self.node_config_path(node), sig, forget)
         self.state.set_storage_pid(self.name, node.id, None)
 
     # -- volume client --------------------------------------------------------------------
@@ -165,7 +174,8 @@ class ClusterRuntime(ClusterHandle):
 
     def node_conninfo(self, node: StorageNodeRow, application_name: str) -> str:
         """How a hot standby streams this volume's WAL from ``node``."""
-        return make_conninfo(host="127.0.0.1", port=node.pg_port, user=REPLICATION_USER,
+        return make_conninfo(host=self.node_hosts.address(node), port=node.pg_port,
+                             user=REPLICATION_USER,
                              password=self.cluster.replication_password,
                              application_name=application_name, sslmode="disable",
                              gssencmode="disable", connect_timeout=5)
@@ -466,7 +476,10 @@ class ClusterRuntime(ClusterHandle):
         self.remove()
 
     def remove(self) -> None:
-        """A stopped cluster's files and records."""
+        """A stopped cluster's files and records (on its hosts too)."""
+        for node in self.state.storage_nodes(self.name):
+            if node.host != LOCAL:
+                self.stop_storage_node(node, forget=True)
         shutil.rmtree(self.dir, ignore_errors=True)
         self.state.delete_cluster(self.name)
 

@@ -21,6 +21,8 @@ from psycopg.conninfo import make_conninfo
 from borealis.backup import catalog
 from borealis.backup.store import open_store
 from borealis.compute import postgres as pg
+from borealis.control.hosts import HostRegistry
+from borealis.control.node_hosts import NodeHosts
 from borealis.control.state import Cluster, Instance, State
 from borealis.settings import Settings
 from borealis.settings import current as current_settings
@@ -54,6 +56,8 @@ class ClusterHandle:
         self.name = name
         self.settings = settings or current_settings()
         self.dir = state.home / "clusters" / name
+        self.hosts = HostRegistry(state)
+        self.node_hosts = NodeHosts(self.hosts, name)
         self.run_as = pg.RunAs.detect()
         self._bindir: Path | None = None
 

@@ -6,8 +6,8 @@ secret of its token, and receives a certificate for its address, signed by the
 deployment's CA (made once, kept in the state). The control plane calls agents with a
 client certificate of its own from the same CA.
 
-Kept in the ``hosts`` table of the state database, behind :class:`HostRegistry`, so a
-consensus store can later serve the same calls.
+Kept in the ``hosts`` table of the state database (:mod:`.state` makes it), behind
+:class:`HostRegistry`, so a consensus store can later serve the same calls.
 
 Invariants: a join secret is stored only as its hash and works once; a host that holds
 a cluster's process is never removed.
@@ -27,17 +27,6 @@ from borealis.agent.client import AgentClient
 from borealis.control.state import State
 from borealis.protocol.agent import AGENT_PORT, CONTROL_PLANE_CN, Identity, check_name, make_token
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS hosts (
-    name TEXT PRIMARY KEY,
-    address TEXT NOT NULL UNIQUE,
-    az TEXT NOT NULL,
-    port INTEGER NOT NULL,
-    join_hash TEXT,
-    joined REAL,
-    added REAL NOT NULL
-);
-"""
 AZ_NAME = "availability zone"
 
 
@@ -63,7 +52,6 @@ class Host:
 class HostRegistry:
     def __init__(self, state: State) -> None:
         self.state = state
-        state.db.executescript(SCHEMA)
 
     # -- trust ----------------------------------------------------------------------------
 

@@ -39,7 +39,7 @@ class ControlPlane(BackupVerbs):
 
     async def up(self, name: str, readers: int | None) -> dict[str, Any]:
         if self.state.cluster(name) is None:
-            self.state.create_cluster(name)
+            self.create_cluster_row(name)
             self.state.event(name, "cluster", "created")
             self.on_cluster_created(name)
             readers = 1 if readers is None else readers
@@ -125,7 +125,7 @@ class ControlPlane(BackupVerbs):
     def create_cluster(self, name: str, master_user: str, master_password: str) -> None:
         if self.state.cluster(name) is not None:
             raise ClusterError(f"cluster {name!r} already exists")
-        self.state.create_cluster(name, master_user, master_password)
+        self.create_cluster_row(name, master_user, master_password)
         self.state.event(name, "cluster", "created")
         self.on_cluster_created(name)
         self.spawn(name, "creating the storage volume", self.runtime(name).start_storage_and_wait)

@@ -111,7 +111,7 @@ class BackupVerbs(PlaneBase):
         its source's, so it logs in as the source's data says (``admin_password``)."""
         if self.state.cluster(new) is not None:
             raise ClusterError(f"cluster {new!r} already exists")
-        self.state.create_cluster(new, user, password, admin_password)
+        self.create_cluster_row(new, user, password, admin_password)
         self.state.event(new, "cluster", f"created by a {label}")
         self._operation_began(new, {"kind": label.split()[0]})
         self.on_cluster_created(new)

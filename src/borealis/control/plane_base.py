@@ -24,6 +24,7 @@ from borealis.control.cluster import ClusterRuntime
 from borealis.control.endpoints import ClusterEndpoints
 from borealis.control.handle import ClusterError
 from borealis.control.hosts import HostRegistry
+from borealis.control.placement import HostView, PlacementError, place_nodes
 from borealis.control.sampling import Sampling
 from borealis.control.state import State
 from borealis.control.status import StatusReader
@@ -56,6 +57,22 @@ class PlaneBase:
         self.progress: dict[str, dict[str, Any]] = {}  # cluster -> a restore's Progress
         self.cluster_created_hooks: list[Callable[[str], None]] = []
         self.api_url = ""
+
+    def create_cluster_row(self, name: str, master_user: str = "borealis",
+                           master_password: str | None = None,
+                           admin_password: str | None = None) -> None:
+        """The cluster's row (``State.create_cluster``), its storage nodes placed on the
+        hosts (:func:`.placement.place_nodes`); with hosts but none in an AZ, no cluster."""
+        self.state.create_cluster(name, master_user, master_password, admin_password)
+        joined = [h for h in self.hosts.hosts() if h.joined]
+        views = [HostView(h.name, h.az, len(self.processes_on_host(h.name))) for h in joined]
+        try:
+            placed = place_nodes([(n.id, n.az) for n in self.state.storage_nodes(name)], views)
+        except PlacementError as exc:
+            self.state.delete_cluster(name)
+            raise ClusterError(str(exc)) from None
+        for node_id, host in placed.items():
+            self.state.set_storage_host(name, node_id, host)
 
     def processes_on_host(self, host: str) -> list[str]:
         """What of every cluster runs on ``host`` (a host holding any is not removed)."""

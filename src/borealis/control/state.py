@@ -105,6 +105,15 @@ CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS hosts (
+    name TEXT PRIMARY KEY,
+    address TEXT NOT NULL UNIQUE,
+    az TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    join_hash TEXT,
+    joined REAL,
+    added REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     cluster TEXT NOT NULL,
@@ -411,6 +420,10 @@ class State:
             "SELECT * FROM storage_nodes WHERE cluster = ? ORDER BY id", (cluster,)
         ).fetchall()
         return [StorageNodeRow(**dict(r)) for r in rows]
+
+    def set_storage_host(self, cluster: str, node_id: str, host: str) -> None:
+        self.db.execute("UPDATE storage_nodes SET host = ? WHERE cluster = ? AND id = ?",
+                        (host, cluster, node_id))
 
     def set_storage_pid(self, cluster: str, node_id: str, pid: int | None) -> None:
         self.db.execute("UPDATE storage_nodes SET pid = ? WHERE cluster = ? AND id = ?",

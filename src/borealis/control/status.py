@@ -96,7 +96,9 @@ class StatusReader:
         return out
 
     async def _node_status(self, rt: ClusterRuntime, node: Any) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": node.id, "az": node.az, "port": node.port,
+        address = rt.node_hosts.address(node)
+        out: dict[str, Any] = {"id": node.id, "az": node.az, "host": node.host or "local",
+                               "address": address, "port": node.port,
                                "pg_port": node.pg_port, "pid": None, "state": "stopped",
                                "flush_lsn": None, "epoch": None}
         if not await asyncio.to_thread(rt.node_alive, node):
@@ -104,7 +106,7 @@ class StatusReader:
         out["pid"] = node.pid
         try:
             conn, st = await PeerConnection.open(
-                PeerAddress(node.id, "127.0.0.1", node.port), rt.cluster.storage_secret,
+                PeerAddress(node.id, address, node.port), rt.cluster.storage_secret,
                 "control", timeout_s=1.0)
             conn.close()
         except PeerError:

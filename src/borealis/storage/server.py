@@ -178,8 +178,10 @@ async def _write_status(node: StorageNode, path: Path) -> None:
 
 
 def main() -> None:
-    config = NodeConfig.from_json(
-        entrypoint.config_path("Borealis storage node").read_text())
+    path = entrypoint.config_path("Borealis storage node")
+    config = NodeConfig.from_json(path.read_text())
+    if not config.directory.is_absolute():  # placed by a host's agent: beside the config
+        config.directory = path.parent / config.directory
     entrypoint.run(lambda: run_node(config))
 
 

@@ -1,0 +1,213 @@
+"""Hosts made of network namespaces: agents that join over mutual TLS, a cluster whose
+storage nodes run on them (two per AZ), an AZ cut off and healed, a node killed and a
+node that lost its disk on its host.
+
+The control plane runs in the root namespace (the lab's gateway); everything here has a
+control plane of its own, since hosts decide where every new cluster's nodes go.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from borealis.lab import netns
+from tests.harness import Borealis, ClusterView, wait_for
+
+pytestmark = pytest.mark.skipif(not Path("/usr/sbin/ip").exists() and
+                                not Path("/sbin/ip").exists(), reason="needs iproute2")
+
+
+def _free_subnet() -> str:
+    routes = subprocess.run(["ip", "-j", "route"], capture_output=True, text=True).stdout
+    taken = {r.get("dst", "") for r in json.loads(routes or "[]")}
+    for _ in range(100):
+        subnet = f"10.{random.randrange(100, 250)}.{random.randrange(0, 250)}.0/24"
+        if subnet not in taken:
+            return subnet
+    raise AssertionError("no free subnet")
+
+
+class Lab:
+    def __init__(self, b: Borealis, name: str) -> None:
+        self.b = b
+        self.name = name
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.b.cli("lab", args[0], *args[1:], "--name", self.name, check=check)
+
+    def hosts(self) -> dict[str, dict[str, Any]]:
+        listing = json.loads(self.b.cli("host", "list", "--json").stdout)
+        return {h["name"]: h for h in listing["hosts"]}
+
+    def layout(self) -> netns.Lab:
+        return netns.load(self.b.home, self.name)
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    home = Path(tempfile.mkdtemp(prefix="borealis-hosts-", dir="/tmp"))
+    b = Borealis(home)
+    name = f"t{random.randrange(10**4):04d}"
+    made = Lab(b, name)
+    try:
+        b.cli("lab", "up", "--name", name, "--hosts", "3", "--subnet", _free_subnet())
+        yield made
+    finally:
+        b.cli("destroy", "hostc", check=False)
+        made.cli("down", check=False)
+        leftovers = b.close()
+        namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                    text=True).stdout
+        shutil.rmtree(home, ignore_errors=True)
+        assert f"bl-{name}-" not in namespaces, namespaces
+        assert not leftovers, leftovers
+
+
+@pytest.fixture(scope="module")
+def cluster(lab: Lab) -> ClusterView:
+    lab.b.cli("up", "--cluster", "hostc", "--readers", "1")
+    view = ClusterView(lab.b, "hostc")
+    view.wait_all_serving()
+    return view
+
+
+def test_agents_join_and_only_the_control_plane_may_call_them(lab: Lab) -> None:
+    hosts = lab.hosts()
+    assert sorted(hosts) == ["az-a-1", "az-b-1", "az-c-1"]
+    assert all(h["state"] == "joined" and h["agent"] == "up" for h in hosts.values()), hosts
+    address = hosts["az-a-1"]["address"]
+    # TLS without a client certificate: refused before any request is read.
+    blind = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    blind.check_hostname, blind.verify_mode = False, ssl.CERT_NONE
+    conn = http.client.HTTPSConnection(address, hosts["az-a-1"]["port"], context=blind,
+                                       timeout=5)
+    with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException)):
+        conn.request("GET", "/v1/agent")
+        conn.getresponse().read()
+    # A token works once.
+    added = lab.b.cli("host", "add", "spare", "--address", "10.254.254.254", "--az", "az-a")
+    token = added.stdout.split("--token")[1].split()[0]
+    join = lab.layout().gateway
+    port = json.loads((lab.b.home / "control.json").read_text())["port"]
+    first = _join(lab, f"{join}:{port}", token, "first")
+    second = _join(lab, f"{join}:{port}", token, "second")
+    assert "joined as host spare" in first.stdout, first.stderr
+    assert second.returncode != 0 and "not valid" in second.stderr, second.stdout
+    lab.b.cli("host", "remove", "spare")
+
+
+def _join(lab: Lab, control: str, token: str, tag: str) -> subprocess.CompletedProcess[str]:
+    """Join (and stop at once: the agent would serve on an address no namespace has)."""
+    root = lab.b.home / "joins" / tag
+    code = ("import sys; from pathlib import Path; from borealis.agent import join; "
+            "i = join.join(sys.argv[1], sys.argv[2], Path(sys.argv[3])); "
+            "print('joined as host', i.host)")
+    argv = netns.exec_argv(lab.layout(), "client", [sys.executable, "-c", code, control,
+                                                     token, str(root)])
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30, env=lab.b.env)
+
+
+def test_storage_nodes_go_two_per_az_on_its_host(lab: Lab, cluster: ClusterView) -> None:
+    nodes = cluster.status()["storage_nodes"]
+    assert {(n["az"], n["host"]) for n in nodes} == {
+        ("az-a", "az-a-1"), ("az-b", "az-b-1"), ("az-c", "az-c-1")}
+    assert all(n["state"] == "serving" for n in nodes), nodes
+    holds = lab.hosts()["az-b-1"]["holds"]
+    assert holds == ["hostc/sn-b1", "hostc/sn-b2"]
+    refused = lab.b.cli("host", "remove", "az-b-1", check=False)
+    assert refused.returncode != 0 and "still holds" in refused.stderr + refused.stdout
+
+
+def _commit_rows(dsn: str, tag: str, seconds: float) -> list[int]:
+    """Insert one row per commit for ``seconds``; the ids acknowledged."""
+    acked: list[int] = []
+    deadline = time.monotonic() + seconds
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS acked (tag text, id int)")
+        i = 0
+        while time.monotonic() < deadline:
+            conn.execute("INSERT INTO acked VALUES (%s, %s)", (tag, i))
+            acked.append(i)
+            i += 1
+    return acked
+
+
+def _nodes_level(view: ClusterView) -> bool:
+    nodes = view.status()["storage_nodes"]
+    flushes = {n["flush_lsn"] for n in nodes if n["state"] == "serving"}
+    return len([n for n in nodes if n["state"] == "serving"]) == 6 and len(flushes) == 1
+
+
+def test_commits_go_on_while_an_az_is_cut_off(lab: Lab, cluster: ClusterView) -> None:
+    dsn = cluster.writer()["dsn"]
+    lab.cli("partition", "az-b")
+    try:
+        acked = _commit_rows(dsn, "partition", 4.0)
+    finally:
+        lab.cli("heal", "az-b")
+    assert len(acked) > 20, "commits stalled with one AZ cut off (4 of 6 nodes remain)"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute("SELECT count(*) FROM acked WHERE tag = 'partition'").fetchone()
+    assert rows is not None and rows[0] == len(acked)
+    # The cut-off AZ's nodes catch up once healed.
+    wait_for("every node to hold the same log", lambda: _nodes_level(cluster), 60, 0.5)
+
+
+def test_a_node_killed_or_its_disk_lost_on_its_host_comes_back(lab: Lab,
+                                                              cluster: ClusterView) -> None:
+    node = next(n for n in cluster.status()["storage_nodes"] if n["id"] == "sn-c2")
+    # Killed: its host's agent starts it again, without the control plane's help.
+    subprocess.run(["kill", "-KILL", str(node["pid"])], check=True)
+    wait_for("the agent to restart sn-c2", lambda: next(
+        n for n in cluster.status()["storage_nodes"] if n["id"] == "sn-c2")["pid"]
+        not in (None, node["pid"]) or _agent_restarted(lab, "sn-c2"), 30, 0.2)
+    # Its disk lost: the folder is deleted under it; rebuilt from its peers over the
+    # network, it holds the same log as the others.
+    root = lab.b.home / "labs" / lab.name / "hosts" / "az-c-1"
+    data = root / "clusters" / "hostc" / "storage-node" / "sn-c2" / "data"
+    assert data.exists(), data
+    pid = _agent_pid_of(lab, "az-c-1", "sn-c2")
+    shutil.rmtree(data)
+    subprocess.run(["kill", "-KILL", str(pid)], check=True)
+    _commit_rows(cluster.writer()["dsn"], "after-loss", 1.0)
+    wait_for("sn-c2 to be rebuilt from its peers", lambda: _nodes_level(cluster), 90, 0.5)
+
+
+def _agent_processes(lab: Lab, host: str) -> list[dict[str, Any]]:
+    root = lab.b.home / "labs" / lab.name / "hosts" / host
+    return list(json.loads((root / "agent" / "processes.json").read_text()))
+
+
+def _agent_pid_of(lab: Lab, host: str, node: str) -> int:
+    return int(next(p for p in _agent_processes(lab, host) if p["name"] == node)["pid"])
+
+
+def _agent_restarted(lab: Lab, node: str) -> bool:
+    return any(p["name"] == node and p["restarts"] > 0
+               for p in _agent_processes(lab, "az-c-1"))
+
+
+def test_kill_host_stops_every_process_of_it(lab: Lab, cluster: ClusterView) -> None:
+    host = lab.layout().host("client")
+    sleeper = subprocess.Popen(netns.exec_argv(lab.layout(), "client", ["sleep", "600"]),
+                               start_new_session=True)
+    wait_for("the sleeper in the client namespace", lambda: sleeper.pid in
+             netns.host_pids(host), 10)
+    out = lab.cli("kill-host", "client").stdout
+    assert "killed 1 processes" in out, out
+    assert sleeper.wait(10) == -signal.SIGKILL
