@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -141,3 +142,18 @@ def test_bad_password_and_garbage_are_refused(node: tuple[int, dict[str, object]
          "-d", f"host=127.0.0.1 port={port} user=replica password=wrong sslmode=disable"],
         capture_output=True, text=True, timeout=60)
     assert "password authentication failed" in run.stderr  # still serving after garbage
+
+
+def test_readers_authenticate_with_scram_not_md5(node: tuple[int, dict[str, object]]) -> None:
+    """The node asks for SCRAM-SHA-256 (AuthenticationSASL), never for an MD5 hash."""
+    port, _ = node
+    params = b"user\0replica\0replication\0true\0\0"
+    startup = struct.pack(">ii", 8 + len(params), 196608) + params
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(startup)
+        s.settimeout(5)
+        head = s.recv(9)
+        kind, length, code = head[:1], *struct.unpack(">ii", head[1:9])
+        body = s.recv(length - 8)
+    assert (kind, code) == (b"R", 10), (kind, code)
+    assert body.split(b"\0")[0] == b"SCRAM-SHA-256"

@@ -76,12 +76,16 @@ def test_frontend_parser_refuses_garbage(garbage: bytes) -> None:
         pw.FrontendParser().feed(garbage)
 
 
-def test_md5_password_matches_libpq() -> None:
-    # md5(md5("secret" + "alice") + salt), as libpq computes it.
-    assert pw.md5_password("alice", "secret", b"\x01\x02\x03\x04") == (
-        b"md5" + __import__("hashlib").md5(
-            __import__("hashlib").md5(b"secretalice").hexdigest().encode() + b"\x01\x02\x03\x04"
-        ).hexdigest().encode())
+def test_sasl_messages_frame_as_postgresql_does() -> None:
+    assert pw.encode_auth_sasl(["SCRAM-SHA-256"]) == (
+        b"R" + struct.pack(">ii", 4 + 4 + 15, 10) + b"SCRAM-SHA-256\0\0")
+    assert pw.encode_auth_sasl_continue(b"r=x") == b"R" + struct.pack(">ii", 11, 11) + b"r=x"
+    body = b"SCRAM-SHA-256\0" + struct.pack(">i", 5) + b"n,,ab"
+    assert pw.parse_sasl_initial(body) == ("SCRAM-SHA-256", b"n,,ab")
+    for bad in (b"SCRAM-SHA-256", b"SCRAM-SHA-256\0\0\0", b"SCRAM-SHA-256\0" +
+                struct.pack(">i", 9) + b"n,,ab"):
+        with pytest.raises(pw.ProtocolViolation):
+            pw.parse_sasl_initial(bad)
 
 
 volume_messages = st.one_of(

@@ -8,7 +8,6 @@ functions build the server's messages.
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -54,6 +53,9 @@ class Startup:
 
 @dataclass(frozen=True)
 class PasswordMessage:
+    """A 'p' message: a password, or a SASL response (its meaning depends on what the
+    server asked for; see :func:`parse_sasl_initial`)."""
+
     password: bytes
 
 
@@ -131,7 +133,7 @@ class FrontendParser:
         if kind == b"X":
             return Terminate()
         if kind == b"p":
-            return PasswordMessage(body.rstrip(b"\0"))
+            return PasswordMessage(body)
         raise ProtocolViolation(f"unsupported message {kind!r}")
 
     def _next_startup(self) -> FrontendEvent | None:
@@ -177,14 +179,34 @@ def encode_auth_ok() -> bytes:
     return _message(b"R", struct.pack(">i", 0))
 
 
-def encode_auth_md5(salt: bytes) -> bytes:
-    return _message(b"R", struct.pack(">i", 5) + salt)
+SCRAM_SHA_256 = "SCRAM-SHA-256"
 
 
-def md5_password(user: str, password: str, salt: bytes) -> bytes:
-    """What libpq sends for MD5 auth: ``'md5' + md5(md5(password + user) + salt)``."""
-    inner = hashlib.md5((password + user).encode()).hexdigest().encode()
-    return b"md5" + hashlib.md5(inner + salt).hexdigest().encode()
+def encode_auth_sasl(mechanisms: Sequence[str]) -> bytes:
+    """AuthenticationSASL: the mechanisms the server offers."""
+    names = b"".join(m.encode() + b"\0" for m in mechanisms) + b"\0"
+    return _message(b"R", struct.pack(">i", 10) + names)
+
+
+def encode_auth_sasl_continue(data: bytes) -> bytes:
+    return _message(b"R", struct.pack(">i", 11) + data)
+
+
+def encode_auth_sasl_final(data: bytes) -> bytes:
+    return _message(b"R", struct.pack(">i", 12) + data)
+
+
+def parse_sasl_initial(body: bytes) -> tuple[str, bytes]:
+    """SASLInitialResponse: the mechanism chosen and the client's first message."""
+    mechanism = _cstring(body)
+    rest = body[len(mechanism) + 1:]
+    if len(rest) < 4:
+        raise ProtocolViolation("SASLInitialResponse without a length")
+    (length,) = struct.unpack_from(">i", rest, 0)
+    data = rest[4:]
+    if length != len(data):
+        raise ProtocolViolation("SASLInitialResponse length does not match its data")
+    return mechanism.decode("ascii", "replace"), data
 
 
 def encode_parameter_status(name: str, value: str) -> bytes:

@@ -1,7 +1,7 @@
 """The storage node's WAL sender: what a PostgreSQL hot standby's walreceiver talks to.
 
 The conversation follows PostgreSQL's walsender (see ``docs/pg-replication-protocol.md``
-section 2): startup with MD5 password, IDENTIFY_SYSTEM, TIMELINE_HISTORY, SHOW,
+section 2): startup with SCRAM-SHA-256, IDENTIFY_SYSTEM, TIMELINE_HISTORY, SHOW,
 START_REPLICATION, then XLogData/keepalives in CopyBoth, and the end-of-timeline
 result set when the requested timeline is historic.
 
@@ -15,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 import time
 
 from borealis.protocol import pgwire as pw
 from borealis.protocol import replication as rp
+from borealis.protocol import scram
 from borealis.storage.node import ReaderSessionHandle, StorageNode
 from borealis.storage.store import StoreError
 from borealis.wal.lsn import SEGMENT_SIZE, format_lsn, history_name, parse_lsn, segment_start
@@ -101,6 +101,29 @@ class ReaderSession(ReaderSessionHandle):
             self.events.extend(self.parser.feed(data))
         return self.events.pop(0)
 
+    async def _scram(self, password: str) -> bool:
+        """SCRAM-SHA-256 through PostgreSQL's SASL messages: the password never crosses
+        the wire, and the standby checks the node's signature too."""
+        self._send(pw.encode_auth_sasl([scram.MECHANISM]))
+        first = await self._next_event()
+        if not isinstance(first, pw.PasswordMessage):
+            return False
+        mechanism, data = pw.parse_sasl_initial(first.password)
+        if mechanism != scram.MECHANISM:
+            return False
+        server = scram.ScramServer(_verifier(password))
+        try:
+            self._send(pw.encode_auth_sasl_continue(server.first(data.decode()).encode()))
+            final = await self._next_event()
+            if not isinstance(final, pw.PasswordMessage):
+                return False
+            answer = server.final(final.password.decode())
+        except (scram.ScramError, UnicodeDecodeError) as exc:
+            log.info("reader %s not authenticated: %s", self.application_name, exc)
+            return False
+        self._send(pw.encode_auth_sasl_final(answer.encode()))
+        return True
+
     def _send(self, data: bytes) -> None:
         if self.writer.is_closing():
             raise SessionEnded("connection closed")
@@ -122,12 +145,7 @@ class ReaderSession(ReaderSessionHandle):
             self._send(pw.encode_error("0A000", "this server accepts physical replication "
                                        "connections only", "FATAL"))
             raise SessionEnded("not a replication connection")
-        salt = os.urandom(4)
-        self._send(pw.encode_auth_md5(salt))
-        answer = await self._next_event()
-        expected = pw.md5_password(cfg.replication_user, cfg.replication_password, salt)
-        if (not isinstance(answer, pw.PasswordMessage) or user != cfg.replication_user
-                or answer.password != expected):
+        if user != cfg.replication_user or not await self._scram(cfg.replication_password):
             self._send(pw.encode_error(
                 "28P01", f'password authentication failed for user "{user}"', "FATAL"))
             raise SessionEnded("authentication failed")
@@ -338,6 +356,16 @@ class ReaderSession(ReaderSessionHandle):
             self._aborted = True
             self.writer.close()
             self._client_done.set()
+
+
+_VERIFIERS: dict[str, scram.Verifier] = {}
+
+
+def _verifier(password: str) -> scram.Verifier:
+    """The replication password's verifier, derived once per process."""
+    if password not in _VERIFIERS:
+        _VERIFIERS[password] = scram.make_verifier(password)
+    return _VERIFIERS[password]
 
 
 class _QueryError(Exception):
