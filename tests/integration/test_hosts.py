@@ -13,6 +13,7 @@ import json
 import random
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -211,3 +212,30 @@ def test_kill_host_stops_every_process_of_it(lab: Lab, cluster: ClusterView) -> 
     out = lab.cli("kill-host", "client").stdout
     assert "killed 1 processes" in out, out
     assert sleeper.wait(10) == -signal.SIGKILL
+
+
+def test_links_to_a_node_on_a_host_are_tls_only(lab: Lab, cluster: ClusterView) -> None:
+    node = next(n for n in cluster.status()["storage_nodes"] if n["id"] == "sn-a1")
+    # The replication port: a standby without TLS is told why and turned away.
+    with pytest.raises(psycopg.OperationalError, match="TLS connections only"):
+        psycopg.connect(host=node["address"], port=node["pg_port"], user="borealis_replica",
+                        password="x", sslmode="disable", replication="true",
+                        connect_timeout=5)
+    # The volume port: a plain Hello gets no node state, only a closed connection.
+    with socket.create_connection((node["address"], node["port"]), timeout=5) as s:
+        s.sendall(b"\x00\x00\x00\x10plain hello here")
+        s.settimeout(5)
+        answer = s.recv(100)
+    assert answer == b"" or answer[:1] == b"\x15", answer  # closed, or a TLS alert
+    # And the reader streams from its node (which takes nothing but TLS), the node's
+    # certificate checked against the CA.
+    reader = cluster.readers()[0]
+
+    def streaming() -> tuple[str, str] | None:
+        with psycopg.connect(reader["dsn"], autocommit=True) as conn:
+            row = conn.execute("SELECT status, conninfo FROM pg_stat_wal_receiver"
+                               ).fetchone()
+        return (row[0], row[1]) if row and row[0] == "streaming" else None
+
+    status, conninfo = wait_for("the reader to stream", streaming, 30, 0.2)
+    assert "sslmode=verify-full" in conninfo, conninfo

@@ -76,6 +76,13 @@ class RunAs:
     user: str | None
     uid: int
     gid: int
+    home: str | None = None  # the account's home: libpq looks for its files there
+
+    def environment(self) -> dict[str, str]:
+        """The environment a server or tool of this account runs with: its own HOME,
+        never root's (libpq would try to read ``~/.postgresql`` of an account it cannot
+        enter, and fail the connection)."""
+        return {**os.environ, **({"HOME": self.home} if self.user and self.home else {})}
 
     @classmethod
     def detect(cls) -> RunAs:
@@ -87,7 +94,7 @@ class RunAs:
         except KeyError:
             raise ComputeError(f"running as root needs an OS user {name!r} for PostgreSQL") \
                 from None
-        return cls(name, entry.pw_uid, entry.pw_gid)
+        return cls(name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
 
     def popen_kwargs(self) -> dict[str, object]:
         if self.user is None:
@@ -146,7 +153,7 @@ class RunAs:
 
 def run(cmd: list[str], run_as: RunAs, env: dict[str, str] | None = None,
         timeout_s: float = 300) -> str:
-    full_env = {**os.environ, "LC_ALL": "C.UTF-8", **(env or {})}
+    full_env = {**run_as.environment(), "LC_ALL": "C.UTF-8", **(env or {})}
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, env=full_env,
                              timeout=timeout_s, cwd="/", **run_as.popen_kwargs())  # type: ignore[call-overload]
@@ -192,6 +199,7 @@ class ServerSettings:
     primary_conninfo: str = ""
     application_name: str = ""
     extra: dict[str, str] | None = None
+    ca_pem: str | None = None  # what a standby checks its storage node's certificate with
 
     def render(self) -> str:
         s: dict[str, str] = {
@@ -243,8 +251,16 @@ class ServerSettings:
         return "# Written by Borealis; edits are replaced.\n" + body
 
 
+CA_FILE = "borealis-ca.pem"  # in the data directory, the standby's working directory
+
+
 def write_conf(datadir: Path, settings: ServerSettings, run_as: RunAs) -> None:
-    """Only the settings file (a promotion removes ``standby.signal`` itself)."""
+    """Only the settings file (a promotion removes ``standby.signal`` itself), and the
+    CA a standby checks its storage node with."""
+    if settings.ca_pem is not None:
+        ca = datadir / CA_FILE
+        ca.write_text(settings.ca_pem)
+        run_as.own(ca)
     path = datadir / CONF_NAME
     path.write_text(settings.render())
     run_as.own(path)
@@ -308,5 +324,5 @@ def start_server(bindir: Path, datadir: Path, log_path: Path,
     with private_log(log_path) as log:
         proc: subprocess.Popen[bytes] = subprocess.Popen(
             server_command(bindir, datadir), stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-            start_new_session=True, cwd="/", **run_as.popen_kwargs())  # type: ignore[call-overload]
+            env=run_as.environment(), start_new_session=True, cwd="/", **run_as.popen_kwargs())  # type: ignore[call-overload]
     return proc

@@ -63,7 +63,7 @@ class ClusterRuntime(ClusterHandle):
 
     def node_addresses(self, nodes: list[StorageNodeRow] | None = None) -> list[PeerAddress]:
         """Where the control plane reaches storage nodes (all of the cluster's by default)."""
-        return [PeerAddress(n.id, self.node_hosts.address(n), n.port)
+        return [self.node_hosts.peer_address(n)
                 for n in (self.state.storage_nodes(self.name) if nodes is None else nodes)]
 
     def node_alive(self, node: StorageNodeRow) -> bool:
@@ -88,7 +88,8 @@ class ClusterRuntime(ClusterHandle):
             scrub_interval_s=self.settings.scrub_interval_s,
             scrub_bytes_per_s=self.settings.scrub_bytes_per_s,
             archive_location=self.object_store_location, archive_prefix=self.backup_prefix,
-            archive_rank=[n.id for n in nodes].index(node.id))
+            archive_rank=[n.id for n in nodes].index(node.id),
+            tls=self.node_hosts.tls_identity(node))
         if remote:
             pid = self.node_hosts.start_remote(node, config.to_json())
             where = f"on {node.host}"
@@ -169,16 +170,21 @@ class ClusterRuntime(ClusterHandle):
         if inst.role == "reader":
             node = node or self.storage_node_for(inst)
             s.primary_conninfo = self.node_conninfo(node, inst.id)
+            s.ca_pem = self.node_hosts.ca_pem(node)
             self.state.set_instance(inst.id, storage_node=node.id)
         return s
 
     def node_conninfo(self, node: StorageNodeRow, application_name: str) -> str:
         """How a hot standby streams this volume's WAL from ``node``."""
+        # A node on a host: TLS, its certificate checked against the CA (the standby
+        # runs in its data directory, where the CA is written beside the settings).
+        tls = ({"sslmode": "verify-full", "sslrootcert": pg.CA_FILE}
+               if self.node_hosts.ca_pem(node) else {"sslmode": "disable"})
         return make_conninfo(host=self.node_hosts.address(node), port=node.pg_port,
                              user=REPLICATION_USER,
                              password=self.cluster.replication_password,
-                             application_name=application_name, sslmode="disable",
-                             gssencmode="disable", connect_timeout=5)
+                             application_name=application_name, gssencmode="disable",
+                             connect_timeout=5, **tls)
 
     def answering_nodes(self) -> list[StorageNodeRow]:
         """Storage nodes that run and answer (not found frozen or cut off)."""

@@ -13,12 +13,13 @@ import signal
 import time
 from pathlib import Path
 
-from borealis import processes
+from borealis import pki, processes
 from borealis.agent.client import AgentRefused, AgentUnreachable
 from borealis.control.hosts import HostRegistry
 from borealis.control.placement import LOCAL
 from borealis.control.state import StorageNodeRow
 from borealis.protocol.agent import ProcessKey, ProcessReport, ProcessSpec
+from borealis.protocol.files import PeerAddress, TlsIdentity
 
 LOCAL_ADDRESS = "127.0.0.1"
 REPORTS_FRESH_S = 0.5  # one call per host per supervisor tick, not one per node
@@ -41,6 +42,23 @@ class NodeHosts:
     def address(self, node: StorageNodeRow) -> str:
         """Where the node listens, and where others reach it."""
         return LOCAL_ADDRESS if node.host == LOCAL else self.registry.host(node.host).address
+
+    def peer_address(self, node: StorageNodeRow) -> PeerAddress:
+        """How to reach the node: on a host, over TLS checked against the CA."""
+        remote = node.host != LOCAL
+        return PeerAddress(node.id, self.address(node), node.port,
+                           self.registry.ca().cert_pem if remote else None)
+
+    def tls_identity(self, node: StorageNodeRow) -> TlsIdentity | None:
+        """A node on a host serves TLS with a certificate for the host's address."""
+        if node.host == LOCAL:
+            return None
+        ca = self.registry.ca()
+        pair = pki.issue(ca, f"{self.cluster}-{node.id}", [self.address(node)])
+        return TlsIdentity(pair.cert_pem, pair.key_pem, ca.cert_pem)
+
+    def ca_pem(self, node: StorageNodeRow) -> str | None:
+        return None if node.host == LOCAL else self.registry.ca().cert_pem
 
     def alive(self, node: StorageNodeRow, config_path: Path) -> bool:
         if node.host == LOCAL:

@@ -17,7 +17,6 @@ from borealis.control.cluster import ClusterRuntime
 from borealis.control.endpoints import ClusterEndpoints
 from borealis.control.sampling import Sampling
 from borealis.control.state import State
-from borealis.protocol.files import PeerAddress
 from borealis.settings import Settings
 from borealis.storage.peers import PeerConnection, PeerError
 from borealis.wal.lsn import format_lsn, parse_lsn
@@ -106,7 +105,7 @@ class StatusReader:
         out["pid"] = node.pid
         try:
             conn, st = await PeerConnection.open(
-                PeerAddress(node.id, address, node.port), rt.cluster.storage_secret,
+                rt.node_hosts.peer_address(node), rt.cluster.storage_secret,
                 "control", timeout_s=1.0)
             conn.close()
         except PeerError:

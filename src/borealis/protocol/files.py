@@ -53,6 +53,18 @@ class PeerAddress:
     node_id: str
     host: str
     port: int
+    # The CA that signed the node's certificate when it is on another host: the link is
+    # TLS, and the node must prove its address. None: plain TCP on this machine.
+    ca_pem: str | None = None
+
+
+@dataclass(frozen=True)
+class TlsIdentity:
+    """A process's own certificate (for its address) and the CA it trusts."""
+
+    cert_pem: str
+    key_pem: str
+    ca_pem: str
 
 
 # -- process configs -------------------------------------------------------------------------
@@ -75,6 +87,7 @@ class NodeConfig:
     archive_location: str | None = None  # the object store for continuous backup
     archive_prefix: str = ""  # clusters/<name>
     archive_rank: int = 0  # 0-5: who archives first (see storage/archive.py)
+    tls: TlsIdentity | None = None  # on a host: both ports speak TLS only
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, default=str)
@@ -84,6 +97,8 @@ class NodeConfig:
         data = json.loads(text)
         data["directory"] = Path(data["directory"])
         data["peers"] = [PeerAddress(**p) for p in data.get("peers", [])]
+        if data.get("tls"):
+            data["tls"] = TlsIdentity(**data["tls"])
         return cls(**data)
 
 

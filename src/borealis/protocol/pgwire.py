@@ -102,6 +102,11 @@ class FrontendParser:
         # may ask it to hold more than a password's worth of bytes.
         self.max_message = MAX_UNAUTHENTICATED
 
+    def buffered(self) -> int:
+        """Bytes received but not yet an event (none may follow an SSLRequest before
+        the handshake: they would be plaintext the client meant to encrypt)."""
+        return len(self._buf)
+
     def feed(self, data: bytes) -> list[FrontendEvent]:
         self._buf += data
         events: list[FrontendEvent] = []

@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
+import secrets
 from dataclasses import dataclass
 
 MECHANISM = "SCRAM-SHA-256"
@@ -44,7 +44,7 @@ def make_verifier(password: str, salt: bytes | None = None,
                   iterations: int = ITERATIONS) -> Verifier:
     """The verifier of ``password`` (as UTF-8; SASLprep leaves the ASCII passwords
     Borealis makes unchanged)."""
-    salt = salt if salt is not None else os.urandom(16)
+    salt = salt if salt is not None else secrets.token_bytes(16)
     salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
     client_key = _hmac(salted, b"Client Key")
     return Verifier(salt, iterations, hashlib.sha256(client_key).digest(),
@@ -66,7 +66,7 @@ class ScramServer:
 
     def __init__(self, verifier: Verifier, nonce: str | None = None) -> None:
         self.verifier = verifier
-        self._server_nonce = nonce or base64.b64encode(os.urandom(NONCE_BYTES)).decode()
+        self._server_nonce = nonce or base64.b64encode(secrets.token_bytes(NONCE_BYTES)).decode()
         self._client_first_bare = ""
         self._server_first = ""
         self._gs2_header = ""

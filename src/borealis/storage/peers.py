@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import ssl
 from collections.abc import AsyncIterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from borealis import pki
 from borealis.protocol import volume as vp
 from borealis.protocol.files import PeerAddress
 
@@ -14,6 +17,19 @@ T = TypeVar("T")
 
 class PeerError(Exception):
     pass
+
+
+@functools.lru_cache(maxsize=8)
+def _client_context(ca_pem: str) -> ssl.SSLContext:
+    return pki.client_context(ca_pem)
+
+
+def tls_arguments(peer: PeerAddress) -> dict[str, Any]:
+    """What ``open_connection``/``create_connection`` need to reach ``peer``: TLS checked
+    against its CA and its address when it is on another host, else nothing."""
+    if peer.ca_pem is None:
+        return {}
+    return {"ssl": _client_context(peer.ca_pem), "server_hostname": peer.host}
 
 
 class PeerConnection:
@@ -30,7 +46,7 @@ class PeerConnection:
         """Connect, say Hello (and ``then`` right behind it), and read the node's state."""
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(peer.host, peer.port), timeout_s
+                asyncio.open_connection(peer.host, peer.port, **tls_arguments(peer)), timeout_s
             )
         except (OSError, TimeoutError) as exc:
             raise PeerError(f"{peer.node_id}: {exc}") from None

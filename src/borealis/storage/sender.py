@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import ssl
 import time
 
 from borealis.protocol import pgwire as pw
@@ -48,17 +49,21 @@ class SessionEnded(Exception):
     pass
 
 
-async def serve_readers(node: StorageNode) -> asyncio.Server:
+async def serve_readers(node: StorageNode, tls: ssl.SSLContext | None = None
+                        ) -> asyncio.Server:
+    """The replication port. With ``tls`` a standby must ask for TLS (SSLRequest, as
+    ``sslmode=verify-full`` does) before anything else; without, TLS is declined."""
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await ReaderSession(node, reader, writer).run()
+        await ReaderSession(node, reader, writer, tls).run()
 
     return await asyncio.start_server(handle, node.config.host, node.config.pg_port)
 
 
 class ReaderSession(ReaderSessionHandle):
     def __init__(self, node: StorageNode, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+                 writer: asyncio.StreamWriter, tls: ssl.SSLContext | None = None) -> None:
         self.node = node
+        self.tls = tls
         self.reader = reader
         self.writer = writer
         self.parser = pw.FrontendParser()
@@ -131,14 +136,26 @@ class ReaderSession(ReaderSessionHandle):
 
     async def _startup(self) -> None:
         cfg = self.node.config
+        encrypted = False
         while True:
             event = await self._next_event()
+            if isinstance(event, pw.SSLRequest) and self.tls is not None:
+                if self.events or self.parser.buffered():
+                    raise SessionEnded("bytes after SSLRequest, before the TLS handshake")
+                self._send(b"S")
+                await self.writer.start_tls(self.tls)
+                encrypted = True
+                continue
             if isinstance(event, pw.SSLRequest | pw.GSSENCRequest):
                 self._send(b"N")
                 continue
             if isinstance(event, pw.Startup):
                 break
             raise SessionEnded(f"unexpected {type(event).__name__} during startup")
+        if self.tls is not None and not encrypted:
+            self._send(pw.encode_error("28000", "this storage node accepts TLS connections "
+                                       "only (sslmode=verify-full)", "FATAL"))
+            raise SessionEnded("a plain connection to a TLS-only node")
         user = event.params.get("user", "")
         self.application_name = event.params.get("application_name", "")
         if event.params.get("replication", "").lower() not in ("true", "on", "yes", "1"):

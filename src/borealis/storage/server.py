@@ -14,10 +14,11 @@ import hmac
 import json
 import logging
 import signal
+import ssl
 from pathlib import Path
 from typing import cast
 
-from borealis import entrypoint
+from borealis import entrypoint, pki
 from borealis.fsync import write_atomic
 from borealis.protocol import volume as vp
 from borealis.protocol.files import NodeConfig
@@ -140,13 +141,23 @@ class VolumeServerProtocol(asyncio.Protocol):
             node.wake_readers()
 
 
+def server_tls(config: NodeConfig) -> ssl.SSLContext | None:
+    """On a host, both of the node's ports speak TLS only, with a certificate for its
+    address (callers check it; they prove themselves with the cluster's secret)."""
+    if config.tls is None:
+        return None
+    return pki.server_context(pki.KeyPair(config.tls.cert_pem, config.tls.key_pem),
+                              config.tls.ca_pem, require_client_cert=False)
+
+
 async def run_node(config: NodeConfig) -> None:
     node = StorageNode(config)
     config.directory.mkdir(parents=True, exist_ok=True)
     node.store.open()
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: VolumeServerProtocol(node), config.host, config.port)
-    reader_server = await serve_readers(node)
+    server = await loop.create_server(lambda: VolumeServerProtocol(node), config.host, config.port,
+                                      ssl=server_tls(config))
+    reader_server = await serve_readers(node, server_tls(config))
     status_path = config.directory / "status.json"
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

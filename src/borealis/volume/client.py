@@ -32,6 +32,7 @@ from borealis.fsync import write_atomic
 from borealis.protocol import replication as rp
 from borealis.protocol import volume as vp
 from borealis.protocol.files import LinkStatus, PeerAddress, VolumeClientConfig, VolumeStatus
+from borealis.storage.peers import tls_arguments
 from borealis.volume.quorum import WRITE_QUORUM, VdlTracker, stream_start_point
 from borealis.wal.lsn import format_lsn, parse_lsn, segment_start
 from borealis.wal.timeline import parse_history
@@ -395,7 +396,8 @@ class VolumeClient:
 
             try:
                 transport, _ = await asyncio.wait_for(loop.create_connection(
-                    protocol, link.address.host, link.address.port), 2.0)
+                    protocol, link.address.host, link.address.port,
+                    **tls_arguments(link.address)), 2.0)
             except (OSError, TimeoutError):
                 await asyncio.sleep(RECONNECT_S)
                 continue
