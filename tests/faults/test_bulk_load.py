@@ -83,24 +83,9 @@ def bulk_cluster(borealis: Borealis) -> Iterator[ClusterView]:
         yield view
 
 
-# An open defect (issue 15), seen in about one run of six: after a failover in a bulk
-# load, the old writer rejoins as a reader; when the next failover chooses it, it stays
-# a page header past its replay position and never receives the log to the end, and the
-# failover stops ("received the log only up to") every 30 s. Only that signature is
-# reported as a known failure; any other failure of the test fails it.
-KNOWN_STALL = "received the log only up to"
-
-
 def test_failover_in_the_middle_of_a_bulk_load(bulk_cluster: ClusterView) -> None:
-    try:
-        results = _rounds(bulk_cluster, ["kill-writer-bulk:insert", "kill-writer-bulk:copy",
-                                         "kill-writer-bulk:index"], seed=11)
-    except AssertionError:
-        events = bulk_cluster.b.cli("events", "bulk", check=False).stdout
-        stalls = [ln for ln in events.splitlines() if KNOWN_STALL in ln]
-        if stalls:
-            pytest.xfail(f"open defect (issue 15), a chosen reader stalled: {stalls[0]}")
-        raise
+    results = _rounds(bulk_cluster, ["kill-writer-bulk:insert", "kill-writer-bulk:copy",
+                                     "kill-writer-bulk:index"], seed=11)
     assert all(r.lost == 0 for r in results), table(results)
     assert {r.fault for r in results if r.struck_mid_load} == {
         "kill-writer-bulk:insert", "kill-writer-bulk:copy", "kill-writer-bulk:index"}

@@ -24,9 +24,16 @@ from borealis.protocol import replication as rp
 from borealis.protocol import scram
 from borealis.storage.node import ReaderSessionHandle, StorageNode
 from borealis.storage.store import StoreError
-from borealis.wal.lsn import SEGMENT_SIZE, format_lsn, history_name, parse_lsn, segment_start
+from borealis.wal.lsn import (
+    PAGE_SIZE,
+    SEGMENT_SIZE,
+    format_lsn,
+    history_name,
+    parse_lsn,
+    segment_start,
+)
 from borealis.wal.timeline import TimelineEntry, switchpoint_of
-from borealis.wal.verify import WalCorruption, WalVerifier
+from borealis.wal.verify import WalCorruption, WalVerifier, header_size
 
 log = logging.getLogger("borealis.sender")
 
@@ -317,7 +324,7 @@ class ReaderSession(ReaderSessionHandle):
                     unsent += data[max(0, self.sent_lsn - read_pos):]
                 read_pos = end
                 progressed = True
-            sendable = min(verifier.verified_end, limit)
+            sendable = _never_a_bare_page_header(min(verifier.verified_end, limit), switch)
             while self.sent_lsn < sendable:
                 n = min(MAX_SEND, sendable - self.sent_lsn)
                 msg = rp.XLogData(self.sent_lsn, limit, rp.pg_now_us(), bytes(unsent[:n]))
@@ -373,6 +380,19 @@ class ReaderSession(ReaderSessionHandle):
             self._aborted = True
             self.writer.close()
             self._client_done.set()
+
+
+def _never_a_bare_page_header(lsn: int, switch: int | None) -> int:
+    """Hold back a page header that nothing follows yet: where a record ends exactly at
+    a page's end, the next page's header is verified before the record after it is, but
+    a standby that has received the log up to just past a page header fails its read
+    of the next record, stops its WAL receiver and never starts another (PostgreSQL 15;
+    its own primaries never flush to such a point). The header goes with the record
+    that follows it. A timeline's end is sent as it is."""
+    page = lsn - lsn % PAGE_SIZE
+    if lsn != switch and lsn - page == header_size(page, SEGMENT_SIZE):
+        return page
+    return lsn
 
 
 _VERIFIERS: dict[str, scram.Verifier] = {}
