@@ -42,9 +42,11 @@ from borealis.control.failover_rules import (
 from borealis.control.state import Instance
 from borealis.protocol import volume as vp
 from borealis.storage.peers import peer_states
+from borealis.volume.quorum import WRITE_QUORUM
 from borealis.wal.lsn import format_lsn, parse_lsn
 
 FENCE_TIMEOUT_S = 10.0
+SEAL_GRACE_S = 0.2  # after a write quorum sealed, for the others to answer too
 SEAL_TIMEOUT_S = 60.0
 CATCH_UP_TIMEOUT_S = 30.0
 PROMOTE_TIMEOUT_S = 60
@@ -156,7 +158,9 @@ def seal(rt: ClusterRuntime, epoch: int, end: EndOfLog, fenced: list[str]
 
     The donor seals first: it finds that record end (and cuts its own log there), and
     the others then fetch up to it. Sealed together, the others could fetch from a donor
-    cutting its log under them."""
+    cutting its log under them. The failover goes on once a write quorum holds the end
+    (and the rest had a moment more): a node still fetching megabytes behind the others
+    finishes its seal on its own, and the new epoch's Begin reconciles it."""
     nodes = rt.node_addresses([n for n in rt.state.storage_nodes(rt.name) if n.id in fenced])
     donor = [n for n in nodes if n.node_id == end.donor_id]
     first = asyncio.run(peer_states(donor, rt.cluster.storage_secret, role="control",
@@ -166,7 +170,8 @@ def seal(rt: ClusterRuntime, epoch: int, end: EndOfLog, fenced: list[str]
     others = [n for n in nodes if n.node_id != end.donor_id]
     states = first + asyncio.run(peer_states(
         others, rt.cluster.storage_secret, role="control",
-        request=vp.Seal(epoch, record_end, end.donor_id), reply_timeout_s=SEAL_TIMEOUT_S))
+        request=vp.Seal(epoch, record_end, end.donor_id), reply_timeout_s=SEAL_TIMEOUT_S,
+        enough=WRITE_QUORUM - len(first), grace_s=SEAL_GRACE_S))
     return sealed_end(states, epoch, end)
 
 
