@@ -116,6 +116,7 @@ class BulkLoad:
         still the end if the backend is stopped before it is read. Returns the flush LSN
         with the backend frozen (:meth:`kill_backend` ends it), or None if no such
         moment came in ``timeout_s``."""
+        assert self._pid > 0, "the load has no backend"  # os.kill(0) is our own group
         deadline = time.monotonic() + timeout_s
         with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
             while time.monotonic() < deadline:
@@ -147,8 +148,9 @@ class BulkLoad:
 
     def kill_backend(self) -> None:
         """SIGKILL the load's backend (frozen by :meth:`freeze_inside_a_record`)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self._pid, signal.SIGKILL)
+        if self._pid > 0 and not self.finished:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid, signal.SIGKILL)
 
     def join(self, timeout_s: float = 60) -> None:
         if self._thread is not None:

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from borealis.processes import kill_tree
 from tests.faults.bank import Bank
 from tests.faults.bulk import KINDS, BulkLoad
@@ -213,6 +215,19 @@ class AfterBulkLoad:
         self.struck_mid_load = self.load.check_outcome(self.dsn)
 
 
+def _writer_activity(view: ClusterView) -> str:
+    """The writer's sessions and what each waits for."""
+    try:
+        with psycopg.connect(view.writer()["dsn"], autocommit=True, connect_timeout=5) as conn:
+            rows = conn.execute(
+                "SELECT pid, state, wait_event_type, wait_event, xact_start, "
+                "left(query, 80) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+            ).fetchall()
+    except (psycopg.Error, AssertionError) as exc:
+        return f"the writer's sessions: unknown ({exc})"
+    return "the writer's sessions:\n" + "\n".join(str(r) for r in rows)
+
+
 def run_round(view: ClusterView, bank: Bank, fault: str, rng: random.Random) -> RoundResult:
     """Fault under load, recovery, then every check; the bank runs again at the end."""
     start = time.monotonic()
@@ -231,7 +246,11 @@ def run_round(view: ClusterView, bank: Bank, fault: str, rng: random.Random) -> 
                  lambda: view.writer()["id"] != writer_before, 60, 0.1)
     # Commits already on their way when the fault struck may still be acknowledged just
     # after it; those do not show that the cluster recovered.
-    bank.wait_commits_after(fault_at + IN_FLIGHT_S, 20, 90)
+    try:
+        bank.wait_commits_after(fault_at + IN_FLIGHT_S, 20, 90)
+    except AssertionError:
+        print(_writer_activity(view))  # what the clients wait for, if they reach it
+        raise
     heal()
     view.wait_all_serving(180)
     downtime = bank.downtime_s(fault_at)
