@@ -118,15 +118,20 @@ class BulkLoad:
         moment came in ``timeout_s``."""
         assert self._pid > 0, "the load has no backend"  # os.kill(0) is our own group
         deadline = time.monotonic() + timeout_s
-        with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
+        # A backend stopped while it holds a lock would stall these queries: they give up.
+        with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10,
+                             options="-c statement_timeout=1000") as conn:
             while time.monotonic() < deadline:
                 if self.finished or self.error is not None:
                     return None  # it committed first: the round says so, and is run again
                 os.kill(self._pid, signal.SIGSTOP)
-                flush = self._lsn(conn, "SELECT pg_current_wal_flush_lsn()::text")
-                if (flush % 8192 == 0 and flush > self._started_lsn
-                        and self._volume_holds(conn, flush, deadline)):
-                    return flush
+                try:
+                    flush = self._lsn(conn, "SELECT pg_current_wal_flush_lsn()::text")
+                    if (flush % 8192 == 0 and flush > self._started_lsn
+                            and self._volume_holds(conn, flush, deadline)):
+                        return flush
+                except psycopg.errors.QueryCanceled:
+                    pass
                 os.kill(self._pid, signal.SIGCONT)
                 time.sleep(0.002)
         return None
