@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import random
 import shutil
 import signal
@@ -29,8 +30,9 @@ import pytest
 from borealis.lab import netns
 from tests.harness import Borealis, ClusterView, wait_for
 
-pytestmark = pytest.mark.skipif(not Path("/usr/sbin/ip").exists() and
-                                not Path("/sbin/ip").exists(), reason="needs iproute2")
+pytestmark = pytest.mark.skipif(
+    shutil.which("ip") is None or os.geteuid() != 0,
+    reason="the lab needs iproute2 and root (network namespaces)")
 
 
 def _free_subnet() -> str:
