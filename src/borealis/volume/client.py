@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import psycopg
 from psycopg import pq
 
 from borealis import entrypoint
@@ -450,7 +452,9 @@ class VolumeClient:
         for t in tasks:
             t.cancel()
         if self.conn is not None:
-            asyncio.get_running_loop().remove_reader(self.conn.socket)
+            # A lost connection has no socket left to stop watching.
+            with contextlib.suppress(psycopg.OperationalError):
+                asyncio.get_running_loop().remove_reader(self.conn.socket)
             self.conn.finish()
         self._write_status()
         return self.exit_reason
