@@ -225,7 +225,9 @@ def _writer_activity(view: ClusterView) -> str:
             ).fetchall()
     except (psycopg.Error, AssertionError) as exc:
         return f"the writer's sessions: unknown ({exc})"
-    return "the writer's sessions:\n" + "\n".join(str(r) for r in rows)
+    proxy = view.status().get("endpoint_proxy")
+    return ("the writer's sessions:\n" + "\n".join(str(r) for r in rows)
+            + f"\nthe endpoint proxy: {proxy}")
 
 
 def run_round(view: ClusterView, bank: Bank, fault: str, rng: random.Random) -> RoundResult:
