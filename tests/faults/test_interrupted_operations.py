@@ -52,8 +52,14 @@ def kill_control_plane_at(b: Borealis, cluster: str, event: str,
     seen = b.cli("events", cluster, check=False).stdout.count(event)
     proc = subprocess.Popen([sys.executable, "-m", "borealis.cli.main", *command], env=b.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(f"'{event}' in {cluster}'s events", lambda: b.cli(
-        "events", cluster, check=False).stdout.count(event) > seen, 120, 0.02)
+    try:
+        wait_for(f"'{event}' in {cluster}'s events", lambda: b.cli(
+            "events", cluster, check=False).stdout.count(event) > seen, 120, 0.02)
+    except AssertionError:
+        proc.kill()
+        print(b.cli("events", cluster, check=False).stdout)
+        print("\n".join((b.home / "control.log").read_text().splitlines()[-40:]))
+        raise
     os.kill(control_pid, signal.SIGKILL)
     wait_for("the control plane to die",
              lambda: not alive(control_pid, "borealis.daemon"))

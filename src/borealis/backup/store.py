@@ -14,11 +14,14 @@ Invariants:
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -125,6 +128,20 @@ class LocalStore:
     def _sum(self, key: str) -> Path:
         return self.root / "sums" / (_check_key(key) + ".json")
 
+    @contextlib.contextmanager
+    def _locked(self, key: str, exclusive: bool) -> Iterator[None]:
+        """An object's checksum and data change together: several storage nodes write
+        the same key (``latest.json``), and without the lock one's checksum could end up
+        beside another's data, which every reader would then call damaged."""
+        path = self.root / "locks" / (_check_key(key) + ".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # and with it the lock
+
     def put_file(self, key: str, path: Path) -> ObjectInfo:
         target = self._data(key)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -158,16 +175,17 @@ class LocalStore:
             raise
 
     def _commit(self, key: str, tmp: Path, sha: str) -> ObjectInfo:
-        # The checksum first: an object without one is never visible.
-        meta = self._sum(key)
-        meta.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(meta, json.dumps({"sha256": sha, "size": tmp.stat().st_size}),
-                     durable=True)
-        os.replace(tmp, self._data(key))
-        fsync_dir(self._data(key).parent)
-        if file_sha256(self._data(key)) != sha:  # verify what landed
-            raise StoreError(f"upload of {key} did not verify")
-        info = self.head(key)
+        with self._locked(key, exclusive=True):
+            # The checksum first: an object without one is never visible.
+            meta = self._sum(key)
+            meta.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(meta, json.dumps({"sha256": sha, "size": tmp.stat().st_size}),
+                         durable=True)
+            os.replace(tmp, self._data(key))
+            fsync_dir(self._data(key).parent)
+            if file_sha256(self._data(key)) != sha:  # verify what landed
+                raise StoreError(f"upload of {key} did not verify")
+            info = self._head(key)
         assert info is not None
         return info
 
@@ -176,21 +194,28 @@ class LocalStore:
             stream.copy_to(path)
 
     def open_stream(self, key: str) -> VerifiedStream:
-        info = self.head(key)
-        if info is None:
-            raise StoreError(f"{key} is not in the object store {self.location}")
-        return VerifiedStream(open(self._data(key), "rb"), key, info.sha256, info.size)
+        with self._locked(key, exclusive=False):  # the checksum of the file opened
+            info = self._head(key)
+            if info is None:
+                raise StoreError(f"{key} is not in the object store {self.location}")
+            body = open(self._data(key), "rb")  # noqa: SIM115 (the stream closes it)
+        return VerifiedStream(body, key, info.sha256, info.size)
 
     def get_bytes(self, key: str) -> bytes:
-        info = self.head(key)
-        if info is None:
-            raise StoreError(f"{key} is not in the object store {self.location}")
-        data = self._data(key).read_bytes()
+        with self._locked(key, exclusive=False):
+            info = self._head(key)
+            if info is None:
+                raise StoreError(f"{key} is not in the object store {self.location}")
+            data = self._data(key).read_bytes()
         if hashlib.sha256(data).hexdigest() != info.sha256:
             raise StoreError(f"{key} is damaged in the object store (checksum mismatch)")
         return data
 
     def head(self, key: str) -> ObjectInfo | None:
+        with self._locked(key, exclusive=False):
+            return self._head(key)
+
+    def _head(self, key: str) -> ObjectInfo | None:
         try:
             meta = json.loads(self._sum(key).read_text())
             st = self._data(key).stat()
@@ -212,8 +237,9 @@ class LocalStore:
         return out
 
     def delete(self, key: str) -> None:
-        self._data(key).unlink(missing_ok=True)
-        self._sum(key).unlink(missing_ok=True)
+        with self._locked(key, exclusive=True):
+            self._data(key).unlink(missing_ok=True)
+            self._sum(key).unlink(missing_ok=True)
 
     def actual_sha256(self, key: str) -> str | None:
         try:
