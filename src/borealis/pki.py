@@ -11,6 +11,7 @@ plane's certificate against it before it sends anything.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import ipaddress
 import ssl
@@ -126,8 +127,10 @@ def server_context(own: KeyPair, ca_pem: str, require_client_cert: bool) -> ssl.
     return ctx
 
 
+@functools.lru_cache(maxsize=32)
 def client_context(ca_pem: str, own: KeyPair | None = None) -> ssl.SSLContext:
-    """Checks the server against the CA and its name (host names and addresses)."""
+    """Checks the server against the CA and its name (host names and addresses). Made
+    once per CA and certificate: callers on the supervisor's clock share it."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_verify_locations(cadata=ca_pem)

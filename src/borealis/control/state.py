@@ -507,6 +507,9 @@ class State:
 
     def setting_once(self, key: str, make: Callable[[], str]) -> str:
         """A setting chosen once (the first time it is asked for) and then kept."""
+        kept = self.setting(key)  # the usual case: no write transaction to read it
+        if kept is not None:
+            return kept
         with self.transaction() as db:
             row = db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
             if row:

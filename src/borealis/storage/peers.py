@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
-import ssl
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
@@ -19,17 +17,12 @@ class PeerError(Exception):
     pass
 
 
-@functools.lru_cache(maxsize=8)
-def _client_context(ca_pem: str) -> ssl.SSLContext:
-    return pki.client_context(ca_pem)
-
-
 def tls_arguments(peer: PeerAddress) -> dict[str, Any]:
     """What ``open_connection``/``create_connection`` need to reach ``peer``: TLS checked
     against its CA and its address when it is on another host, else nothing."""
     if peer.ca_pem is None:
         return {}
-    return {"ssl": _client_context(peer.ca_pem), "server_hostname": peer.host}
+    return {"ssl": pki.client_context(peer.ca_pem), "server_hostname": peer.host}
 
 
 class PeerConnection:
