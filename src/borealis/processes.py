@@ -68,6 +68,44 @@ def kill_tree(pid: int, marker: str, sig: int = signal.SIGKILL) -> None:
             os.kill(member, sig)
 
 
+def working_in(directory: Path, executable: Path) -> list[int]:
+    """Processes running ``executable`` with ``directory`` as their working directory.
+
+    A PostgreSQL server's postmaster and every process it forks work in its data
+    directory, and a backend whose postmaster was killed runs on (a query does not look
+    for its postmaster; a backend waiting on a lock the dead server's other processes
+    held never wakes), so this finds them when the parent link no longer does."""
+    where, program = os.path.realpath(directory), os.path.realpath(executable)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            if (os.readlink(f"/proc/{entry}/cwd") == where
+                    and os.readlink(f"/proc/{entry}/exe") == program):
+                found.append(int(entry))
+        except OSError:
+            continue  # gone, or not ours to look at
+    return found
+
+
+def kill_all(pids: list[int], timeout_s: float = 10.0) -> list[int]:
+    """SIGKILL every process in ``pids`` (frozen ones included) and wait until each is
+    gone or a zombie; returns those still there at the deadline."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    left = pids
+    while left and time.monotonic() < deadline:
+        for pid in left:
+            reap(pid)
+        left = [pid for pid in left if not is_zombie(pid)]
+        if left:
+            time.sleep(0.02)
+    return left
+
+
 def reap(pid: int) -> None:
     """Collect an exited child of ours, if it is one."""
     with contextlib.suppress(ChildProcessError):

@@ -1,6 +1,8 @@
 """Faults injected into a running cluster, and the round that checks what survived.
 
-Kinds: ``kill-writer`` (SIGKILL of the writer's postmaster), ``stop-writer`` (SIGSTOP
+Kinds: ``kill-writer`` (SIGKILL of the writer's postmaster while a session runs a
+query that never ends: the backend outlives its postmaster unless the failover ends it,
+and its client must learn that its connection is gone), ``stop-writer`` (SIGSTOP
 of its process group, held until a new writer took over, then SIGCONT),
 ``kill-2-nodes`` (SIGKILL of two storage nodes), ``lose-az`` (SIGKILL of every process
 in the writer's AZ: its two storage nodes and its instances), ``partition-writer`` (the
@@ -26,6 +28,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,6 +72,42 @@ def _kill_group(pid: int | None, sig: int) -> None:
     """The postmaster and its backends (each backend leads its own process group)."""
     if pid:
         kill_tree(pid, "postgres", sig)
+
+
+class EndlessQuery:
+    """A session on the writer running a loop that never looks for its postmaster
+    (PL/pgSQL checks for signals only): killing the postmaster leaves the backend
+    running, and only the cluster ending it tells the client."""
+
+    SQL = "DO $$ BEGIN LOOP PERFORM 1; END LOOP; END $$"
+
+    def __init__(self, dsn: str) -> None:
+        self.error: BaseException | None = None
+        self.ended = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(dsn,), daemon=True)
+        self._thread.start()
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+            wait_for("the endless query to run", lambda: self.ended.is_set() or conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                "AND query = %s", (self.SQL,)).fetchone() == (1,), 10, 0.02)
+        assert not self.ended.is_set(), f"the endless query ended: {self.error!r}"
+
+    def _run(self, dsn: str) -> None:
+        try:
+            with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+                conn.execute(self.SQL)
+        except BaseException as exc:  # the connection ends under it: what is expected
+            self.error = exc
+        finally:
+            self.ended.set()
+
+    def heal(self) -> None:
+        """The failover is over: the client must have seen its connection end."""
+        if not self.ended.wait(30):
+            raise AssertionError("a query running on the killed writer still holds its "
+                                 "client 30 s after the writer died: its backend outlived "
+                                 "the postmaster")
+        assert isinstance(self.error, psycopg.OperationalError), repr(self.error)
 
 
 def _cgroup2_mount() -> Path | None:
@@ -139,8 +178,9 @@ def inject(st: dict[str, Any], fault: str, rng: random.Random, bank: Bank | None
     (called once commits flow again)."""
     writer = next(i for i in st["instances"] if i["role"] == "writer")
     if fault == "kill-writer":
+        query = EndlessQuery(writer["dsn"])
         _kill(writer["pid"])
-        return lambda: None
+        return query.heal
     if fault == "stop-writer":
         # The postmaster and its backends, as a paused VM: the held connections freeze too.
         _kill_group(writer["pid"], signal.SIGSTOP)

@@ -25,7 +25,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from borealis import settings
+from borealis import processes, settings
 from borealis.logfiles import private_log
 
 CONF_NAME = "borealis.conf"
@@ -312,6 +312,18 @@ def copy_data_dir(source: Path, dest: Path) -> None:
     except subprocess.TimeoutExpired:
         raise ComputeError(f"copying {source} timed out after {BASE_COPY_TIMEOUT_S}s") \
             from None
+
+
+def end_orphans(bindir: Path, datadir: Path) -> int:
+    """Kill what is left of a server whose postmaster is gone: backends running on as
+    orphans hold their clients' connections (a client mid-query would wait forever),
+    keep the shared memory that stops a new postmaster from starting, and may write to
+    files of the directory. Returns how many were ended."""
+    orphans = processes.working_in(datadir, bindir / "postgres")
+    left = processes.kill_all(orphans)
+    if left:
+        raise ComputeError(f"processes {left} of {datadir} do not end on SIGKILL")
+    return len(orphans)
 
 
 def server_command(bindir: Path, datadir: Path) -> list[str]:

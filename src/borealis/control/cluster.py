@@ -245,6 +245,7 @@ class ClusterRuntime(ClusterHandle):
         if self.instance_alive(inst):
             return False
         datadir = self.datadir(inst.id)
+        self.end_orphans(inst)  # they would keep the new postmaster from starting
         self.run_as.ensure_traversable(self.instance_dir(inst.id))
         role_inst = dataclasses.replace(inst, role=as_role) if as_role else inst
         pg.write_settings(datadir, self.server_settings(role_inst), self.run_as)
@@ -286,7 +287,16 @@ class ClusterRuntime(ClusterHandle):
         # SIGINT is PostgreSQL's fast shutdown; it kills the whole process group if stuck.
         processes.stop(inst.pid, str(self.datadir(inst.id)), mode, timeout_s=60,
                        kill_group=True)
+        self.end_orphans(inst)
         self.state.set_instance(inst.id, pid=None, state="stopped")
+
+    def end_orphans(self, inst: Instance) -> None:
+        """Kill backends of the instance that outlived their postmaster (it was killed,
+        or died); each is reported, since their clients saw their connections end."""
+        ended = pg.end_orphans(self.bindir, self.datadir(inst.id))
+        if ended:
+            self.event("compute", f"{inst.id}: ended {ended} server processes that outlived "
+                                  "their postmaster (their clients' connections close)")
 
     def answers(self, inst: Instance, timeout_s: int = 1) -> bool:
         """Whether the instance's server takes a connection and a query now."""

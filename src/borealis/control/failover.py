@@ -186,6 +186,7 @@ def stop_old_writer(rt: ClusterRuntime, old: Instance) -> None:
     if old.pid is not None and processes.alive(old.pid, marker):
         processes.kill_tree(old.pid, marker)  # postmaster and backends, frozen or not
         processes.stop(old.pid, marker, signal.SIGKILL, timeout_s=5)
+    rt.end_orphans(old)  # backends of a postmaster already gone: their clients learn it
     rt.state.set_instance(old.id, pid=None, state="stopped")
     rt.event("failover", f"old writer {old.id} stopped; it will rejoin as a reader")
 
