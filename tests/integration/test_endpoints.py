@@ -87,6 +87,9 @@ def test_cluster_endpoint_writes_reader_endpoint_reads(ep: ClusterView) -> None:
 
 def test_100_reader_connections_spread_evenly(ep: ClusterView) -> None:
     ports = {r["port"]: r["id"] for r in ep.readers()}
+    # Readers that just became available are routed to within a second.
+    wait_for("the proxy to route to every reader", lambda: sorted(
+        endpoint(ep, "ep-ro")["routed_to"]) == sorted(ports.values()), 2, 0.05)
     dsn = endpoint(ep, "ep-ro")["dsn"]
     landed = collections.Counter(ports[server_port(dsn)] for _ in range(100))
     assert sorted(landed) == sorted(ports.values())

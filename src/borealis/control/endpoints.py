@@ -166,6 +166,9 @@ class ClusterEndpoints:
             out.append({
                 "name": spec.name, "type": spec.type, "host": spec.host, "port": spec.port,
                 "members": [b.id for b in members(spec, backends)],
+                # What the running proxy routes to now (it follows the config within a
+                # fraction of a second; empty until it serves the endpoint).
+                "routed_to": list(m.get("members", [])),
                 "dsn": make_conninfo(host=spec.host, port=spec.port, user=c.master_user,
                                      password=c.master_password, dbname="postgres"),
                 "custom_type": row.custom_type, "static": row.static,

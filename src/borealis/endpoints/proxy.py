@@ -430,8 +430,12 @@ class Proxy:
 
     def _route(self, ep: Endpoint, active: dict[str, int]) -> None:
         assert self.kernel is not None
-        candidates = [b for b in members(ep.spec, self.backends)
-                      if b.id in self.installed and b.id not in self.suspects]
+        candidates = [b for b in members(ep.spec, self.backends) if b.id not in self.suspects]
+        if any(b.id not in self.installed for b in candidates):
+            # A member whose listening socket the kernel does not hold yet (it just
+            # joined) would get no connection until the next pass: until then this
+            # process forwards them all, that member included.
+            candidates = []
         # The rotation goes on across rewrites: a route starts its count afresh, so ties
         # are broken from where the last one left off (else one connection at a time,
         # each rewriting the route, would always reach the same member).
