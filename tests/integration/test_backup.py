@@ -87,13 +87,16 @@ def source(borealis: Borealis) -> Iterator[ClusterView]:
 def test_point_in_time_restore_holds_exactly_what_was_committed(
         borealis: Borealis, source: ClusterView) -> None:
     commits: list[float] = []
+    starts: list[float] = []
     with psycopg.connect(writer_dsn(source), autocommit=True) as conn:
         conn.execute("CREATE TABLE ticks (i int PRIMARY KEY)")
-        for i in range(60):  # one commit a second for a minute
+        for i in range(60):  # a commit every 0.2 s or so (timestamps are in microseconds)
+            starts.append(time.time())  # before the commit was asked for
             conn.execute("INSERT INTO ticks VALUES (%s)", (i,))
             commits.append(time.time())  # after the commit returned
-            time.sleep(max(0.0, commits[0] + i + 1 - time.time()))
-    target = (commits[36] + commits[37]) / 2
+            time.sleep(max(0.05, commits[0] + (i + 1) * 0.2 - time.time()))
+    # Between commit 36's return and commit 37's start: after one, before the other.
+    target = (commits[36] + starts[37]) / 2
     wait_for("the target to be restorable", lambda: (lambda s: s["latest_restorable_time"]
              and s["latest_restorable_time"] >= iso(commits[-1]))(
         backup_status(borealis, "src", verify=False)), 30)

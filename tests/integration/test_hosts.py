@@ -27,6 +27,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from borealis.compute import postgres as pg
 from borealis.lab import netns
 from tests.harness import Borealis, ClusterView, wait_for
 
@@ -131,9 +132,42 @@ def test_storage_nodes_go_two_per_az_on_its_host(lab: Lab, cluster: ClusterView)
         ("az-a", "az-a-1"), ("az-b", "az-b-1"), ("az-c", "az-c-1")}
     assert all(n["state"] == "serving" for n in nodes), nodes
     holds = lab.hosts()["az-b-1"]["holds"]
-    assert holds == ["hostc/sn-b1", "hostc/sn-b2"]
+    assert holds == ["hostc/hostc-2", "hostc/sn-b1", "hostc/sn-b2"]  # the reader too
     refused = lab.b.cli("host", "remove", "az-b-1", check=False)
     assert refused.returncode != 0 and "still holds" in refused.stderr + refused.stdout
+
+
+def test_servers_run_on_the_hosts_of_their_azs_and_take_tls_from_elsewhere(
+        lab: Lab, cluster: ClusterView) -> None:
+    writer, reader = cluster.writer(), cluster.readers()[0]
+    hosts = lab.hosts()
+    assert (writer["az"], writer["host"], writer["address"]) == (
+        "az-a", "az-a-1", hosts["az-a-1"]["address"])
+    assert (reader["az"], reader["host"]) == ("az-b", "az-b-1")
+    # The postmasters run on their hosts (in the hosts' network namespaces).
+    layout = lab.layout()
+    assert writer["pid"] in netns.host_pids(layout.host("az-a-1"))
+    assert reader["pid"] in netns.host_pids(layout.host("az-b-1"))
+    # A client on another machine: TLS with the server's certificate checked against
+    # the deployment's CA, which `borealis` exported beside its state.
+    assert "sslmode=verify-full" in writer["dsn"]
+    psql = str(pg.find_bindir() / "psql")
+    out = _in_client(lab, [psql, writer["dsn"], "-Atc",
+                           "CREATE TABLE far (v text); INSERT INTO far VALUES ('hello'); "
+                           "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"])
+    assert out.returncode == 0 and out.stdout.split()[-1] == "t", out.stderr
+    plain = _in_client(lab, [psql, writer["dsn"].replace("verify-full", "disable"),
+                             "-Atc", "SELECT 1"])
+    assert plain.returncode != 0 and "no encryption" in plain.stderr, plain.stderr
+    # The reader on its host has it, through the storage nodes.
+    wait_for("the row on the reader", lambda: _in_client(
+        lab, [psql, reader["dsn"], "-Atc", "SELECT v FROM far"]).stdout.strip() == "hello",
+        30, 0.2)
+
+
+def _in_client(lab: Lab, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(netns.exec_argv(lab.layout(), "client", argv), capture_output=True,
+                          text=True, timeout=30)
 
 
 def _commit_rows(dsn: str, tag: str, seconds: float) -> list[int]:
@@ -241,3 +275,30 @@ def test_links_to_a_node_on_a_host_are_tls_only(lab: Lab, cluster: ClusterView) 
 
     status, conninfo = wait_for("the reader to stream", streaming, 30, 0.2)
     assert "sslmode=verify-full" in conninfo, conninfo
+
+
+def test_the_writers_host_lost_fails_over_to_another_and_it_rejoins(
+        lab: Lab, cluster: ClusterView) -> None:
+    """Last in this module: every process of the writer's host is killed (its agent
+    too); a reader on another host takes over, and once the host is back its agent
+    restarts what it keeps and the old writer rejoins as a reader, with no manual step."""
+    before = cluster.writer()
+    acked = _commit_rows(before["dsn"], "before-host-loss", 1.0)
+    struck = time.monotonic()
+    lab.cli("kill-host", before["host"])
+    after = wait_for("a writer on another host", lambda: (
+        w if (w := cluster.writer())["id"] != before["id"] and w["state"] == "available"
+        else None), 60, 0.2)
+    assert after["host"] != before["host"]
+    took = time.monotonic() - struck
+    more = _commit_rows(after["dsn"], "after-host-loss", 1.0)
+    assert more, "no commit on the new writer"
+    with psycopg.connect(after["dsn"], autocommit=True) as conn:
+        rows = conn.execute("SELECT count(*) FROM acked WHERE tag = 'before-host-loss'"
+                            ).fetchone()
+    assert rows is not None and rows[0] == len(acked), "acknowledged commits were lost"
+    print(f"a new writer on {after['host']} {took:.1f} s after {before['host']} was lost")
+    lab.cli("start-host", before["host"])
+    cluster.wait_all_serving(180)
+    back = next(i for i in cluster.status()["instances"] if i["id"] == before["id"])
+    assert (back["role"], back["host"]) == ("reader", before["host"])

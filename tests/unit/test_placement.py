@@ -6,7 +6,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from borealis.control.placement import LOCAL, HostView, PlacementError, place_nodes
+from borealis.control.placement import (
+    LOCAL,
+    HostView,
+    PlacementError,
+    place_instance,
+    place_nodes,
+)
 
 NODES = [(f"sn-{az}{i}", f"az-{az}") for az in "abc" for i in (1, 2)]
 
@@ -48,3 +54,12 @@ def test_nodes_stay_in_their_az_spread_and_on_the_least_loaded(hosts_spec: list[
         # The first node of the AZ went to one of its least loaded hosts.
         least = min(h.load for h in in_az)
         assert by_name[placed[f"sn-{az[-1]}1"]].load == least
+
+
+def test_an_instance_goes_to_the_least_loaded_host_of_its_az() -> None:
+    hosts = [HostView("a1", "az-a", 3), HostView("a2", "az-a", 1), HostView("b1", "az-b", 0)]
+    assert place_instance("az-a", hosts) == "a2"
+    assert place_instance("az-b", hosts) == "b1"
+    assert place_instance("az-a", []) == LOCAL
+    with pytest.raises(PlacementError, match="no host in az-c"):
+        place_instance("az-c", hosts)

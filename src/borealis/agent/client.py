@@ -76,6 +76,10 @@ class AgentClient:
                             timeout_s=timeout_s + self.timeout_s)
         return bool(answer["ran"])
 
+    def reload(self, spec: ProcessSpec) -> bool:
+        """A new config; a running server applies it now. True if it was running."""
+        return bool(self._call("POST", f"{self._path(spec.key)}/reload", spec.to_json())["ran"])
+
     def signal(self, key: ProcessKey, sig: str) -> bool:
         answer = self._call("POST", f"{self._path(key)}/signal?signal={sig}")
         return bool(answer["ran"])

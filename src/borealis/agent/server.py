@@ -28,6 +28,8 @@ from pathlib import Path
 from aiohttp import web
 
 from borealis import pki, processes
+from borealis.compute import postgres as pg
+from borealis.compute import server
 from borealis.fsync import write_atomic
 from borealis.protocol.agent import (
     CONTROL_PLANE_CN,
@@ -40,6 +42,7 @@ from borealis.protocol.agent import (
     ProcessReport,
     ProcessSpec,
 )
+from borealis.protocol.files import ServerConfig
 
 log = logging.getLogger("borealis.agent")
 
@@ -104,9 +107,15 @@ class Agent:
     def config_path(self, key: ProcessKey) -> Path:
         return self.folder(key) / "config.json"
 
+    def marker(self, key: ProcessKey) -> str:
+        """What the command line of the process holds: its folder (the config's path for
+        the Python processes; the data directory's for a postmaster, which the kind
+        ``postgres`` becomes)."""
+        return f"{self.folder(key)}/"
+
     def alive(self, key: ProcessKey) -> bool:
         entry = self.table.get(key)
-        return entry is not None and processes.alive(entry.pid, str(self.config_path(key)))
+        return entry is not None and processes.alive(entry.pid, self.marker(key))
 
     def report(self, key: ProcessKey) -> ProcessReport:
         entry = self.table[key]
@@ -150,12 +159,30 @@ class Agent:
         ran = self.alive(key)
         entry.spec = ProcessSpec(key, entry.spec.config, keep=False)
         self._save()  # not restarted meanwhile, even by an agent restarted now
-        processes.stop(entry.pid, str(self.config_path(key)), sig, timeout_s)
+        processes.stop(entry.pid, self.marker(key), sig, timeout_s)
+        if key.kind == "postgres":  # backends that outlived their postmaster go with it
+            pg.end_orphans(pg.find_bindir(), server.datadir_of(self.config_path(key)))
         if forget:
             del self.table[key]
             shutil.rmtree(self.folder(key), ignore_errors=True)
         self._save()
         return ran
+
+    def reload(self, spec: ProcessSpec) -> bool:
+        """A new config for a known process; a running server applies it at once (its
+        settings and certificate rewritten, then SIGHUP), any other process at its next
+        start. True if it was running."""
+        entry = self.table.get(spec.key)
+        if entry is None:
+            raise AgentProtocolError(f"no process {spec.key.path()} to reload")
+        entry.spec = ProcessSpec(spec.key, spec.config, entry.spec.keep)
+        write_atomic(self.config_path(spec.key), spec.config, make_parent=True)
+        self._save()
+        if not self.alive(spec.key) or spec.key.kind != "postgres":
+            return False
+        datadir = server.datadir_of(self.config_path(spec.key))
+        server.apply(ServerConfig.from_json(spec.config), datadir, pg.RunAs.detect())
+        return self.signal(spec.key, signal.SIGHUP)
 
     def signal(self, key: ProcessKey, sig: int) -> bool:
         """Send a signal (a test's freeze and thaw); True if the process ran."""
@@ -237,6 +264,16 @@ def build_app(agent: Agent) -> web.Application:
             ran = await asyncio.to_thread(agent.stop, key, sig, timeout_s, forget)
         return web.json_response({"ran": ran})
 
+    async def reload(request: web.Request) -> web.Response:
+        key = _key(request)
+        try:
+            spec = ProcessSpec.from_json(key, await request.json())
+            async with agent._lock:
+                ran = await asyncio.to_thread(agent.reload, spec)
+        except (AgentProtocolError, ValueError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response({"ran": ran})
+
     async def send_signal(request: web.Request) -> web.Response:
         key = _key(request)
         return web.json_response({"ran": agent.signal(key, _signal(request.query["signal"]))})
@@ -257,6 +294,7 @@ def build_app(agent: Agent) -> web.Application:
     app.router.add_put(base, ensure)
     app.router.add_delete(base, stop)
     app.router.add_post(base + "/signal", send_signal)
+    app.router.add_post(base + "/reload", reload)
     app.router.add_get(base + "/files/{file}", read_file)
     return app
 

@@ -115,13 +115,14 @@ def cmd_lab_up(args: argparse.Namespace) -> None:
                       highlight=False)
 
 
-def _start_agent(h: Path, lab: Lab, host: str, token: str) -> None:
+def _start_agent(h: Path, lab: Lab, host: str, token: str | None) -> None:
+    """The host's agent, in its namespace: joining with ``token``, or (None) as the
+    host it joined as before (a machine that comes back)."""
     root = netns.lab_dir(h, lab.name) / "hosts" / host
     root.mkdir(parents=True, exist_ok=True)
-    control = f"{lab.gateway}:{_api_port()}"
+    join = ["--join", f"{lab.gateway}:{_api_port()}", "--token", token] if token else []
     argv = netns.exec_argv(lab, host, [sys.executable, "-m", "borealis.cli.main", "agent",
-                                        "--join", control, "--token", token, "--root",
-                                        str(root)])
+                                        *join, "--root", str(root)])
     with private_log(root / "agent.log") as log:
         subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                          start_new_session=True, cwd="/")
@@ -204,6 +205,13 @@ def _lab_fault(args: argparse.Namespace) -> None:
             lab = netns.load(home(), args.name)
             n = netns.stop_host_processes(lab.host(args.host))
             console.print(f"killed {n} processes of {args.host}")
+        elif args.lab_command == "start-host":  # the machine back: its agent starts
+            lab = netns.load(home(), args.name)
+            if netns.host_pids(lab.host(args.host)):
+                raise CliError(f"{args.host} runs already (kill-host stops it)")
+            _start_agent(home(), lab, args.host, None)
+            _wait_agents_up([args.host])
+            console.print(f"{args.host} is back; its agent restarts what it keeps running")
     except LabError as exc:
         raise CliError(str(exc)) from None
 
@@ -259,6 +267,10 @@ def _lab_commands(sub: Subparsers) -> None:
     kh = lsub.add_parser("kill-host", help="SIGKILL every process of a host")
     kh.add_argument("host")
     kh.set_defaults(func=_lab_fault)
+    sh = lsub.add_parser("start-host", help="start a killed host's agent again (it restarts "
+                                            "the processes it keeps running)")
+    sh.add_argument("host")
+    sh.set_defaults(func=_lab_fault)
     for p in (lu, ld, le, *[lsub.choices[v] for v in ("partition", "heal", "delay",
-                                                       "kill-host")]):
+                                                       "kill-host", "start-host")]):
         p.add_argument("--name", default="lab", help="which lab (default: lab)")

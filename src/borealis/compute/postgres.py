@@ -189,6 +189,10 @@ def conf_string(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
+# A server on a host: its certificate and key, in the data directory.
+CERT_FILE, KEY_FILE = "server.crt", "server.key"
+
+
 @dataclass
 class ServerSettings:
     port: int
@@ -200,10 +204,14 @@ class ServerSettings:
     application_name: str = ""
     extra: dict[str, str] | None = None
     ca_pem: str | None = None  # what a standby checks its storage node's certificate with
+    # On a host: its address too, where clients from elsewhere come with TLS (the
+    # certificate and key beside the settings, see compute/server.py).
+    address: str | None = None
 
     def render(self) -> str:
         s: dict[str, str] = {
-            "listen_addresses": "'127.0.0.1'",
+            "listen_addresses": conf_string(",".join(["127.0.0.1", *filter(None, [
+                self.address])])),
             "port": str(self.port),
             "unix_socket_directories": "''",
             "shared_buffers": f"'{self.shared_buffers}'",
@@ -245,6 +253,10 @@ class ServerSettings:
             s["primary_conninfo"] = "''"
         else:
             s["primary_conninfo"] = conf_string(self.primary_conninfo)
+        if self.address:
+            s.update(ssl="on", ssl_cert_file=conf_string(CERT_FILE),
+                     ssl_key_file=conf_string(KEY_FILE),
+                     ssl_min_protocol_version="'TLSv1.2'")
         for key, value in (self.extra or {}).items():
             s[key] = value
         body = "".join(f"{k} = {v}\n" for k, v in s.items())
@@ -283,8 +295,9 @@ BASE_COPY_TIMEOUT_S = 6 * 3600.0
 
 
 def base_copy(bindir: Path, source_port: int, user: str, password: str, datadir: Path,
-              run_as: RunAs) -> None:
-    """A reader's data directory: ``pg_basebackup`` without WAL.
+              run_as: RunAs, host: str = "127.0.0.1", ca_pem: str | None = None) -> None:
+    """A reader's data directory: ``pg_basebackup`` without WAL (from another host:
+    over TLS, the source's certificate checked against the CA ``ca_pem``).
 
     The WAL the copy needs comes from the storage tier, never from the writer.
     """
@@ -294,9 +307,15 @@ def base_copy(bindir: Path, source_port: int, user: str, password: str, datadir:
     run_as.ensure_traversable(datadir.parent)
     if run_as.user is not None:
         os.chown(datadir.parent, run_as.uid, run_as.gid)
-    run([str(bindir / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(source_port), "-U", user,
+    tls: dict[str, str] = {}
+    if ca_pem is not None:  # where the copying account can read it
+        ca_file = datadir.with_name(f".{datadir.name}.ca.pem")
+        ca_file.write_text(ca_pem)
+        run_as.own(ca_file)
+        tls = {"PGSSLMODE": "verify-full", "PGSSLROOTCERT": str(ca_file)}
+    run([str(bindir / "pg_basebackup"), "-h", host, "-p", str(source_port), "-U", user,
          "-D", str(datadir), "-X", "none", "-c", "fast", "--no-sync", "--no-manifest"],
-        run_as, env={"PGPASSWORD": password}, timeout_s=BASE_COPY_TIMEOUT_S)
+        run_as, env={"PGPASSWORD": password, **tls}, timeout_s=BASE_COPY_TIMEOUT_S)
     for stale in ("postmaster.pid", "postmaster.opts", "standby.signal"):
         (datadir / stale).unlink(missing_ok=True)
 

@@ -26,138 +26,45 @@ from psycopg.conninfo import make_conninfo
 from borealis import processes, settings
 from borealis.compute import postgres as pg
 from borealis.control import decide
-from borealis.control.handle import ClusterError, ClusterHandle
+from borealis.control.handle import ClusterError
 from borealis.control.lifecycle import InstanceState
-from borealis.control.placement import LOCAL
-from borealis.control.state import Instance, State, StorageNodeRow
+from borealis.control.placement import LOCAL, PlacementError, place_instance
+from borealis.control.state import Instance, StorageNodeRow
+from borealis.control.volume_runtime import REPLICATION_USER, VolumeRuntime
 from borealis.fsync import write_atomic
-from borealis.protocol.files import NodeConfig, PeerAddress, VolumeClientConfig, VolumeStatus
-from borealis.settings import Settings
-from borealis.volume.quorum import WRITE_QUORUM
+from borealis.protocol.agent import ProcessKey
+from borealis.protocol.files import (
+    CopySource,
+    ServerConfig,
+)
 
 log = logging.getLogger("borealis.control")
 
-REPLICATION_USER = "borealis_replica"
-
-
-class ClusterRuntime(ClusterHandle):
-    """A cluster's processes: starting, stopping and supervising its storage nodes,
-    volume client and PostgreSQL servers (blocking; the control plane runs it in worker
-    threads, one operation per cluster at a time)."""
-
-    def __init__(self, state: State, name: str, settings: Settings | None = None) -> None:
-        super().__init__(state, name, settings)
-        # Nodes the supervisor found unresponsive (alive by PID, but frozen or cut off).
-        self.unhealthy_nodes: set[str] = set()
-        # During a failover: the nodes that hold the sealed log (readers must use them).
-        self.preferred_nodes: set[str] = set()
-
-    # -- paths ------------------------------------------------------------------------
-
-    # -- base image ---------------------------------------------------------------------
-
-    # -- storage nodes -------------------------------------------------------------------
-
-    def node_config_path(self, node: StorageNodeRow) -> Path:
-        return self.node_dir(node.id) / "node.json"
-
-    def node_addresses(self, nodes: list[StorageNodeRow] | None = None) -> list[PeerAddress]:
-        """Where the control plane reaches storage nodes (all of the cluster's by default)."""
-        return [self.node_hosts.peer_address(n)
-                for n in (self.state.storage_nodes(self.name) if nodes is None else nodes)]
-
-    def node_alive(self, node: StorageNodeRow) -> bool:
-        return self.node_hosts.alive(node, self.node_config_path(node))
-
-    def ensure_storage_node(self, node: StorageNodeRow) -> bool:
-        """Start the node if it is not running; returns True if it was started."""
-        if self.node_alive(node):
-            return False
-        c = self.cluster
-        directory = self.node_dir(node.id)
-        nodes = self.state.storage_nodes(self.name)
-        remote = node.host != LOCAL
-        config = NodeConfig(
-            # The node's disk; config and log stay beside it (on a host, the agent's
-            # folder for the node: a relative path is taken from the config's folder).
-            node_id=node.id, az=node.az, directory=Path("data") if remote else directory / "data",
-            host=self.node_hosts.address(node), port=node.port, pg_port=node.pg_port,
-            secret=c.storage_secret, replication_user=REPLICATION_USER,
-            replication_password=c.replication_password,
-            peers=[p for p in self.node_addresses(nodes) if p.node_id != node.id],
-            scrub_interval_s=self.settings.scrub_interval_s,
-            scrub_bytes_per_s=self.settings.scrub_bytes_per_s,
-            archive_location=self.object_store_location, archive_prefix=self.backup_prefix,
-            archive_rank=[n.id for n in nodes].index(node.id),
-            tls=self.node_hosts.tls_identity(node))
-        if remote:
-            pid = self.node_hosts.start_remote(node, config.to_json())
-            where = f"on {node.host}"
-        else:
-            path = self.node_config_path(node)
-            write_atomic(path, config.to_json(), make_parent=True)  # secrets: owner-only
-            pid = processes.spawn_python("borealis.storage.server", ["--config", str(path)],
-                                         directory / "node.log")
-            where = "here"
-        self.state.set_storage_pid(self.name, node.id, pid)
-        self.event("storage", f"started {node.id} {where} (pid {pid})")
-        return True
-
-    def stop_storage_node(self, node: StorageNodeRow, sig: int = signal.SIGTERM,
-                          forget: bool = False) -> None:
-        self.node_hosts.stop(node, self.node_config_path(node), sig, forget)
-        self.state.set_storage_pid(self.name, node.id, None)
-
-    # -- volume client --------------------------------------------------------------------
-
-    def volume_config_path(self) -> Path:
-        return self.volume_dir() / "volume.json"
-
-    def volume_status(self) -> VolumeStatus | None:
-        """The volume client's last report (None if there is none, or it is unreadable)."""
-        try:
-            return VolumeStatus.from_json((self.volume_dir() / "status.json").read_text())
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def volume_client_alive(self) -> bool:
-        row = self.state.volume_client(self.name)
-        return row is not None and processes.alive(row[0], str(self.volume_config_path()))
-
-    def ensure_volume_client(self, writer: Instance) -> bool:
-        if self.volume_client_alive():
-            return False
-        c = self.cluster
-        epoch = self.state.next_epoch(self.name)
-        directory = self.volume_dir()
-        directory.mkdir(parents=True, exist_ok=True)
-        user, password = self.internal_login()
-        conninfo = make_conninfo(host="127.0.0.1", port=writer.port, user=user,
-                                 password=password, dbname="replication",
-                                 replication="true", application_name="borealis_volume",
-                                 sslmode="disable", connect_timeout=5)
-        config = VolumeClientConfig(
-            cluster=self.name, epoch=epoch, writer_conninfo=conninfo,
-            nodes=self.node_addresses(), secret=c.storage_secret,
-            status_path=directory / "status.json")
-        path = self.volume_config_path()
-        write_atomic(path, config.to_json(), make_parent=True)  # secrets: owner-only
-        pid = processes.spawn_python("borealis.volume.client", ["--config", str(path)],
-                                     directory / "volume.log")
-        self.state.set_volume_client(self.name, pid, epoch)
-        self.event("volume", f"volume client started for epoch {epoch} (pid {pid})")
-        return True
-
-    def stop_volume_client(self) -> None:
-        row = self.state.volume_client(self.name)
-        if row:
-            processes.stop(row[0], str(self.volume_config_path()), timeout_s=10)
-            self.state.set_volume_client(self.name, None, row[1])
+class ClusterRuntime(VolumeRuntime):
+    """A cluster's processes: its volume (:class:`VolumeRuntime`) and its PostgreSQL
+    servers, started, stopped and supervised (blocking; the control plane runs it in
+    worker threads, one operation per cluster at a time)."""
 
     # -- instances -------------------------------------------------------------------------
 
     def instance_alive(self, inst: Instance) -> bool:
+        if inst.host != LOCAL:
+            return self.hosted.alive(inst.host, self.server_key(inst))
         return processes.alive(inst.pid, str(self.datadir(inst.id)))
+
+    def server_key(self, inst: Instance) -> ProcessKey:
+        return self.hosted.key("postgres", inst.id)
+
+    def add_instance(self, role: str, az: str, tier: int,
+                     instance_id: str | None = None) -> Instance:
+        """A new instance's row, placed on a host of its AZ when the cluster's storage
+        nodes are on hosts (:func:`.placement.place_instance`)."""
+        on_hosts = any(n.host != LOCAL for n in self.state.storage_nodes(self.name))
+        try:
+            host = place_instance(az, self.hosts.views()) if on_hosts else LOCAL
+        except PlacementError as exc:
+            raise ClusterError(str(exc)) from None
+        return self.state.add_instance(self.name, role, az, tier, instance_id, host)
 
     def server_settings(self, inst: Instance, node: StorageNodeRow | None = None
                         ) -> pg.ServerSettings:
@@ -167,10 +74,12 @@ class ClusterRuntime(ClusterHandle):
                               shared_buffers=self.settings.shared_buffers,
                               max_connections=self.settings.max_connections,
                               fsync=self.settings.writer_fsync if inst.role == "writer" else False)
+        if inst.host != LOCAL:
+            s.address = self.hosted.address(inst.host)
         if inst.role == "reader":
             node = node or self.storage_node_for(inst)
             s.primary_conninfo = self.node_conninfo(node, inst.id)
-            s.ca_pem = self.node_hosts.ca_pem(node)
+            s.ca_pem = self.hosted.ca_pem(node.host)
             self.state.set_instance(inst.id, storage_node=node.id)
         return s
 
@@ -179,17 +88,12 @@ class ClusterRuntime(ClusterHandle):
         # A node on a host: TLS, its certificate checked against the CA (the standby
         # runs in its data directory, where the CA is written beside the settings).
         tls = ({"sslmode": "verify-full", "sslrootcert": pg.CA_FILE}
-               if self.node_hosts.ca_pem(node) else {"sslmode": "disable"})
-        return make_conninfo(host=self.node_hosts.address(node), port=node.pg_port,
+               if node.host != LOCAL else {"sslmode": "disable"})
+        return make_conninfo(host=self.hosted.address(node.host), port=node.pg_port,
                              user=REPLICATION_USER,
                              password=self.cluster.replication_password,
                              application_name=application_name, gssencmode="disable",
                              connect_timeout=5, **tls)
-
-    def answering_nodes(self) -> list[StorageNodeRow]:
-        """Storage nodes that run and answer (not found frozen or cut off)."""
-        return [n for n in self.state.storage_nodes(self.name)
-                if self.node_alive(n) and n.id not in self.unhealthy_nodes]
 
     def available_readers(self) -> list[Instance]:
         """Readers that run and serve: the ones that can be promoted or copied from."""
@@ -215,8 +119,8 @@ class ClusterRuntime(ClusterHandle):
 
     def ensure_writer_data(self, writer: Instance) -> None:
         datadir = self.datadir(writer.id)
-        if (datadir / "PG_VERSION").exists():
-            return
+        if writer.host != LOCAL or (datadir / "PG_VERSION").exists():
+            return  # on a host, the server makes its own (see server_config)
         if self.base_image_age_s() is not None:
             # The volume has a history: a new database here would be another system.
             raise ClusterError(f"writer {writer.id} has no data directory; it is rebuilt "
@@ -231,8 +135,8 @@ class ClusterRuntime(ClusterHandle):
 
     def ensure_reader_data(self, reader: Instance, writer: Instance) -> None:
         datadir = self.datadir(reader.id)
-        if (datadir / "PG_VERSION").exists():
-            return
+        if reader.host != LOCAL or (datadir / "PG_VERSION").exists():
+            return  # on a host, the server copies its own (see server_config)
         self.instance_dir(reader.id).mkdir(parents=True, exist_ok=True)
         self.run_as.ensure_traversable(self.instance_dir(reader.id))
         pg.base_copy(self.bindir, writer.port, *self.internal_login(), datadir, self.run_as)
@@ -244,6 +148,8 @@ class ClusterRuntime(ClusterHandle):
         """Start the server; ``as_role="reader"`` starts a writer-to-be in recovery."""
         if self.instance_alive(inst):
             return False
+        if inst.host != LOCAL:
+            return self._start_on_host(inst, as_role)
         datadir = self.datadir(inst.id)
         self.end_orphans(inst)  # they would keep the new postmaster from starting
         self.run_as.ensure_traversable(self.instance_dir(inst.id))
@@ -259,11 +165,41 @@ class ClusterRuntime(ClusterHandle):
         self.event("compute", f"started {inst.role} {inst.id} (pid {proc.pid})")
         return True
 
+    def server_config(self, inst: Instance, as_role: str | None = None) -> ServerConfig:
+        """How a server on a host runs, and how it makes its data directory the first
+        time: a new volume's writer by ``initdb``, a reader by copying the writer. A
+        writer of a volume with a history is never made anew (it has no way to)."""
+        role_inst = dataclasses.replace(inst, role=as_role) if as_role else inst
+        settings = self.server_settings(role_inst)
+        tls = self.hosted.tls_identity(inst.host, inst.id)
+        assert tls is not None
+        config = ServerConfig(settings.render(), role_inst.role, self.hosted.address(inst.host),
+                              tls, ca_pem=settings.ca_pem)
+        writer = self.writer()
+        if role_inst.role == "writer" and self.base_image_age_s() is None:
+            user, password = self.internal_login()
+            config = dataclasses.replace(config, superuser=user, password=password)
+        elif role_inst.role == "reader" and writer is not None and writer.id != inst.id:
+            user, password = self.internal_login()
+            ca = self.hosted.ca_pem(writer.host) or ""
+            config = dataclasses.replace(config, copy_from=CopySource(
+                self.hosted.address(writer.host), writer.port, user, password, ca))
+        return config
+
+    def _start_on_host(self, inst: Instance, as_role: str | None) -> bool:
+        config = self.server_config(inst, as_role)
+        pid = self.hosted.ensure(inst.host, self.server_key(inst), config.to_json())
+        self.state.set_instance(inst.id, pid=pid, state="starting")
+        self.event("compute", f"started {inst.role} {inst.id} on {inst.host} (pid {pid})")
+        return True
+
     def lost_with_host(self, inst: Instance) -> bool:
         """The instance's data directory was last written in an earlier boot of this host
         by a server with ``fsync=off`` (every reader; the writer unless durability is
         local): the host crashed or lost power under it, and writes it had made may be
         gone. It is never started on that directory again (rebuilt instead)."""
+        if inst.host != LOCAL:
+            return False  # a host's agent restarts its servers; the rule is this machine's
         if self.instance_alive(inst) or not (self.datadir(inst.id) / "PG_VERSION").exists():
             return False
         try:
@@ -285,14 +221,25 @@ class ClusterRuntime(ClusterHandle):
 
     def stop_instance(self, inst: Instance, mode: int = signal.SIGINT) -> None:
         # SIGINT is PostgreSQL's fast shutdown; it kills the whole process group if stuck.
-        processes.stop(inst.pid, str(self.datadir(inst.id)), mode, timeout_s=60,
-                       kill_group=True)
-        self.end_orphans(inst)
+        if inst.host != LOCAL:  # the agent ends any orphans too
+            self.hosted.stop(inst.host, self.server_key(inst), mode, timeout_s=60)
+        else:
+            processes.stop(inst.pid, str(self.datadir(inst.id)), mode, timeout_s=60,
+                           kill_group=True)
+            self.end_orphans(inst)
         self.state.set_instance(inst.id, pid=None, state="stopped")
+
+    def forget_on_host(self, inst: Instance) -> None:
+        """Stop a server on a host for good and remove its files there."""
+        if inst.host != LOCAL:
+            self.hosted.stop(inst.host, self.server_key(inst), signal.SIGKILL, timeout_s=5,
+                             forget=True)
 
     def end_orphans(self, inst: Instance) -> None:
         """Kill backends of the instance that outlived their postmaster (it was killed,
         or died); each is reported, since their clients saw their connections end."""
+        if inst.host != LOCAL:
+            return  # its host's agent does it when it stops the server
         ended = pg.end_orphans(self.bindir, self.datadir(inst.id))
         if ended:
             self.event("compute", f"{inst.id}: ended {ended} server processes that outlived "
@@ -321,12 +268,17 @@ class ClusterRuntime(ClusterHandle):
             current = self.state.instance(inst.id)
             if current is None or not self.instance_alive(current):
                 raise ClusterError(f"{inst.id} exited while starting; see "
-                                   f"{self.instance_dir(inst.id) / 'postgres.log'}")
+                                   f"{self.server_log(inst)}")
             if self.accepts_connections(inst, timeout_s=2):
                 return
             time.sleep(0.1)
         raise ClusterError(f"{inst.id} not ready after {timeout_s}s; "
-                           f"see {self.instance_dir(inst.id) / 'postgres.log'}")
+                           f"see {self.server_log(inst)}")
+
+    def server_log(self, inst: Instance) -> str:
+        if inst.host != LOCAL:
+            return f"process.log of postgres/{inst.id} on host {inst.host}"
+        return str(self.instance_dir(inst.id) / "postgres.log")
 
     def repoint_reader(self, reader: Instance, node_id: str | None = None) -> bool:
         """Move a reader to ``node_id`` (by default: where :func:`decide.repoint_target`
@@ -339,9 +291,13 @@ class ClusterRuntime(ClusterHandle):
                 return False
         before = reader.storage_node
         settings = self.server_settings(reader, nodes[node_id])
-        pg.write_settings(self.datadir(reader.id), settings, self.run_as)
-        if reader.pid:
-            os.kill(reader.pid, signal.SIGHUP)
+        if reader.host != LOCAL:
+            config = dataclasses.replace(self.server_config(reader), conf=settings.render())
+            self.hosted.reload(reader.host, self.server_key(reader), config.to_json())
+        else:
+            pg.write_settings(self.datadir(reader.id), settings, self.run_as)
+            if reader.pid:
+                os.kill(reader.pid, signal.SIGHUP)
         after = self.state.instance(reader.id)
         self.event("compute", f"reader {reader.id} moved from storage node {before} to "
                               f"{after.storage_node if after else '?'}")
@@ -354,13 +310,13 @@ class ClusterRuntime(ClusterHandle):
         self.start_storage()
         writer = self.writer()
         if writer is None:
-            writer = self.state.add_instance(self.name, "writer", "az-a", 0)
+            writer = self.add_instance("writer", "az-a", 0)
         writer = self.provision_writer(writer, base_image=False)
         if readers is not None:
             current = self.readers()
             azs = ["az-b", "az-c", "az-a"]
             for i in range(len(current), readers):
-                self.state.add_instance(self.name, "reader", azs[i % 3], 1)
+                self.add_instance("reader", azs[i % 3], 1)
         for reader in self.readers():
             self.ensure_reader_data(reader, writer)
             self.start_instance(reader)
@@ -371,23 +327,6 @@ class ClusterRuntime(ClusterHandle):
         if self.base_image_age_s() is None:
             self.take_base_image(writer)
         self.state.set_cluster(self.name, status="available")
-
-    def start_storage(self) -> None:
-        self.state.set_cluster(self.name, desired="up")
-        for node in self.state.storage_nodes(self.name):
-            self.ensure_storage_node(node)
-
-    def start_storage_and_wait(self) -> None:
-        """A new cluster's volume: six storage nodes answering, then ``available``."""
-        self.start_storage()
-        deadline = time.monotonic() + self.settings.ready_timeout_s
-        while len(self.answering_nodes()) < len(self.state.storage_nodes(self.name)):
-            if time.monotonic() > deadline:
-                raise ClusterError("the storage nodes did not start; see their logs under "
-                                   f"{self.dir}")
-            time.sleep(0.05)
-        self.state.set_cluster(self.name, status="available")
-        self.event("cluster", "storage volume ready (six nodes in three AZs)")
 
     def provision_writer(self, writer: Instance, base_image: bool = True) -> Instance:
         """A new volume's first writer: initdb, start, stream to a write quorum."""
@@ -417,24 +356,12 @@ class ClusterRuntime(ClusterHandle):
                 "PASSWORD {}").format(psycopg.sql.Identifier(c.master_user),
                                       psycopg.sql.Literal(c.master_password)))
 
-    def wait_volume_ready(self, timeout_s: float = 60) -> None:
-        """Wait until the volume client streams to a write quorum (commits can complete)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            status = self.volume_status()
-            row = self.state.volume_client(self.name)
-            if (status and row and status.epoch == row[1]
-                    and sum(1 for n in status.nodes.values() if n.ready) >= WRITE_QUORUM):
-                return
-            time.sleep(0.05)
-        raise ClusterError("the volume client did not reach a write quorum of storage nodes")
-
     def add_reader(self, az: str | None, tier: int, instance_id: str | None = None) -> Instance:
         writer = self.writer()
         if writer is None:
             raise ClusterError(f"cluster {self.name} has no writer")
         az = az or ["az-b", "az-c", "az-a"][len(self.readers()) % 3]
-        inst = self.state.add_instance(self.name, "reader", az, tier, instance_id)
+        inst = self.add_instance("reader", az, tier, instance_id)
         return self.provision_reader(inst, writer)
 
     def provision_reader(self, inst: Instance, writer: Instance) -> Instance:
@@ -459,6 +386,7 @@ class ClusterRuntime(ClusterHandle):
         if inst.role == "writer":
             raise ClusterError("the writer cannot be removed; fail over first")
         self.stop_instance(inst, signal.SIGINT)
+        self.forget_on_host(inst)
         shutil.rmtree(self.instance_dir(inst.id), ignore_errors=True)
         self.state.delete_instance(inst.id)
         self.event("compute", f"reader {instance_id} removed")
@@ -470,6 +398,7 @@ class ClusterRuntime(ClusterHandle):
             raise ClusterError("the writer is removed alone only when it is the last instance")
         self.stop_instance(inst, signal.SIGINT)  # its shutdown checkpoint reaches the volume
         self.stop_volume_client()
+        self.forget_on_host(inst)
         shutil.rmtree(self.instance_dir(inst.id), ignore_errors=True)
         self.state.delete_instance(inst.id)
         self.event("compute", f"writer {inst.id} removed; the volume is kept")
@@ -493,6 +422,8 @@ class ClusterRuntime(ClusterHandle):
 
     def remove(self) -> None:
         """A stopped cluster's files and records (on its hosts too)."""
+        for inst in self.state.instances(self.name):
+            self.forget_on_host(inst)
         for node in self.state.storage_nodes(self.name):
             if node.host != LOCAL:
                 self.stop_storage_node(node, forget=True)

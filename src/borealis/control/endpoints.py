@@ -19,6 +19,7 @@ from psycopg.conninfo import make_conninfo
 from borealis import processes
 from borealis.control.cluster import ClusterRuntime
 from borealis.control.handle import ClusterError
+from borealis.control.placement import LOCAL
 from borealis.control.state import EndpointRow
 from borealis.endpoints.routing import members
 from borealis.fsync import write_atomic
@@ -118,9 +119,13 @@ class ClusterEndpoints:
         out = []
         for inst in self.state.instances(self.rt.name):
             available = inst.state == "available" and self.rt.instance_alive(inst)
-            out.append(Backend(inst.id, "127.0.0.1", inst.port, inst.role, available,
+            # The kernel steers only to servers on this machine (it borrows their
+            # listening sockets); the proxy forwards to the others, on their hosts.
+            local = inst.host == LOCAL
+            out.append(Backend(inst.id, self.rt.hosted.address(inst.host), inst.port,
+                               inst.role, available,
                                lag_ms.get(inst.id, 0) if inst.role == "reader" else 0,
-                               inst.pid if available else None))
+                               inst.pid if available and local else None))
         return out
 
     def specs(self) -> list[EndpointSpec]:

@@ -39,6 +39,7 @@ from borealis.control.failover_rules import (
     end_of_log,
     sealed_end,
 )
+from borealis.control.placement import LOCAL
 from borealis.control.state import Instance
 from borealis.protocol import volume as vp
 from borealis.storage.peers import peer_states
@@ -178,12 +179,11 @@ def seal(rt: ClusterRuntime, epoch: int, end: EndOfLog, fenced: list[str]
 def stop_old_writer(rt: ClusterRuntime, old: Instance) -> None:
     """Kill what is left of the old writer (frozen processes included) and its volume
     client. Fencing already keeps it from committing; this frees its resources."""
-    row = rt.state.volume_client(rt.name)
-    if row is not None:
-        processes.stop(row[0], str(rt.volume_config_path()), signal.SIGKILL, timeout_s=5)
-        rt.state.set_volume_client(rt.name, None, row[1])
+    rt.stop_volume_client(signal.SIGKILL, host=old.host)
     marker = str(rt.datadir(old.id))
-    if old.pid is not None and processes.alive(old.pid, marker):
+    if old.host != LOCAL:  # through its agent (a host that is down or cut off: fenced)
+        rt.stop_instance(old, signal.SIGKILL)
+    elif old.pid is not None and processes.alive(old.pid, marker):
         processes.kill_tree(old.pid, marker)  # postmaster and backends, frozen or not
         processes.stop(old.pid, marker, signal.SIGKILL, timeout_s=5)
     rt.end_orphans(old)  # backends of a postmaster already gone: their clients learn it
@@ -227,10 +227,13 @@ def wait_received(rt: ClusterRuntime, inst: Instance, end_lsn: int) -> None:
 def promote(rt: ClusterRuntime, inst: Instance) -> None:
     """Writer settings first (the volume client as synchronous standby, so no commit is
     acknowledged before the volume has it), then ``pg_promote``."""
-    settings = rt.server_settings(dataclasses.replace(inst, role="writer"))
-    pg.write_conf(rt.datadir(inst.id), settings, rt.run_as)
-    if inst.pid:
-        os.kill(inst.pid, signal.SIGHUP)
+    as_writer = dataclasses.replace(inst, role="writer")
+    if inst.host != LOCAL:  # its agent rewrites the settings and signals it
+        rt.hosted.reload(inst.host, rt.server_key(inst), rt.server_config(as_writer).to_json())
+    else:
+        pg.write_conf(rt.datadir(inst.id), rt.server_settings(as_writer), rt.run_as)
+        if inst.pid:
+            os.kill(inst.pid, signal.SIGHUP)
     with psycopg.connect(rt.dsn(inst), connect_timeout=5, autocommit=True) as conn:
         row = conn.execute("SELECT pg_promote(true, %s)", (PROMOTE_TIMEOUT_S,)).fetchone()
     if not row or not row[0]:
@@ -242,6 +245,11 @@ def rebuild_reader(rt: ClusterRuntime, inst: Instance) -> None:
     writer = rt.writer()
     if writer is None or writer.state != "available":
         return
+    if not rt.hosted.reachable(inst.host):
+        return  # its host is down or cut off: once it answers again
+    if inst.host not in (LOCAL, writer.host):  # an old epoch's, restarted with its host
+        rt.hosted.stop(inst.host, rt.volume_key(), signal.SIGKILL, timeout_s=5, forget=True)
+    rt.forget_on_host(inst)  # its data directory there goes too: copied afresh
     shutil.rmtree(rt.instance_dir(inst.id) / "data", ignore_errors=True)
     rt.state.set_instance(inst.id, state="creating")
     try:

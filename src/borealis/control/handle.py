@@ -13,6 +13,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import psycopg.sql
@@ -21,8 +22,9 @@ from psycopg.conninfo import make_conninfo
 from borealis.backup import catalog
 from borealis.backup.store import open_store
 from borealis.compute import postgres as pg
+from borealis.control.host_processes import HostProcesses
 from borealis.control.hosts import HostRegistry
-from borealis.control.node_hosts import NodeHosts
+from borealis.control.placement import LOCAL
 from borealis.control.state import Cluster, Instance, State
 from borealis.settings import Settings
 from borealis.settings import current as current_settings
@@ -57,7 +59,7 @@ class ClusterHandle:
         self.settings = settings or current_settings()
         self.dir = state.home / "clusters" / name
         self.hosts = HostRegistry(state)
-        self.node_hosts = NodeHosts(self.hosts, name)
+        self.hosted = HostProcesses(self.hosts, name)
         self.run_as = pg.RunAs.detect()
         self._bindir: Path | None = None
 
@@ -124,8 +126,9 @@ class ClusterHandle:
         if source.role == "reader":
             self._recent_restartpoint_on(source)
         try:
-            pg.base_copy(self.bindir, source.port, *self.internal_login(),
-                         staging, self.run_as)
+            pg.base_copy(self.bindir, source.port, *self.internal_login(), staging,
+                         self.run_as, host=self.hosted.address(source.host),
+                         ca_pem=self.hosted.ca_pem(source.host))
             # Continuous backup: the same image goes to the object store, where restores
             # to a point in time start from.
             folder = catalog.upload_base_image(open_store(self.object_store_location),
@@ -185,6 +188,9 @@ class ClusterHandle:
 
     def restore_base_image(self, inst: Instance) -> None:
         """A fresh data directory for ``inst`` from the base image; never its old one."""
+        if inst.host != LOCAL:
+            raise ClusterError(f"{inst.id} runs on host {inst.host}: rebuilding a server "
+                               "from the base image is done on this machine only, so far")
         image = self.base_image_dir()
         if not (image / "PG_VERSION").exists():
             raise ClusterError(f"{self.name} has no base image")
@@ -224,14 +230,22 @@ class ClusterHandle:
         """The control plane's own connection to an instance (the internal role)."""
         user, password = self.internal_login()
         # Quoted by libpq's rules: a password is data, whatever characters it holds.
-        return make_conninfo(host="127.0.0.1", port=inst.port, user=user, password=password,
-                             dbname=dbname)
+        return make_conninfo(user=user, password=password, dbname=dbname,
+                             **self.instance_address(inst))
 
     def client_dsn(self, inst: Instance) -> str:
         """How the cluster's owner reaches an instance directly (the master user)."""
         c = self.cluster
-        return make_conninfo(host="127.0.0.1", port=inst.port, user=c.master_user,
-                             password=c.master_password, dbname="postgres")
+        return make_conninfo(user=c.master_user, password=c.master_password,
+                             dbname="postgres", **self.instance_address(inst))
+
+    def instance_address(self, inst: Instance) -> dict[str, Any]:
+        """Where an instance takes connections: on a host, its address with TLS, the
+        server's certificate checked against the deployment's CA."""
+        if inst.host == LOCAL:
+            return {"host": "127.0.0.1", "port": inst.port}
+        return {"host": self.hosted.address(inst.host), "port": inst.port,
+                "sslmode": "verify-full", "sslrootcert": str(self.hosts.ca_file())}
 
 
 def _inside(folder: Path, name: str) -> Path:

@@ -21,10 +21,13 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from borealis import pki
 from borealis.agent.client import AgentClient
+from borealis.control.placement import HostView
 from borealis.control.state import State
+from borealis.fsync import write_atomic
 from borealis.protocol.agent import AGENT_PORT, CONTROL_PLANE_CN, Identity, check_name, make_token
 
 AZ_NAME = "availability zone"
@@ -73,6 +76,19 @@ class HostRegistry:
         raw = self.state.setting_once(f"pki_listener_{address}", lambda: json.dumps(
             pki.issue(ca, CONTROL_PLANE_CN, [address, "localhost"]).__dict__))
         return pki.KeyPair(**json.loads(raw))
+
+    def ca_file(self) -> Path:
+        """The CA certificate as a file (libpq's ``sslrootcert`` takes a path), in the
+        home; public, but written once and only by us."""
+        path = self.state.home / "borealis-ca.pem"
+        pem = self.ca().cert_pem
+        try:
+            if path.read_text() == pem:
+                return path
+        except OSError:
+            pass
+        write_atomic(path, pem)
+        return path
 
     def client(self, host: Host) -> AgentClient:
         if not host.joined:
@@ -127,6 +143,18 @@ class HostRegistry:
     def hosts(self) -> list[Host]:
         return [Host(*r) for r in self.state.db.execute(
             "SELECT name, address, az, port, joined, added FROM hosts ORDER BY az, name")]
+
+    def placed_on(self, name: str) -> list[str]:
+        """What of every cluster runs on host ``name`` (storage nodes and instances)."""
+        db = self.state.db
+        return [f"{c}/{i}" for c, i in db.execute(
+            "SELECT cluster, id FROM storage_nodes WHERE host = ? UNION ALL "
+            "SELECT cluster, id FROM instances WHERE host = ? ORDER BY 1, 2", (name, name))]
+
+    def views(self) -> list[HostView]:
+        """The joined hosts with how much each holds, for placement."""
+        return [HostView(h.name, h.az, len(self.placed_on(h.name)))
+                for h in self.hosts() if h.joined]
 
     def remove(self, name: str, holding: list[str]) -> None:
         """Forget a host; ``holding`` names the processes placed on it (refused if any)."""

@@ -48,3 +48,15 @@ def place_nodes(nodes: list[tuple[str, str]], hosts: list[HostView]) -> dict[str
             load[host.name] += 1
     assert set(placed) == {n for n, _ in nodes}
     return placed
+
+
+def place_instance(az: str, hosts: list[HostView]) -> str:
+    """A PostgreSQL instance goes to the least loaded host of its AZ (LOCAL when
+    ``hosts`` is empty); with hosts but none in that AZ, :class:`PlacementError`."""
+    if not hosts:
+        return LOCAL
+    candidates = [h for h in hosts if h.az == az]
+    if not candidates:
+        raise PlacementError(f"no host in {az} for an instance there: add one (borealis "
+                             f"host add NAME --address ADDR --az {az}) or choose another AZ")
+    return min(candidates, key=lambda h: (h.load, h.name)).name

@@ -142,7 +142,7 @@ class ControlPlane(BackupVerbs):
             raise ClusterError(f"instance {instance_id!r} already exists")
         rt = self.runtime(cluster)
         if rt.writer() is None:
-            inst = self.state.add_instance(cluster, "writer", az or "az-a", tier, instance_id)
+            inst = rt.add_instance("writer", az or "az-a", tier, instance_id)
             if rt.base_image_age_s() is None:
                 self.spawn(cluster, f"creating writer {instance_id}",
                            lambda: rt.provision_writer(inst))
@@ -154,7 +154,7 @@ class ControlPlane(BackupVerbs):
             return inst
         readers = rt.readers()
         az = az or ["az-b", "az-c", "az-a"][len(readers) % 3]
-        inst = self.state.add_instance(cluster, "reader", az, tier, instance_id)
+        inst = rt.add_instance("reader", az, tier, instance_id)
 
         def provision() -> None:
             writer = rt.writer()

@@ -221,7 +221,8 @@ class BackupVerbs(PlaneBase):
         source = readers[0] if readers else writer
         copy = rt.dir / "snapshot" / "data"  # its parent is handed to the server account
         began = time.time()
-        pg.base_copy(rt.bindir, source.port, *rt.internal_login(), copy, rt.run_as)
+        pg.base_copy(rt.bindir, source.port, *rt.internal_login(), copy, rt.run_as,
+                     host=rt.hosted.address(source.host), ca_pem=rt.hosted.ca_pem(source.host))
         try:
             with psycopg.connect(rt.dsn(writer), connect_timeout=10) as conn:
                 row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()

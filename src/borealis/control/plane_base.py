@@ -24,7 +24,7 @@ from borealis.control.cluster import ClusterRuntime
 from borealis.control.endpoints import ClusterEndpoints
 from borealis.control.handle import ClusterError
 from borealis.control.hosts import HostRegistry
-from borealis.control.placement import HostView, PlacementError, place_nodes
+from borealis.control.placement import PlacementError, place_nodes
 from borealis.control.sampling import Sampling
 from borealis.control.state import State
 from borealis.control.status import StatusReader
@@ -64,10 +64,9 @@ class PlaneBase:
         """The cluster's row (``State.create_cluster``), its storage nodes placed on the
         hosts (:func:`.placement.place_nodes`); with hosts but none in an AZ, no cluster."""
         self.state.create_cluster(name, master_user, master_password, admin_password)
-        joined = [h for h in self.hosts.hosts() if h.joined]
-        views = [HostView(h.name, h.az, len(self.processes_on_host(h.name))) for h in joined]
         try:
-            placed = place_nodes([(n.id, n.az) for n in self.state.storage_nodes(name)], views)
+            placed = place_nodes([(n.id, n.az) for n in self.state.storage_nodes(name)],
+                                 self.hosts.views())
         except PlacementError as exc:
             self.state.delete_cluster(name)
             raise ClusterError(str(exc)) from None
@@ -76,8 +75,7 @@ class PlaneBase:
 
     def processes_on_host(self, host: str) -> list[str]:
         """What of every cluster runs on ``host`` (a host holding any is not removed)."""
-        return [f"{c.name}/{n.id}" for c in self.state.clusters()
-                for n in self.state.storage_nodes(c.name) if n.host == host]
+        return self.hosts.placed_on(host)
 
     def runtime(self, name: str) -> ClusterRuntime:
         return ClusterRuntime(self.state, name, self.settings)

@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS instances (
     pid INTEGER,
     state TEXT NOT NULL DEFAULT 'creating',
     storage_node TEXT,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    host TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS storage_nodes (
     id TEXT NOT NULL,
@@ -179,6 +180,7 @@ class Instance:
     state: str
     storage_node: str | None
     created: float
+    host: str = ""  # the host it runs on; '' for this machine
 
 
 @dataclass
@@ -254,6 +256,16 @@ def _owner_only(home: Path) -> None:
         os.chmod(home, wanted)
 
 
+# Columns added after the first release: (table, column, definition with its default).
+_ADDED_COLUMNS = (
+    ("endpoints", "host", "TEXT NOT NULL DEFAULT '127.0.0.1'"),  # an address of its own
+    ("storage_nodes", "host", "TEXT NOT NULL DEFAULT ''"),  # hosts ('': this machine)
+    ("instances", "host", "TEXT NOT NULL DEFAULT ''"),
+    ("clusters", "admin_password", "TEXT NOT NULL DEFAULT ''"),  # the internal role
+    ("snapshots", "admin_password", "TEXT NOT NULL DEFAULT ''"),
+)
+
+
 class State:
     def __init__(self, home: Path) -> None:
         self.home = home
@@ -261,19 +273,9 @@ class State:
         _owner_only(home)
         self._local = threading.local()
         self.db.executescript(SCHEMA)
-        columns = {r[1] for r in self.db.execute("PRAGMA table_info(endpoints)")}
-        if "host" not in columns:  # a home from before endpoints had addresses of their own
-            self.db.execute("ALTER TABLE endpoints ADD COLUMN host TEXT NOT NULL "
-                            "DEFAULT '127.0.0.1'")
-        columns = {r[1] for r in self.db.execute("PRAGMA table_info(storage_nodes)")}
-        if "host" not in columns:  # a home from before hosts ('': this machine)
-            self.db.execute("ALTER TABLE storage_nodes ADD COLUMN host TEXT NOT NULL "
-                            "DEFAULT ''")
-        for table in ("clusters", "snapshots"):  # from before the internal role
-            columns = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
-            if "admin_password" not in columns:
-                self.db.execute(f"ALTER TABLE {table} ADD COLUMN admin_password TEXT "
-                                "NOT NULL DEFAULT ''")
+        for table, column, ddl in _ADDED_COLUMNS:  # a home from before they existed
+            if column not in {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
         # The database holds passwords and secret keys: owner-only, like the home.
         for suffix in ("", "-wal", "-shm"):
             path = home / f"state.db{suffix}"
@@ -372,7 +374,7 @@ class State:
     # -- instances ------------------------------------------------------------------
 
     def add_instance(self, cluster: str, role: str, az: str, tier: int,
-                     instance_id: str | None = None) -> Instance:
+                     instance_id: str | None = None, host: str = "") -> Instance:
         if instance_id is not None:
             assert identifiers.identifier(instance_id, "instance id") == instance_id
         with self.transaction() as db:
@@ -383,9 +385,10 @@ class State:
                     n += 1
                 instance_id = f"{cluster}-{n}"
             db.execute(
-                "INSERT INTO instances (id, cluster, role, az, tier, port, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (instance_id, cluster, role, az, tier, self.allocate_port(), time.time()),
+                "INSERT INTO instances (id, cluster, role, az, tier, port, created, host) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (instance_id, cluster, role, az, tier, self.allocate_port(), time.time(),
+                 host),
             )
         if self.endpoint(instance_id) is None:  # its instance endpoint, as on Aurora
             self.add_endpoint(instance_id, cluster, "INSTANCE", instance=instance_id)

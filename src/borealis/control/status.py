@@ -76,7 +76,8 @@ class StatusReader:
         alive = await asyncio.to_thread(rt.instance_alive, inst)
         out: dict[str, Any] = {
             "id": inst.id, "role": inst.role, "az": inst.az, "tier": inst.tier,
-            "host": "127.0.0.1", "port": inst.port, "pid": inst.pid if alive else None,
+            "host": inst.host or "local", "address": rt.hosted.address(inst.host),
+            "port": inst.port, "pid": inst.pid if alive else None,
             "state": inst.state if alive else "stopped", "replay_lsn": None, "lag_ms": None,
             "dsn": rt.client_dsn(inst), "storage_node": inst.storage_node,
         }
@@ -95,7 +96,7 @@ class StatusReader:
         return out
 
     async def _node_status(self, rt: ClusterRuntime, node: Any) -> dict[str, Any]:
-        address = rt.node_hosts.address(node)
+        address = rt.hosted.address(node.host)
         out: dict[str, Any] = {"id": node.id, "az": node.az, "host": node.host or "local",
                                "address": address, "port": node.port,
                                "pg_port": node.pg_port, "pid": None, "state": "stopped",
@@ -105,7 +106,7 @@ class StatusReader:
         out["pid"] = node.pid
         try:
             conn, st = await PeerConnection.open(
-                rt.node_hosts.peer_address(node), rt.cluster.storage_secret,
+                rt.node_address(node), rt.cluster.storage_secret,
                 "control", timeout_s=1.0)
             conn.close()
         except PeerError:

@@ -24,6 +24,7 @@ KINDS: dict[str, str] = {  # kind -> the module that runs it with ``--config FIL
     "storage-node": "borealis.storage.server",
     "volume-client": "borealis.volume.client",
     "endpoint-proxy": "borealis.endpoints.proxy",
+    "postgres": "borealis.compute.server",  # becomes the postmaster once its data is made
 }
 FILES = ("status.json", "process.log")  # what the control plane may read back
 CONTROL_PLANE_CN = "borealis-control-plane"

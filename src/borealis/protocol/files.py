@@ -5,6 +5,7 @@
 |---|---|---|
 | ``storage/<node>/node.json``: :class:`NodeConfig` | control plane | storage node |
 | ``volume/volume.json``: :class:`VolumeClientConfig` | control plane | volume client |
+| ``.../postgres/<id>/config.json``: :class:`ServerConfig` | control plane, by agent | server |
 | ``volume/status.json``: :class:`VolumeStatus` | volume client (every 0.25 s) | control plane |
 | ``storage/<node>/data/retain.json``: :class:`RetainMark` | control plane | archiver |
 | ``endpoints/proxy.json``: :class:`ProxyConfig` | control plane | endpoint proxy |
@@ -120,6 +121,45 @@ class VolumeClientConfig:
         data = json.loads(text)
         data["nodes"] = [PeerAddress(**n) for n in data["nodes"]]
         data["status_path"] = Path(data["status_path"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class CopySource:
+    """Where a new reader's data directory is copied from (``pg_basebackup`` over the
+    network, TLS checked against ``ca_pem``), as the internal role."""
+
+    host: str
+    port: int
+    user: str
+    password: str
+    ca_pem: str
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """A PostgreSQL server on a host: how its data directory is made the first time
+    (``initdb`` as the internal role, or a copy of the writer), and the settings it
+    runs with. Paths are the agent's: the data directory is ``data`` beside this file."""
+
+    conf: str  # the settings file's text (ServerSettings.render)
+    role: str  # "writer" | "reader": a reader starts as a standby
+    address: str  # the host's address (TLS with ``tls`` there; 127.0.0.1 is plain)
+    tls: TlsIdentity  # the server's certificate for ``address``, and the cluster's CA
+    superuser: str = ""  # initdb's bootstrap superuser (the internal role) ...
+    password: str = ""  # ... and its password
+    copy_from: CopySource | None = None  # a reader: copied from the writer
+    ca_pem: str | None = None  # what a standby checks its storage node's certificate with
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> ServerConfig:
+        data = json.loads(text)
+        data["tls"] = TlsIdentity(**data["tls"])
+        if data.get("copy_from"):
+            data["copy_from"] = CopySource(**data["copy_from"])
         return cls(**data)
 
 

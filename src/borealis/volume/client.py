@@ -553,8 +553,10 @@ def _err(conn: pq.abc.PGconn) -> str:
 
 
 def main() -> None:
-    config = VolumeClientConfig.from_json(
-        entrypoint.config_path("Borealis volume client").read_text())
+    path = entrypoint.config_path("Borealis volume client")
+    config = VolumeClientConfig.from_json(path.read_text())
+    if not config.status_path.is_absolute():  # placed by a host's agent: beside the config
+        config.status_path = path.parent / config.status_path
     client = VolumeClient(config)
 
     async def run() -> str:
