@@ -23,6 +23,7 @@ from borealis.api import identity
 from borealis.api import server as api_server
 from borealis.api.control_routes import build_app
 from borealis.api.host_routes import HostListeners
+from borealis.control.host_sweep import sweep_hosts
 from borealis.control.plane import ControlPlane
 from borealis.control.plane_base import default_home
 from borealis.control.state import State
@@ -74,8 +75,9 @@ async def serve(home: Path, port: int) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, cp.stopping.set)
-    tasks = [asyncio.create_task(t) for t in (cp.supervisor.run(), cp.supervisor.watch_writers(),
-                                              cp.supervisor.watch_nodes(), api.reap())]
+    tasks = [asyncio.create_task(t) for t in (
+        cp.supervisor.run(), cp.supervisor.watch_writers(), cp.supervisor.watch_nodes(),
+        sweep_hosts(cp.state, cp.locks, cp.stopping), api.reap())]
     await cp.stopping.wait()
     for task in tasks:
         task.cancel()

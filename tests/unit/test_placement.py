@@ -12,6 +12,7 @@ from borealis.control.placement import (
     PlacementError,
     place_instance,
     place_nodes,
+    strays,
 )
 
 NODES = [(f"sn-{az}{i}", f"az-{az}") for az in "abc" for i in (1, 2)]
@@ -63,3 +64,12 @@ def test_an_instance_goes_to_the_least_loaded_host_of_its_az() -> None:
     assert place_instance("az-a", []) == LOCAL
     with pytest.raises(PlacementError, match="no host in az-c"):
         place_instance("az-c", hosts)
+
+
+def test_strays_are_what_nothing_places_there_outside_busy_clusters() -> None:
+    running = [("a", "storage-node", "sn-a1"), ("a", "postgres", "a-1"),
+               ("gone", "storage-node", "sn-a1"), ("b", "volume-client", "volume")]
+    expected = {("a", "storage-node", "sn-a1"), ("a", "postgres", "a-1")}
+    assert strays(running, expected, busy=set()) == [("gone", "storage-node", "sn-a1"),
+                                                     ("b", "volume-client", "volume")]
+    assert strays(running, expected, busy={"b"}) == [("gone", "storage-node", "sn-a1")]

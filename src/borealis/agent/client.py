@@ -15,6 +15,7 @@ from borealis import pki
 from borealis.protocol.agent import AgentInfo, ProcessKey, ProcessReport, ProcessSpec
 
 CALL_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 1.0  # hosts of one deployment answer a connection in milliseconds
 
 
 class AgentUnreachable(Exception):
@@ -35,9 +36,15 @@ class AgentClient:
 
     def _call(self, method: str, path: str, body: Any = None,
               timeout_s: float | None = None) -> Any:
+        # A host that is cut off answers nothing: its connection is given up after
+        # CONNECT_TIMEOUT_S, however long the call itself may take once connected (a
+        # stop waits for its process to end).
         conn = http.client.HTTPSConnection(self.address, self.port, context=self._ctx,
-                                           timeout=timeout_s or self.timeout_s)
+                                           timeout=min(CONNECT_TIMEOUT_S, self.timeout_s))
         try:
+            conn.connect()
+            assert conn.sock is not None
+            conn.sock.settimeout(timeout_s or self.timeout_s)
             payload = None if body is None else json.dumps(body).encode()
             conn.request(method, path, body=payload,
                          headers={"Content-Type": "application/json"} if payload else {})

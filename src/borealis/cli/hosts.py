@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -205,6 +206,12 @@ def _lab_fault(args: argparse.Namespace) -> None:
             lab = netns.load(home(), args.name)
             n = netns.stop_host_processes(lab.host(args.host))
             console.print(f"killed {n} processes of {args.host}")
+        elif args.lab_command in ("freeze-host", "thaw-host"):
+            lab = netns.load(home(), args.name)
+            sig = signal.SIGSTOP if args.lab_command == "freeze-host" else signal.SIGCONT
+            n = netns.signal_host(lab.host(args.host), sig)
+            console.print(f"{'froze' if sig == signal.SIGSTOP else 'thawed'} {n} processes "
+                          f"of {args.host}")
         elif args.lab_command == "start-host":  # the machine back: its agent starts
             lab = netns.load(home(), args.name)
             if netns.host_pids(lab.host(args.host)):
@@ -271,6 +278,12 @@ def _lab_commands(sub: Subparsers) -> None:
                                             "the processes it keeps running)")
     sh.add_argument("host")
     sh.set_defaults(func=_lab_fault)
-    for p in (lu, ld, le, *[lsub.choices[v] for v in ("partition", "heal", "delay",
-                                                       "kill-host", "start-host")]):
+    for verb, what in (("freeze-host", "SIGSTOP every process of a host (it hangs)"),
+                       ("thaw-host", "SIGCONT every process of a host")):
+        fh = lsub.add_parser(verb, help=what)
+        fh.add_argument("host")
+        fh.set_defaults(func=_lab_fault)
+    for p in (lu, ld, le, *[lsub.choices[v] for v in (
+            "partition", "heal", "delay", "kill-host", "start-host", "freeze-host",
+            "thaw-host")]):
         p.add_argument("--name", default="lab", help="which lab (default: lab)")

@@ -103,16 +103,18 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 
 def without_secrets(value: Any) -> Any:
-    """A status with the password taken out of every connection string (``dsn``)."""
+    """A status with the password taken out of every connection string (``dsn``,
+    ``multi_host_dsn``)."""
     if isinstance(value, list):
         return [without_secrets(v) for v in value]
     if not isinstance(value, dict):
         return value
     out = {k: without_secrets(v) for k, v in value.items()}
-    if isinstance(out.get("dsn"), str):
-        params = conninfo_to_dict(out["dsn"])
-        params.pop("password", None)
-        out["dsn"] = make_conninfo("", **params)
+    for key in ("dsn", "multi_host_dsn"):
+        if isinstance(out.get(key), str):
+            params = conninfo_to_dict(out[key])
+            params.pop("password", None)
+            out[key] = make_conninfo("", **params)
     return out
 
 

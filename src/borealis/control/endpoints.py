@@ -19,9 +19,10 @@ from psycopg.conninfo import make_conninfo
 from borealis import processes
 from borealis.control.cluster import ClusterRuntime
 from borealis.control.handle import ClusterError
+from borealis.control.host_processes import LOCAL_ADDRESS
 from borealis.control.placement import LOCAL
 from borealis.control.state import EndpointRow
-from borealis.endpoints.routing import members
+from borealis.endpoints.routing import client_side_order, members
 from borealis.fsync import write_atomic
 from borealis.protocol.files import (
     APPLIED_FILE,
@@ -176,6 +177,7 @@ class ClusterEndpoints:
                 "routed_to": list(m.get("members", [])),
                 "dsn": make_conninfo(host=spec.host, port=spec.port, user=c.master_user,
                                      password=c.master_password, dbname="postgres"),
+                "multi_host_dsn": self.multi_host_dsn(spec, backends),
                 "custom_type": row.custom_type, "static": row.static,
                 "excluded": row.excluded,
                 "metrics": {k: m.get(k, 0) for k in ("active", "total", "bytes_in",
@@ -183,6 +185,27 @@ class ClusterEndpoints:
                                                      "steered")},
             })
         return out
+
+    def multi_host_dsn(self, spec: EndpointSpec, backends: list[Backend]) -> str | None:
+        """For a cluster whose servers are on hosts, the writer and reader endpoints as a
+        libpq multi-host connection string over the servers themselves: psql, psycopg
+        and pgbench find the writer (``read-write``) or a reader (``prefer-standby``)
+        by themselves after a failover, skipping a lost host after 2 s."""
+        remote = [b for b in backends if b.host != LOCAL_ADDRESS]  # reachable from elsewhere
+        if spec.type not in ("WRITER", "READER") or not remote:
+            return None
+        order = client_side_order(spec, remote)
+        c = self.rt.cluster
+        return make_conninfo(
+            host=",".join(b.host for b in order), port=",".join(str(b.port) for b in order),
+            user=c.master_user, password=c.master_password, dbname="postgres",
+            target_session_attrs="read-write" if spec.type == "WRITER" else "prefer-standby",
+            connect_timeout=2, sslmode="verify-full",
+            sslrootcert=str(self.rt.hosts.ca_file()),
+            # A server whose host vanished answers nothing, ever: the connection is
+            # given up within seconds, not after TCP's quarter hour.
+            keepalives=1, keepalives_idle=2, keepalives_interval=1, keepalives_count=3,
+            tcp_user_timeout=5000)
 
     # -- the proxy process ------------------------------------------------------------------------
 

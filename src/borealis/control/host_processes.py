@@ -121,7 +121,10 @@ class HostProcesses:
         self._forget_reports(host)
 
     def read_file(self, host: str, key: ProcessKey, name: str) -> bytes | None:
-        """One of the files the agent lets be read (``status.json``, ``process.log``)."""
+        """One of the files the agent lets be read (``status.json``, ``process.log``);
+        None if the host is away (not asked again while it is known to be)."""
+        if self._reports_of(host) is None:
+            return None
         client = self.registry.client(self.registry.host(host))
         client.timeout_s = AGENT_CALL_S
         try:

@@ -60,3 +60,12 @@ def place_instance(az: str, hosts: list[HostView]) -> str:
         raise PlacementError(f"no host in {az} for an instance there: add one (borealis "
                              f"host add NAME --address ADDR --az {az}) or choose another AZ")
     return min(candidates, key=lambda h: (h.load, h.name)).name
+
+
+def strays(running: list[tuple[str, str, str]], expected: set[tuple[str, str, str]],
+           busy: set[str]) -> list[tuple[str, str, str]]:
+    """What a host's agent runs that nothing placed there: (cluster, kind, name) not in
+    ``expected`` (a process of a cluster deleted, or an instance or volume client that
+    moved, while the host was down or cut off). A cluster in ``busy`` (an operation
+    holds it) is left alone: its rows may be about to change."""
+    return [p for p in running if p not in expected and p[0] not in busy]

@@ -64,3 +64,12 @@ def plan(candidates: Sequence[Backend], active: Mapping[str, int], turn: int,
         out.append(pick)
         counts[pick.id] = counts.get(pick.id, 0) + 1
     return out
+
+
+def client_side_order(spec: EndpointSpec, backends: Sequence[Backend]) -> list[Backend]:
+    """Every instance, in the order a client's multi-host connection string should try
+    them for ``spec`` (WRITER: the writer first, READER: readers first); the client's
+    ``target_session_attrs`` then finds the right one wherever a failover moved it."""
+    if spec.type == "WRITER":
+        return sorted(backends, key=lambda b: (b.role != "writer", b.id))
+    return sorted(backends, key=lambda b: (b.role != "reader", not b.available, b.id))

@@ -130,6 +130,16 @@ def host_pids(h: LabHost) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def signal_host(h: LabHost, sig: int) -> int:
+    """Send ``sig`` to every process of a host (SIGSTOP: the machine hangs; SIGCONT: it
+    goes on); returns how many there were."""
+    pids = host_pids(h)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    return len(pids)
+
+
 def stop_host_processes(h: LabHost, sig: int = signal.SIGKILL, timeout_s: float = 10) -> int:
     """Signal every process of a host, as a machine that loses power stops them all;
     returns how many there were. Waits until none is left."""
