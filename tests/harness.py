@@ -35,7 +35,7 @@ TEST_ENV = {
     # Aurora's Data API limits are 45 s a call and 3 minutes idle; shorter here so the
     # tests of both finish quickly.
     "BOREALIS_DATA_API_CALL_TIMEOUT_S": "6",
-    "BOREALIS_DATA_API_IDLE_TRANSACTION_S": "15",
+    "BOREALIS_DATA_API_IDLE_TRANSACTION_S": "8",
 }
 
 
