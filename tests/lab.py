@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from borealis.lab import netns
-from tests.harness import Borealis
+from tests.harness import Borealis, ClusterView
 
 HAS_LAB = shutil.which("ip") is not None and os.geteuid() == 0
 WHY_NO_LAB = "the lab needs iproute2 and root (network namespaces)"
@@ -87,3 +87,11 @@ def lab_with(cluster: str) -> Iterator[Lab]:
         assert not leftovers, leftovers
 
 
+
+
+def cluster_on(lab: Lab, name: str, readers: int) -> ClusterView:
+    """A cluster made on the lab's hosts, every process serving."""
+    lab.b.cli("up", "--cluster", name, "--readers", str(readers))
+    view = ClusterView(lab.b, name)
+    view.wait_all_serving()
+    return view

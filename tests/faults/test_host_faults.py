@@ -22,7 +22,7 @@ import pytest
 
 from tests.faults.bank_client import RemoteBank
 from tests.harness import ClusterView, wait_for
-from tests.lab import HAS_LAB, WHY_NO_LAB, Lab, lab_with
+from tests.lab import HAS_LAB, WHY_NO_LAB, Lab, cluster_on, lab_with
 
 pytestmark = pytest.mark.skipif(not HAS_LAB, reason=WHY_NO_LAB)
 
@@ -38,10 +38,7 @@ def lab() -> Iterator[Lab]:
 
 @pytest.fixture(scope="module")
 def cluster(lab: Lab) -> ClusterView:
-    lab.b.cli("up", "--cluster", "hostf", "--readers", "2")
-    view = ClusterView(lab.b, "hostf")
-    view.wait_all_serving()
-    return view
+    return cluster_on(lab, "hostf", readers=2)
 
 
 @dataclass

@@ -26,7 +26,7 @@ import pytest
 from borealis.compute import postgres as pg
 from borealis.lab import netns
 from tests.harness import ClusterView, wait_for
-from tests.lab import HAS_LAB, WHY_NO_LAB, Lab, lab_with
+from tests.lab import HAS_LAB, WHY_NO_LAB, Lab, cluster_on, lab_with
 
 pytestmark = pytest.mark.skipif(not HAS_LAB, reason=WHY_NO_LAB)
 
@@ -39,10 +39,7 @@ def lab() -> Iterator[Lab]:
 
 @pytest.fixture(scope="module")
 def cluster(lab: Lab) -> ClusterView:
-    lab.b.cli("up", "--cluster", "hostc", "--readers", "1")
-    view = ClusterView(lab.b, "hostc")
-    view.wait_all_serving()
-    return view
+    return cluster_on(lab, "hostc", readers=1)
 
 
 def test_agents_join_and_only_the_control_plane_may_call_them(lab: Lab) -> None:
@@ -118,6 +115,18 @@ def test_servers_run_on_the_hosts_of_their_azs_and_take_tls_from_elsewhere(
     wait_for("the row on the reader", lambda: _in_client(
         lab, [psql, reader["dsn"], "-Atc", "SELECT v FROM far"]).stdout.strip() == "hello",
         30, 0.2)
+    # pgbench through the endpoints' multi-host strings: writes reach the writer, reads
+    # a reader, wherever they run.
+    eps = {e["type"]: e["multi_host_dsn"] for e in cluster.status()["endpoints"]
+           if e["type"] in ("WRITER", "READER")}
+    pgbench = str(pg.find_bindir() / "pgbench")
+    for argv in ([pgbench, "-i", "-s", "1", "-q", eps["WRITER"]],
+                 [pgbench, "-n", "-c", "2", "-t", "50", eps["WRITER"]],
+                 [pgbench, "-n", "-S", "-c", "2", "-t", "50", eps["READER"]]):
+        done = _in_client(lab, argv)
+        assert done.returncode == 0, done.stderr
+    on_reader = _in_client(lab, [psql, eps["READER"], "-Atc", "SELECT pg_is_in_recovery()"])
+    assert on_reader.stdout.strip() == "t", on_reader.stderr
 
 
 def _in_client(lab: Lab, argv: list[str]) -> subprocess.CompletedProcess[str]:

@@ -9,6 +9,7 @@ from tests.harness import ClusterView, wait_for
 
 
 def test_row_committed_on_writer_is_readable_on_reader_within_1s(cluster: ClusterView) -> None:
+    cluster.wait_all_serving()  # the shared cluster: an earlier test may have restarted one
     writer, reader = cluster.writer(), cluster.readers()[0]
     with cluster.connect(writer) as w, cluster.connect(reader) as r:
         w.execute("CREATE TABLE IF NOT EXISTS visible (id int PRIMARY KEY, at timestamptz)")

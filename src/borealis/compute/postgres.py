@@ -337,8 +337,18 @@ def end_orphans(bindir: Path, datadir: Path) -> int:
     """Kill what is left of a server whose postmaster is gone: backends running on as
     orphans hold their clients' connections (a client mid-query would wait forever),
     keep the shared memory that stops a new postmaster from starting, and may write to
-    files of the directory. Returns how many were ended."""
-    orphans = processes.working_in(datadir, bindir / "postgres")
+    files of the directory. Returns how many were ended.
+
+    A server whose postmaster still runs has no orphans: nothing is touched then (a
+    start on its directory fails on PostgreSQL's own lock, as it should)."""
+    found = processes.working_in(datadir, bindir / "postgres")
+    try:
+        postmaster = int((datadir / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        postmaster = 0
+    if postmaster in found and not processes.is_zombie(postmaster):
+        return 0
+    orphans = found
     left = processes.kill_all(orphans)
     if left:
         raise ComputeError(f"processes {left} of {datadir} do not end on SIGKILL")
