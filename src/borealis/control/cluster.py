@@ -58,8 +58,12 @@ class ClusterRuntime(VolumeRuntime):
     def add_instance(self, role: str, az: str, tier: int,
                      instance_id: str | None = None) -> Instance:
         """A new instance's row, placed on a host of its AZ when the cluster's storage
-        nodes are on hosts (:func:`.placement.place_instance`)."""
-        on_hosts = any(n.host != LOCAL for n in self.state.storage_nodes(self.name))
+        nodes are on hosts (:func:`.placement.place_instance`), unless its writer runs
+        on this machine (a restored or cloned cluster's does, so far: a reader on a host
+        could not copy it)."""
+        writer = self.writer()
+        on_hosts = (any(n.host != LOCAL for n in self.state.storage_nodes(self.name))
+                    and (writer is None or writer.host != LOCAL))
         try:
             host = place_instance(az, self.hosts.views()) if on_hosts else LOCAL
         except PlacementError as exc:
