@@ -127,8 +127,12 @@ class BulkLoad:
                 os.kill(self._pid, signal.SIGSTOP)
                 try:
                     flush = self._lsn(conn, "SELECT pg_current_wal_flush_lsn()::text")
+                    # Frozen for half a second at most: a backend stopped while it holds
+                    # a lock every new connection takes (ProcArrayLock) makes the writer
+                    # refuse the supervisor's probes, and three in a row fail it over.
                     if (flush % 8192 == 0 and flush > self._started_lsn
-                            and self._volume_holds(conn, flush, deadline)):
+                            and self._volume_holds(conn, flush,
+                                                   min(deadline, time.monotonic() + 0.5))):
                         return flush
                 except psycopg.errors.QueryCanceled:
                     pass

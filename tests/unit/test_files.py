@@ -30,6 +30,16 @@ def test_volume_client_config_round_trips(config: f.VolumeClientConfig) -> None:
     assert f.VolumeClientConfig.from_json(config.to_json()) == config
 
 
+tls = st.builds(f.TlsIdentity, texts, texts, texts)
+sources = st.builds(f.CopySource, texts, st.integers(1, 65535), texts, texts, texts)
+
+
+@given(st.builds(f.ServerConfig, texts, st.sampled_from(["writer", "reader"]), texts, tls,
+                 texts, texts, st.none() | sources, st.none() | texts))
+def test_server_config_round_trips(config: f.ServerConfig) -> None:
+    assert f.ServerConfig.from_json(config.to_json()) == config
+
+
 @given(st.builds(f.VolumeStatus, st.integers(1, 1 << 22), texts, st.integers(0, 1 << 40),
                  st.integers(1, 1 << 30), lsns, lsns, lsns, lsns, lsns,
                  st.dictionaries(texts, st.builds(f.LinkStatus, st.booleans(), st.booleans(),

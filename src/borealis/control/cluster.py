@@ -24,6 +24,7 @@ import psycopg.sql
 from psycopg.conninfo import make_conninfo
 
 from borealis import processes, settings
+from borealis.agent.client import AgentUnreachable
 from borealis.compute import postgres as pg
 from borealis.control import decide
 from borealis.control.handle import ClusterError
@@ -425,12 +426,24 @@ class ClusterRuntime(VolumeRuntime):
         self.remove()
 
     def remove(self) -> None:
-        """A stopped cluster's files and records (on its hosts too)."""
+        """A stopped cluster's files and records (on its hosts too). A host that is away
+        keeps them until it answers again: then the host sweep finds they belong to no
+        cluster and removes them."""
+        away: set[str] = set()
         for inst in self.state.instances(self.name):
-            self.forget_on_host(inst)
+            try:
+                self.forget_on_host(inst)
+            except AgentUnreachable:
+                away.add(inst.host)
         for node in self.state.storage_nodes(self.name):
             if node.host != LOCAL:
-                self.stop_storage_node(node, forget=True)
+                try:
+                    self.stop_storage_node(node, forget=True)
+                except AgentUnreachable:
+                    away.add(node.host)
+        if away:
+            log.warning("%s: hosts %s are away; what the cluster has there goes when they "
+                        "answer again", self.name, ", ".join(sorted(away)))
         shutil.rmtree(self.dir, ignore_errors=True)
         self.state.delete_cluster(self.name)
 
