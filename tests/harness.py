@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from borealis.processes import alive, cmdline
+from borealis.processes import alive, cmdline, find, kill_all
 from borealis.wal.lsn import parse_lsn
 
 T = TypeVar("T")
@@ -134,6 +134,11 @@ class Borealis:
             for pid, marker in self.seen_pids.items():
                 if alive(pid, marker):
                     os.kill(pid, signal.SIGKILL)
+            # And any process of this home that no status ever showed (started by a
+            # control plane killed before it recorded the PID).
+            unseen = [pid for pid in find(f"{self.home}/") if pid not in self.seen_pids]
+            leftovers += [f"{pid} ({cmdline(pid)[:100]})" for pid in unseen]
+            kill_all(unseen)
         return leftovers
 
 

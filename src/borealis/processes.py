@@ -68,6 +68,18 @@ def kill_tree(pid: int, marker: str, sig: int = signal.SIGKILL) -> None:
             os.kill(member, sig)
 
 
+def find(marker: str) -> list[int]:
+    """Running processes whose command line holds ``marker`` (a config or data
+    directory path): ours even when no PID was recorded for them (a control plane
+    killed between starting one and recording it)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid() and marker in cmdline(int(entry)) \
+                and not is_zombie(int(entry)):
+            found.append(int(entry))
+    return found
+
+
 def working_in(directory: Path, executable: Path) -> list[int]:
     """Processes running ``executable`` with ``directory`` as their working directory.
 

@@ -444,6 +444,15 @@ class ClusterRuntime(VolumeRuntime):
         if away:
             log.warning("%s: hosts %s are away; what the cluster has there goes when they "
                         "answer again", self.name, ", ".join(sorted(away)))
+        # Processes of the cluster here that no row records (a control plane killed
+        # between starting one and recording its PID): found by their paths.
+        leftovers = processes.find(f"{self.dir}/")
+        if leftovers:
+            log.warning("%s: stopping %d unrecorded processes %s", self.name, len(leftovers),
+                        leftovers)
+            processes.kill_all(leftovers)
+            for inst in self.state.instances(self.name):
+                self.end_orphans(inst)
         shutil.rmtree(self.dir, ignore_errors=True)
         self.state.delete_cluster(self.name)
 

@@ -83,6 +83,11 @@ class VolumeRuntime(ClusterHandle):
             where = f"on {node.host}"
         else:
             path = self.node_config_path(node)
+            unrecorded = processes.find(str(path))
+            if unrecorded:  # started by a control plane killed before it recorded the PID
+                self.state.set_storage_pid(self.name, node.id, unrecorded[0])
+                self.event("storage", f"adopted {node.id} (pid {unrecorded[0]})")
+                return False
             write_atomic(path, config.to_json(), make_parent=True)  # secrets: owner-only
             pid = processes.spawn_python("borealis.storage.server", ["--config", str(path)],
                                          directory / "node.log")
