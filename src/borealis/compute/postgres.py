@@ -348,11 +348,10 @@ def end_orphans(bindir: Path, datadir: Path) -> int:
         postmaster = 0
     if postmaster in found and not processes.is_zombie(postmaster):
         return 0
-    orphans = found
-    left = processes.kill_all(orphans)
+    left = processes.kill_all(found)
     if left:
         raise ComputeError(f"processes {left} of {datadir} do not end on SIGKILL")
-    return len(orphans)
+    return len(found)
 
 
 def server_command(bindir: Path, datadir: Path) -> list[str]:

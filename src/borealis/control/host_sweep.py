@@ -39,13 +39,14 @@ def expected_processes(state: State) -> dict[str, set[Placed]]:
     return out
 
 
-def sweep_host(registry: HostRegistry, host: Host, busy: set[str]) -> list[Placed]:
-    """Stop and forget the strays of one host; returns them (none if it is away)."""
+def sweep_host(registry: HostRegistry, host: Host, expected: set[Placed], busy: set[str]
+               ) -> list[Placed]:
+    """Stop and forget the strays of one host (``expected``: what the state places
+    there); returns them (none if it is away)."""
     client = registry.client(host)
     client.timeout_s = 2.0
     try:
         running = [(p.cluster, p.kind, p.name) for p in client.info().processes]
-        expected = expected_processes(registry.state).get(host.name, set())
         found = strays(running, expected, busy)
         for cluster, kind, name in found:
             client.stop(ProcessKey(cluster, kind, name), "KILL", timeout_s=5, forget=True)
@@ -62,9 +63,13 @@ async def sweep_hosts(state: State, locks: Mapping[str, asyncio.Lock],
     registry = HostRegistry(state)
     while not stopping.is_set():
         busy = {name for name, lock in locks.items() if lock.locked()}
-        for host in [h for h in registry.hosts() if h.joined]:
+        hosts = [h for h in registry.hosts() if h.joined]
+        # Read once a round, before any agent is asked: the state of every host at once.
+        placed = await asyncio.to_thread(expected_processes, state) if hosts else {}
+        for host in hosts:
             try:
-                await asyncio.to_thread(sweep_host, registry, host, busy)
+                await asyncio.to_thread(sweep_host, registry, host,
+                                        placed.get(host.name, set()), busy)
             except Exception:  # the sweep must outlive any one host's trouble
                 log.exception("sweeping host %s", host.name)
         with contextlib.suppress(TimeoutError):
