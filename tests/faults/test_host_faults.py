@@ -147,6 +147,7 @@ def _agents_match_placement(lab: Lab, view: ClusterView) -> bool:
     placed.add((writer["host"], "volume-client", "volume"))
     running = set()
     for host in ("az-a-1", "az-b-1", "az-c-1"):
+        placed.add((host, "endpoint-proxy", "proxy"))  # every host runs the endpoints
         table = json.loads((lab.b.home / "labs" / lab.name / "hosts" / host / "agent" /
                             "processes.json").read_text())
         running |= {(host, p["kind"], p["name"]) for p in table}

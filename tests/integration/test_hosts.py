@@ -129,6 +129,48 @@ def test_servers_run_on_the_hosts_of_their_azs_and_take_tls_from_elsewhere(
     assert on_reader.stdout.strip() == "t", on_reader.stderr
 
 
+def test_every_hosts_address_reaches_every_endpoint(lab: Lab, cluster: ClusterView) -> None:
+    """An endpoint proxy on every host: the cluster endpoint at the cluster's port and
+    the reader endpoint at the next, on any host's address, TLS checked end to end (the
+    proxy splices it to the server); to a server on its own host the kernel steers."""
+    eps = {e["type"]: e for e in cluster.status()["endpoints"]}
+    hosts = lab.hosts()
+    addresses = sorted(h["address"] for h in hosts.values())
+    writer_ep, reader_ep = eps["WRITER"], eps["READER"]
+    assert sorted(writer_ep["hosts"]) == addresses and sorted(reader_ep["hosts"]) == addresses
+    assert reader_ep["host_port"] == writer_ep["host_port"] + 1
+    # What boto3 users see: the hosts as a libpq host list, at the cluster's port.
+    described = lab.b.client("rds").describe_db_clusters(
+        DBClusterIdentifier=cluster.name)["DBClusters"][0]
+    assert sorted(described["Endpoint"].split(",")) == addresses
+    assert described["Port"] == writer_ep["host_port"]
+    psql = str(pg.find_bindir() / "psql")
+    query = ("SELECT pg_is_in_recovery(), ssl FROM pg_stat_ssl "
+             "WHERE pid = pg_backend_pid()")
+    for ep, in_recovery in ((writer_ep, "f"), (reader_ep, "t")):
+        dsn = ep["hosts_dsn"]
+        for address in addresses:  # each host's proxy, alone
+            one = dsn.replace(",".join(ep["hosts"]), address)
+            out = wait_for(f"{ep['name']} through {address}", lambda one=one: _answered(
+                lab, [psql, one, "-Atc", query]), 30, 0.2)
+            assert out == f"{in_recovery}|t", (ep["name"], address, out)
+    # Plain TCP to a host's proxy reaches a server that refuses it.
+    plain = _in_client(lab, [psql, writer_ep["hosts_dsn"].replace("verify-full", "disable"),
+                             "-Atc", "SELECT 1"])
+    assert plain.returncode != 0 and "no encryption" in plain.stderr, plain.stderr
+    # On the writer's host, the kernel connected the clients of the cluster endpoint.
+    writer_host = cluster.writer()["host"]
+    status_file = (netns.lab_dir(lab.b.home, lab.name) / "hosts" / writer_host / "clusters"
+                   / cluster.name / "endpoint-proxy" / "proxy" / "status.json")
+    steered = json.loads(status_file.read_text())["endpoints"][writer_ep["name"]]["steered"]
+    assert steered >= 1, status_file.read_text()
+
+
+def _answered(lab: Lab, argv: list[str]) -> str | None:
+    out = _in_client(lab, argv)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
 def _in_client(lab: Lab, argv: list[str]) -> subprocess.CompletedProcess[str]:
     return lab.run_in("client", argv)
 

@@ -6,7 +6,6 @@ import pytest
 
 from borealis.lab.plan import (
     LabError,
-    delay_commands,
     down_commands,
     heal_commands,
     layout,
@@ -57,11 +56,3 @@ def test_partition_cuts_exactly_the_az_and_heal_restores_it() -> None:
     assert [c[3] for c in heal_commands(lab, "az-b")] == [c[3] for c in cut]
     with pytest.raises(LabError, match="no host in AZ"):
         partition_commands(lab, "az-z")
-
-
-def test_delay_applies_to_server_hosts_only_and_is_bounded() -> None:
-    lab = layout("t", 3, "10.9.0.0/24")
-    cmds = delay_commands(lab, 2)
-    assert len(cmds) == 3 and all("netem" in c and "2ms" in c for c in cmds)
-    with pytest.raises(LabError):
-        delay_commands(lab, -1)

@@ -62,6 +62,16 @@ class RdsBase:
     def _endpoint_rows(self, cluster: str) -> list[EndpointRow]:
         return self.state.endpoints(cluster)
 
+    def _host_addresses(self, cluster: str) -> str | None:
+        """For a cluster on hosts, where its endpoints are: every host's address, as a
+        libpq host list (``psql -h "$Endpoint" -p $Port`` tries each in turn; any host's
+        proxy routes to the endpoint). None for a cluster on this machine."""
+        hosts = ClusterEndpoints(self.cp.runtime(cluster)).proxy_hosts()
+        return ",".join(h.address for h in hosts) if hosts else None
+
+    def _endpoint_address(self, row: EndpointRow, on_hosts: str | None) -> tuple[str, int]:
+        return (on_hosts, row.host_port) if on_hosts and row.host_port else (row.host, row.port)
+
     def _engine_version(self) -> str:
         return pg.server_version(self.cp.runtime("").bindir)
 
@@ -69,6 +79,7 @@ class RdsBase:
 
     def describe_cluster(self, cluster: Cluster) -> dict[str, Any]:
         rows = self._endpoint_rows(cluster.name)
+        on_hosts = self._host_addresses(cluster.name)
         by_type = {r.type: r for r in rows if r.type in ("WRITER", "READER")}
         instances = self.state.instances(cluster.name)
         secret = self.state.secret(master_secret_name(cluster.name))
@@ -100,15 +111,17 @@ class RdsBase:
                 "DBInstanceIdentifier": i.id, "IsClusterWriter": i.role == "writer",
                 "DBClusterParameterGroupStatus": "in-sync", "PromotionTier": i.tier,
             } for i in instances],
-            "CustomEndpoints": [r.host for r in rows if r.type == "CUSTOM"],
+            "CustomEndpoints": [self._endpoint_address(r, on_hosts)[0] for r in rows
+                                if r.type == "CUSTOM"],
             "AssociatedRoles": [], "VpcSecurityGroups": [],
             "TagList": self.tags(identity.rds_arn(self.state, "cluster", cluster.name)),
         }
+        # On hosts each endpoint has a port of its own: the reader endpoint's is Port + 1
+        # (``status --json`` gives every endpoint's ``host_port``).
         if "WRITER" in by_type:
-            out["Endpoint"] = by_type["WRITER"].host
-            out["Port"] = by_type["WRITER"].port
+            out["Endpoint"], out["Port"] = self._endpoint_address(by_type["WRITER"], on_hosts)
         if "READER" in by_type:
-            out["ReaderEndpoint"] = by_type["READER"].host
+            out["ReaderEndpoint"] = self._endpoint_address(by_type["READER"], on_hosts)[0]
         if secret is not None:
             out["MasterUserSecret"] = {"SecretArn": secret.arn, "SecretStatus": "active"}
         earliest, latest = self._restorable(cluster.name)
@@ -175,7 +188,9 @@ class RdsBase:
             "VpcSecurityGroups": [], "DBSecurityGroups": [],
             "TagList": self.tags(identity.rds_arn(self.state, "db", inst.id)),
         }
-        if endpoint is not None:
+        if inst.host:  # on a host: the server itself, where it listens
+            out["Endpoint"] = {"Address": rt.hosted.address(inst.host), "Port": inst.port}
+        elif endpoint is not None:
             out["Endpoint"] = {"Address": endpoint.host, "Port": endpoint.port}
         return out
 
@@ -183,7 +198,7 @@ class RdsBase:
         serving = ClusterEndpoints(self.cp.runtime(row.cluster)).serving(row)
         out: dict[str, Any] = {
             "DBClusterIdentifier": row.cluster,
-            "Endpoint": row.host,
+            "Endpoint": self._endpoint_address(row, self._host_addresses(row.cluster))[0],
             "Status": "available" if serving else "creating",
             "EndpointType": row.type,
         }

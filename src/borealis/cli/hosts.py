@@ -122,8 +122,8 @@ def _start_agent(h: Path, lab: Lab, host: str, token: str | None) -> None:
     root = netns.lab_dir(h, lab.name) / "hosts" / host
     root.mkdir(parents=True, exist_ok=True)
     join = ["--join", f"{lab.gateway}:{_api_port()}", "--token", token] if token else []
-    argv = netns.exec_argv(lab, host, [sys.executable, "-m", "borealis.cli.main", "agent",
-                                        *join, "--root", str(root)])
+    argv = netns.agent_argv(lab, host, [sys.executable, "-m", "borealis.cli.main", "agent",
+                                         *join, "--root", str(root)])
     with private_log(root / "agent.log") as log:
         subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                          start_new_session=True, cwd="/")
@@ -268,7 +268,7 @@ def _lab_commands(sub: Subparsers) -> None:
         p = lsub.add_parser(verb, help=help_)
         p.add_argument("az")
         p.set_defaults(func=_lab_fault)
-    dl = lsub.add_parser("delay", help="add latency to every host's packets (0: none)")
+    dl = lsub.add_parser("delay", help="packets between AZs wait MS each way (0: none)")
     dl.add_argument("ms", type=float)
     dl.set_defaults(func=_lab_fault)
     kh = lsub.add_parser("kill-host", help="SIGKILL every process of a host")

@@ -104,13 +104,13 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 def without_secrets(value: Any) -> Any:
     """A status with the password taken out of every connection string (``dsn``,
-    ``multi_host_dsn``)."""
+    ``multi_host_dsn``, ``hosts_dsn``)."""
     if isinstance(value, list):
         return [without_secrets(v) for v in value]
     if not isinstance(value, dict):
         return value
     out = {k: without_secrets(v) for k, v in value.items()}
-    for key in ("dsn", "multi_host_dsn"):
+    for key in ("dsn", "multi_host_dsn", "hosts_dsn"):
         if isinstance(out.get(key), str):
             params = conninfo_to_dict(out[key])
             params.pop("password", None)

@@ -176,7 +176,7 @@ class ClusterRuntime(VolumeRuntime):
         writer of a volume with a history is never made anew (it has no way to)."""
         role_inst = dataclasses.replace(inst, role=as_role) if as_role else inst
         settings = self.server_settings(role_inst)
-        tls = self.hosted.tls_identity(inst.host, inst.id)
+        tls = self.hosted.tls_identity(inst.host, inst.id, every_host=True)
         assert tls is not None
         config = ServerConfig(settings.render(), role_inst.role, self.hosted.address(inst.host),
                               tls, ca_pem=settings.ca_pem)

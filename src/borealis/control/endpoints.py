@@ -4,11 +4,19 @@ process, and the config file the proxy watches.
 Every cluster has a WRITER endpoint (named like the cluster), a READER endpoint
 (``<cluster>-ro``) and one INSTANCE endpoint per instance; up to five CUSTOM endpoints
 are created, modified and deleted by users.
+
+A cluster on hosts has, besides the proxy here (loopback addresses, one shared port), a
+proxy on every joined host, run by its agent: there each endpoint but the instance
+endpoints listens on the host's address with a port of its own (``host_port``), so any
+host's address reaches any endpoint. A host's proxy steers to the servers on that host
+and forwards to the others; TLS goes through it end to end (servers refuse plain
+connections from anywhere but their own loopback).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import time
 from pathlib import Path
@@ -17,10 +25,12 @@ from typing import Any
 from psycopg.conninfo import make_conninfo
 
 from borealis import processes
+from borealis.agent.client import AgentRefused, AgentUnreachable
 from borealis.control.cluster import ClusterRuntime
 from borealis.control.handle import ClusterError
 from borealis.control.host_processes import LOCAL_ADDRESS
-from borealis.control.placement import LOCAL
+from borealis.control.hosts import Host
+from borealis.control.placement import HOST_PROXY, LOCAL
 from borealis.control.state import EndpointRow
 from borealis.endpoints.routing import client_side_order, members
 from borealis.fsync import write_atomic
@@ -35,6 +45,10 @@ from borealis.protocol.files import (
 
 MAX_CUSTOM = 5
 APPLY_TIMEOUT_S = 2.0  # the proxy reads its config every 0.1 s
+
+# (home, cluster, host) -> the config last given to that host's proxy: a supervisor tick
+# calls an agent only when its proxy's config changed (or the proxy is not running).
+_PUSHED: dict[tuple[str, str, str], str] = {}
 
 
 class ClusterEndpoints:
@@ -116,17 +130,18 @@ class ClusterEndpoints:
 
     # -- what the proxy sees ------------------------------------------------------------------
 
-    def backends(self, lag_ms: dict[str, int | None]) -> list[Backend]:
+    def backends(self, lag_ms: dict[str, int | None], here: str = LOCAL) -> list[Backend]:
+        """The instances as the proxy on ``here`` (this machine, or a host) sees them."""
         out = []
         for inst in self.state.instances(self.rt.name):
             available = inst.state == "available" and self.rt.instance_alive(inst)
-            # The kernel steers only to servers on this machine (it borrows their
-            # listening sockets); the proxy forwards to the others, on their hosts.
-            local = inst.host == LOCAL
+            # The kernel steers only to servers on the proxy's own machine (it borrows
+            # their listening sockets); the proxy forwards to the others.
+            beside = inst.host == here
             out.append(Backend(inst.id, self.rt.hosted.address(inst.host), inst.port,
                                inst.role, available,
                                lag_ms.get(inst.id, 0) if inst.role == "reader" else 0,
-                               inst.pid if available and local else None))
+                               inst.pid if available and beside else None))
         return out
 
     def specs(self) -> list[EndpointSpec]:
@@ -144,6 +159,87 @@ class ClusterEndpoints:
             pass
         write_atomic(self.config_path, text, make_parent=True)
         return True
+
+    # -- the proxies on hosts ------------------------------------------------------------------
+
+    def on_hosts(self) -> bool:
+        return any(n.host != LOCAL for n in self.state.storage_nodes(self.rt.name))
+
+    def proxy_hosts(self) -> list[Host]:
+        """Where a proxy of the cluster runs besides here: every joined host."""
+        if not self.on_hosts():
+            return []
+        return [h for h in self.rt.hosts.hosts() if h.joined]
+
+    def host_config(self, host: Host, lag_ms: dict[str, int | None]) -> ProxyConfig:
+        max_lag = self.rt.settings.endpoint_max_lag_ms
+        specs = tuple(dataclasses.replace(_spec(e, max_lag), host=host.address,
+                                          port=e.host_port)
+                      for e in self.state.endpoints(self.rt.name) if e.host_port)
+        return ProxyConfig(self.rt.name, specs, tuple(self.backends(lag_ms, host.name)),
+                           hold_timeout_s=self.rt.settings.endpoint_hold_s)
+
+    def keep_host_proxies(self, lag_ms: dict[str, int | None]) -> None:
+        """Every joined host runs the cluster's proxy with the config as it is now. A
+        host that is away is left alone: its agent keeps the proxy it had running, and
+        the proxy gets the config when the host answers again."""
+        hosted = self.rt.hosted
+        key = hosted.key(*HOST_PROXY)
+        for host in self.proxy_hosts():
+            if not hosted.reachable(host.name):
+                continue
+            text = self.host_config(host, lag_ms).to_json()
+            pushed = (str(self.state.home), self.rt.name, host.name)
+            running = hosted.alive(host.name, key)
+            if running and _PUSHED.get(pushed) == text:
+                continue
+            try:
+                if running:
+                    hosted.reload(host.name, key, text)
+                else:
+                    hosted.ensure(host.name, key, text)
+                    self.rt.event("endpoint", f"endpoint proxy started on {host.name}")
+            except (AgentUnreachable, AgentRefused) as exc:
+                _PUSHED.pop(pushed, None)
+                self.rt.event("endpoint", f"endpoint proxy on {host.name}: {exc}")
+                continue
+            _PUSHED[pushed] = text
+
+    def _hosts_applied(self, deadline: float) -> bool:
+        """Until every answering host's proxy applied the config it was last given."""
+        key = self.rt.hosted.key(*HOST_PROXY)
+        for host in self.proxy_hosts():
+            text = _PUSHED.get((str(self.state.home), self.rt.name, host.name))
+            if text is None:
+                continue
+            wanted = config_digest(text).encode()
+            while (applied := self.rt.hosted.read_file(host.name, key, APPLIED_FILE)
+                   ) is not None and applied != wanted:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.02)
+        return True
+
+    def stop_host_proxies(self) -> None:
+        """Stop and forget the proxies on hosts (one on a host that is away goes with
+        the host sweep when it answers again)."""
+        key = self.rt.hosted.key(*HOST_PROXY)
+        for host in self.rt.hosts.hosts():
+            _PUSHED.pop((str(self.state.home), self.rt.name, host.name), None)
+            if host.joined and self.rt.hosted.reachable(host.name):
+                with contextlib.suppress(AgentUnreachable, AgentRefused):
+                    self.rt.hosted.stop(host.name, key, forget=True)
+
+    def hosts_dsn(self, row: EndpointRow, hosts: list[Host]) -> str | None:
+        """The endpoint through the proxies of every host (any of them routes it)."""
+        if not row.host_port or not hosts:
+            return None
+        c = self.rt.cluster
+        return make_conninfo(
+            host=",".join(h.address for h in hosts), port=row.host_port,
+            user=c.master_user, password=c.master_password, dbname="postgres",
+            connect_timeout=2, sslmode="verify-full",
+            sslrootcert=str(self.rt.hosts.ca_file()))
 
     def proxy_status(self) -> dict[str, Any]:
         """What the proxy last reported for each endpoint it listens for (every 0.5 s)."""
@@ -165,6 +261,7 @@ class ClusterEndpoints:
         c = self.rt.cluster
         backends = self.backends(lag_ms)
         metrics = self.proxy_status()
+        hosts = self.proxy_hosts()
         out = []
         for row in self.state.endpoints(self.rt.name):
             spec = _spec(row, self.rt.settings.endpoint_max_lag_ms)
@@ -178,6 +275,10 @@ class ClusterEndpoints:
                 "dsn": make_conninfo(host=spec.host, port=spec.port, user=c.master_user,
                                      password=c.master_password, dbname="postgres"),
                 "multi_host_dsn": self.multi_host_dsn(spec, backends),
+                # On hosts: every host's address, at this port, reaches the endpoint.
+                "hosts": [h.address for h in hosts] if row.host_port else [],
+                "host_port": row.host_port if hosts else None,
+                "hosts_dsn": self.hosts_dsn(row, hosts),
                 "custom_type": row.custom_type, "static": row.static,
                 "excluded": row.excluded,
                 "metrics": {k: m.get(k, 0) for k in ("active", "total", "bytes_in",
@@ -234,7 +335,7 @@ class ClusterEndpoints:
         while self.proxy_alive():
             with contextlib.suppress(OSError):  # not written yet
                 if (self.dir / APPLIED_FILE).read_text() == wanted:
-                    return True
+                    return self._hosts_applied(deadline)
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.01)
@@ -244,6 +345,7 @@ class ClusterEndpoints:
         processes.stop(self.state.proxy_pid(self.rt.name), str(self.config_path),
                        signal.SIGTERM, timeout_s=10)
         self.state.set_proxy_pid(self.rt.name, None)
+        self.stop_host_proxies()
 
 
 def _spec(row: EndpointRow, max_lag_ms: int) -> EndpointSpec:

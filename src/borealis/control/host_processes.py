@@ -48,12 +48,19 @@ class HostProcesses:
         plain TCP on the loopback)."""
         return None if host == LOCAL else self.registry.ca().cert_pem
 
-    def tls_identity(self, host: str, name: str) -> TlsIdentity | None:
-        """A certificate for the host's address, named after the process."""
+    def tls_identity(self, host: str, name: str, every_host: bool = False
+                     ) -> TlsIdentity | None:
+        """A certificate for the host's address, named after the process; with
+        ``every_host``, for every host's address too (a PostgreSQL server: a client's
+        TLS goes through the endpoint proxy of whichever host it dialled, and checks
+        the server's certificate against that host's address)."""
         if host == LOCAL:
             return None
         ca = self.registry.ca()
-        pair = pki.issue(ca, f"{self.cluster}-{name}", [self.address(host)])
+        addresses = [self.address(host)]
+        if every_host:
+            addresses += sorted({h.address for h in self.registry.hosts()} - {addresses[0]})
+        pair = pki.issue(ca, f"{self.cluster}-{name}", addresses)
         return TlsIdentity(pair.cert_pem, pair.key_pem, ca.cert_pem)
 
     def alive(self, host: str, key: ProcessKey) -> bool:

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 from borealis.agent.client import AgentRefused, AgentUnreachable
 from borealis.control.hosts import Host, HostRegistry
-from borealis.control.placement import strays
+from borealis.control.placement import HOST_PROXY, LOCAL, strays
 from borealis.control.state import State
 from borealis.protocol.agent import ProcessKey
 
@@ -26,12 +26,17 @@ SWEEP_S = 5.0
 Placed = tuple[str, str, str]  # (cluster, kind, name)
 
 
-def expected_processes(state: State) -> dict[str, set[Placed]]:
-    """Host -> what the state places there."""
+def expected_processes(state: State, joined: list[str]) -> dict[str, set[Placed]]:
+    """Host -> what the state places there (``joined``: the hosts, each of which runs
+    the endpoint proxy of every cluster on hosts that is up)."""
     out: dict[str, set[Placed]] = {}
     for c in state.clusters():
-        for n in state.storage_nodes(c.name):
+        nodes = state.storage_nodes(c.name)
+        for n in nodes:
             out.setdefault(n.host, set()).add((c.name, "storage-node", n.id))
+        if c.desired == "up" and any(n.host != LOCAL for n in nodes):
+            for host in joined:
+                out.setdefault(host, set()).add((c.name, *HOST_PROXY))
         for i in state.instances(c.name):
             out.setdefault(i.host, set()).add((c.name, "postgres", i.id))
             if i.role == "writer":  # the volume client runs beside the writer
@@ -65,7 +70,8 @@ async def sweep_hosts(state: State, locks: Mapping[str, asyncio.Lock],
         busy = {name for name, lock in locks.items() if lock.locked()}
         hosts = [h for h in registry.hosts() if h.joined]
         # Read once a round, before any agent is asked: the state of every host at once.
-        placed = await asyncio.to_thread(expected_processes, state) if hosts else {}
+        placed = (await asyncio.to_thread(expected_processes, state, [h.name for h in hosts])
+                  if hosts else {})
         for host in hosts:
             try:
                 await asyncio.to_thread(sweep_host, registry, host,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 LOCAL = ""  # a placement on the control plane's own machine
+HOST_PROXY = ("endpoint-proxy", "proxy")  # the kind and name of a cluster's proxy on a host
 
 
 class PlacementError(Exception):

@@ -88,8 +88,10 @@ class PlaneBase:
             return
         eps = ClusterEndpoints(self.runtime(name))
         eps.ensure_rows()
-        eps.write_config(self.sampling.lags(name))
+        lags = self.sampling.lags(name)
+        eps.write_config(lags)
         eps.ensure_proxy()
+        eps.keep_host_proxies(lags)
         if settle and not eps.wait_applied():
             log.warning("%s: the endpoint proxy did not apply its config in time", name)
 

@@ -205,6 +205,7 @@ class EndpointRow:
     excluded: list[str]
     instance: str | None
     host: str
+    host_port: int  # where it listens on every host (0: only here; see add_endpoint)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> EndpointRow:
@@ -217,6 +218,11 @@ class EndpointRow:
 # Kept ports come from below the kernel's ephemeral range (32768-60999 by default), so
 # a client connection's local port can never take a stopped cluster's port.
 KEPT_PORTS = range(20000, 32768)
+# A cluster's endpoints share its port P here (each has a loopback address of its own);
+# a host has one address, so there each takes a port of its own from the block P..P+6:
+# the cluster endpoint P, the reader endpoint P+1, the custom endpoints the next five.
+ENDPOINT_PORTS = 7
+HOST_PORT_OFFSET = {"WRITER": 0, "READER": 1}
 
 
 def bindable(port: int) -> bool:
@@ -259,6 +265,7 @@ def _owner_only(home: Path) -> None:
 # Columns added after the first release: (table, column, definition with its default).
 _ADDED_COLUMNS = (
     ("endpoints", "host", "TEXT NOT NULL DEFAULT '127.0.0.1'"),  # an address of its own
+    ("endpoints", "host_port", "INTEGER NOT NULL DEFAULT 0"),  # its port on hosts
     ("storage_nodes", "host", "TEXT NOT NULL DEFAULT ''"),  # hosts ('': this machine)
     ("instances", "host", "TEXT NOT NULL DEFAULT ''"),
     ("clusters", "admin_password", "TEXT NOT NULL DEFAULT ''"),  # the internal role
@@ -293,15 +300,20 @@ class State:
             self._local.conn = conn
         return conn
 
-    def allocate_port(self, also_taken: int = 0) -> int:
+    def allocate_port(self, also_taken: int = 0, block: int = 1) -> int:
         """A port for something that keeps it across restarts: not recorded for anything
-        else (a stopped cluster's ports are not bound, but they are taken) and free now."""
+        else (a stopped cluster's ports are not bound, but they are taken) and free now;
+        with ``block``, the ports after it too."""
         taken = {int(r[0]) for r in self.db.execute(
             "SELECT port FROM storage_nodes UNION SELECT pg_port FROM storage_nodes "
-            "UNION SELECT port FROM instances UNION SELECT port FROM endpoints")}
+            "UNION SELECT port FROM instances")}
+        for (shared,) in self.db.execute("SELECT DISTINCT port FROM endpoints"):
+            taken.update(range(int(shared), int(shared) + ENDPOINT_PORTS))
+        taken.add(also_taken)
         for _ in range(1000):
-            port = secrets.choice(KEPT_PORTS)
-            if port not in taken and port != also_taken and bindable(port):
+            port = secrets.choice(KEPT_PORTS[:-block])
+            wanted = range(port, port + block)
+            if taken.isdisjoint(wanted) and all(bindable(p) for p in wanted):
                 return port
         raise RuntimeError("no free port left in the range Borealis keeps ports in")
 
@@ -459,19 +471,29 @@ class State:
                      static: list[str] | None = None, excluded: list[str] | None = None,
                      instance: str | None = None) -> None:
         """As on Aurora, a cluster's endpoints share one port and differ by address: each
-        gets a loopback address of its own (all of 127.0.0.0/8 reaches this host)."""
+        gets a loopback address of its own (all of 127.0.0.0/8 reaches this host). On
+        hosts each but the instance endpoints (an instance is reached where it runs) has
+        a port of its own instead (:data:`ENDPOINT_PORTS`)."""
         with self.transaction() as db:
             row = db.execute("SELECT port FROM endpoints WHERE cluster = ? ORDER BY rowid "
                              "LIMIT 1", (cluster,)).fetchone()
-            port = int(row[0]) if row else self.allocate_port()
+            port = int(row[0]) if row else self.allocate_port(block=ENDPOINT_PORTS)
             used = {str(r[0]) for r in db.execute("SELECT host FROM endpoints WHERE port = ?",
                                                   (port,))}
             host = next(h for h in _loopback_addresses() if h not in used)
+            host_port = 0
+            if type_ in HOST_PORT_OFFSET:
+                host_port = port + HOST_PORT_OFFSET[type_]
+            elif type_ == "CUSTOM":
+                held = {int(r[0]) for r in db.execute(
+                    "SELECT host_port FROM endpoints WHERE cluster = ?", (cluster,))}
+                host_port = next(p for p in range(port + 2, port + ENDPOINT_PORTS)
+                                 if p not in held)
             db.execute(
                 "INSERT INTO endpoints (name, cluster, type, custom_type, port, static, "
-                "excluded, instance, host) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "excluded, instance, host, host_port) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (name, cluster, type_, custom_type, port, json.dumps(static or []),
-                 json.dumps(excluded or []), instance, host))
+                 json.dumps(excluded or []), instance, host, host_port))
 
     def modify_endpoint(self, name: str, custom_type: str | None, static: list[str] | None,
                         excluded: list[str] | None) -> None:

@@ -17,13 +17,13 @@ import subprocess
 import time
 from pathlib import Path
 
+from borealis import processes
 from borealis.fsync import write_atomic
 from borealis.lab.plan import (
     Command,
     Lab,
     LabError,
     LabHost,
-    delay_commands,
     down_commands,
     heal_commands,
     layout,
@@ -32,6 +32,8 @@ from borealis.lab.plan import (
 )
 
 COMMAND_TIMEOUT_S = 30.0
+MAX_DELAY_MS = 10_000
+WIRE_START_S = 10.0
 
 
 def lab_dir(home: Path, name: str) -> Path:
@@ -106,6 +108,7 @@ def down(home: Path, name: str) -> None:
     """Stop every process in the lab's namespaces (by PID), then remove the namespaces,
     the bridge and the record."""
     lab = load(home, name)
+    stop_wire(home, name)
     for h in lab.hosts:
         stop_host_processes(h)
     _remove(lab)
@@ -170,15 +173,43 @@ def heal(home: Path, name: str, az: str) -> None:
 
 
 def delay(home: Path, name: str, ms: float) -> None:
-    for cmd in delay_commands(load(home, name), ms):
-        try:
-            run(cmd)
-        except LabError as exc:
-            if "qdisc kind is unknown" in str(exc):
-                raise LabError("this kernel has no netem queue (sch_netem), which a delay "
-                               "needs; on a kernel built without it, no delay can be set")\
-                    from None
-            raise
+    """Packets between hosts of different AZs wait ``ms`` each way (0: no delay), made
+    by :mod:`borealis.lab.wire` (a kernel without netem cannot do it in ``tc``)."""
+    if not 0 <= ms <= MAX_DELAY_MS:
+        raise LabError(f"a delay of {ms} ms: 0 to {MAX_DELAY_MS}")
+    folder = lab_dir(home, name)
+    load(home, name)
+    stop_wire(home, name)
+    if ms == 0:
+        return
+    (folder / "wire.ready").unlink(missing_ok=True)
+    pid = processes.spawn_python("borealis.lab.wire", ["--lab-dir", str(folder),
+                                                       "--delay-ms", str(ms)],
+                                 folder / "wire.log")
+    (folder / "wire.pid").write_text(str(pid))
+    deadline = time.monotonic() + WIRE_START_S
+    while not (folder / "wire.ready").exists():
+        if not processes.alive(pid, _wire_marker(folder)) or time.monotonic() > deadline:
+            stop_wire(home, name)
+            log = (folder / "wire.log").read_text(errors="replace")[-2000:]
+            raise LabError(f"the delay did not start: {log.strip() or 'no output'}")
+        time.sleep(0.02)
+
+
+def _wire_marker(folder: Path) -> str:
+    return str(folder)
+
+
+def stop_wire(home: Path, name: str) -> None:
+    """No delay any more: the wire process stops, its devices and routes go with it."""
+    folder = lab_dir(home, name)
+    try:
+        pid = int((folder / "wire.pid").read_text())
+    except (OSError, ValueError):
+        return
+    processes.stop(pid, _wire_marker(folder), signal.SIGTERM, timeout_s=5)
+    (folder / "wire.pid").unlink(missing_ok=True)
+    (folder / "wire.ready").unlink(missing_ok=True)
 
 
 def exec_argv(lab: Lab, host: str, argv: list[str]) -> list[str]:
@@ -187,3 +218,16 @@ def exec_argv(lab: Lab, host: str, argv: list[str]) -> list[str]:
     if not argv:
         raise LabError("nothing to run")
     return ["ip", "netns", "exec", lab.host(host).namespace, *argv]
+
+
+# ``ip netns exec`` mounts a fresh /sys in a mount namespace of its own, without the
+# cgroup hierarchies under it; a real machine has them. An agent (and what it starts: an
+# endpoint proxy counts connections through the cgroup2 root) gets cgroup2 back.
+_WITH_CGROUP2 = ('grep -q " cgroup2 " /proc/mounts || mount -t cgroup2 cgroup2 /sys/fs/cgroup;'
+                 ' exec "$@"')
+
+
+def agent_argv(lab: Lab, host: str, argv: list[str]) -> list[str]:
+    """Like :func:`exec_argv`, for a long-lived process of a host: with cgroup2 mounted
+    as on a machine (the PID stays: each step replaces itself)."""
+    return exec_argv(lab, host, ["sh", "-c", _WITH_CGROUP2, "sh", *argv])

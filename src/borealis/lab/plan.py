@@ -7,8 +7,8 @@ commands that build it, tear it down or break it. :mod:`borealis.lab.netns` runs
 The shape: one bridge in the root namespace (the control plane's side, address ``.1``),
 one namespace per host with a veth pair into the bridge (``.11``, ``.12``, ...), and a
 ``client`` namespace (``.100``) for programs that stand for users on another machine.
-A partition cuts a host's link; a delay is a netem queue on each host's side of its
-link (so between two hosts a packet waits once each way).
+A partition cuts a host's link. A delay between AZs is made by a process of its own
+(:mod:`borealis.lab.wire`), not by the bridge.
 """
 
 from __future__ import annotations
@@ -141,13 +141,3 @@ def partition_commands(lab: Lab, az: str) -> list[Command]:
 
 def heal_commands(lab: Lab, az: str) -> list[Command]:
     return [["ip", "link", "set", h.veth_bridge, "up"] for h in lab.in_az(az)]
-
-
-def delay_commands(lab: Lab, ms: float) -> list[Command]:
-    """Each server host's outgoing packets wait ``ms`` (0 removes the delay). ``replace``
-    makes it idempotent; deleting a qdisc that is not there fails, so 0 is a replace with
-    no delay."""
-    if not 0 <= ms <= 10_000:
-        raise LabError(f"a delay of {ms} ms: 0 to 10000")
-    return [["ip", "netns", "exec", h.namespace, "tc", "qdisc", "replace", "dev", h.veth_host,
-             "root", "netem", "delay", f"{ms}ms"] for h in lab.servers()]

@@ -26,7 +26,9 @@ KINDS: dict[str, str] = {  # kind -> the module that runs it with ``--config FIL
     "endpoint-proxy": "borealis.endpoints.proxy",
     "postgres": "borealis.compute.server",  # becomes the postmaster once its data is made
 }
-FILES = ("status.json", "process.log")  # what the control plane may read back
+# What the control plane may read back ("applied": the digest of the config an endpoint
+# proxy has applied).
+FILES = ("status.json", "process.log", "applied")
 CONTROL_PLANE_CN = "borealis-control-plane"
 AGENT_PORT = 7420
 _TOKEN = re.compile(r"^([0-9a-f]{32})\.([0-9a-f]{64})$")
