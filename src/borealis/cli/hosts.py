@@ -23,6 +23,7 @@ from rich.table import Table
 
 from borealis.agent import join as agent_join
 from borealis.agent import server as agent_server
+from borealis.agent import unit as agent_unit
 from borealis.cli.client import CliError, control_info, ensure_control_plane, home, request
 from borealis.lab import netns
 from borealis.lab.plan import Lab, LabError
@@ -74,7 +75,10 @@ def cmd_host_listen(args: argparse.Namespace) -> None:
 
 
 def cmd_agent(args: argparse.Namespace) -> None:
-    root: Path = args.root
+    root: Path = args.root.absolute()
+    if args.systemd_unit:
+        print(agent_unit.render([sys.executable, "-m", "borealis.cli.main"], root), end="")
+        return
     if args.join:
         if not args.token:
             raise CliError("--join needs --token (printed by `borealis host add`)")
@@ -84,6 +88,8 @@ def cmd_agent(args: argparse.Namespace) -> None:
             raise CliError(str(exc)) from None
         print(f"joined as host {identity.host} (AZ {identity.az}); serving on "
               f"{identity.address}:{identity.port}", flush=True)
+        if args.join_only:
+            return
     elif not agent_server.identity_path(root).exists():
         raise CliError(f"no identity under {root}: join first (--join ADDR --token T)")
     sys.argv = [sys.argv[0], "--root", str(root)]
@@ -246,6 +252,10 @@ def add_commands(sub: Subparsers) -> None:
     ag.add_argument("--join", default=None, help="the control plane's ADDRESS:PORT")
     ag.add_argument("--token", default=None)
     ag.add_argument("--root", type=Path, default=Path("/var/lib/borealis/agent"))
+    ag.add_argument("--join-only", action="store_true",
+                    help="join and exit (then start the agent as a service)")
+    ag.add_argument("--systemd-unit", action="store_true",
+                    help="print a systemd unit that runs this agent, and exit")
     ag.set_defaults(func=cmd_agent)
     _lab_commands(sub)
 
