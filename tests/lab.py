@@ -66,15 +66,17 @@ class Lab:
 
 
 @contextmanager
-def lab_with(cluster: str) -> Iterator[Lab]:
-    """A lab of three hosts (one per AZ) and a client, with a control plane of its own;
-    ``cluster`` is destroyed before the lab goes."""
+def lab_with(cluster: str, control_on: str | None = None) -> Iterator[Lab]:
+    """A lab of three hosts (one per AZ) and a client, with a control plane of its own
+    (here, or on the lab host ``control_on``); ``cluster`` is destroyed before the lab
+    goes."""
     home = Path(tempfile.mkdtemp(prefix="borealis-hosts-", dir="/tmp"))
     b = Borealis(home)
     name = f"t{random.randrange(10**4):04d}"
     made = Lab(b, name)
     try:
-        b.cli("lab", "up", "--name", name, "--hosts", "3", "--subnet", _free_subnet())
+        b.cli("lab", "up", "--name", name, "--hosts", "3", "--subnet", _free_subnet(),
+              *(["--control-on", control_on] if control_on else []))
         yield made
     finally:
         b.cli("destroy", cluster, check=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
@@ -63,7 +64,11 @@ async def serve(home: Path, port: int) -> None:
                   host, port, exc)
         raise SystemExit(1) from None
     bound = runner.addresses[0][1]
-    listeners.port = bound  # agents reach the control plane on the API's port number
+    # Agents reach the control plane on the API's port number, at other addresses. An
+    # API on a host's address (a control plane on a lab host) holds that pair itself:
+    # then agents get a port of their own, kept like the API's.
+    listeners.port = bound if ipaddress.ip_address(host).is_loopback else int(
+        cp.state.setting_once("agent_listener_port", lambda: str(cp.state.allocate_port())))
     await listeners.start()
     cp.api_url = f"http://{host}:{bound}"
     info = ControlInfo(os.getpid(), bound, cp.api_url, identity.region(cp.state))

@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,10 @@ def request(method: str, path: str, body: dict[str, Any] | None = None,
         raise CliError(f"cannot reach the control plane: {exc.reason}") from None
 
 
-def ensure_control_plane() -> ControlInfo:
+def ensure_control_plane(wrap: Callable[[list[str]], list[str]] | None = None,
+                         env: dict[str, str] | None = None) -> ControlInfo:
+    """The running control plane, started if none runs (``wrap``: how its command line
+    runs elsewhere, e.g. in a lab host's namespace; ``env``: knobs added for it)."""
     info = control_info()
     if info is not None:
         return info
@@ -97,10 +101,11 @@ def ensure_control_plane() -> ControlInfo:
     if not h.exists():
         h.mkdir(parents=True)
         os.chmod(h, 0o700)
+    argv = [sys.executable, "-m", "borealis.daemon", "--home", str(h)]
     with private_log(h / "control.log") as log:
-        subprocess.Popen([sys.executable, "-m", "borealis.daemon", "--home", str(h)],
-                         stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                         start_new_session=True, cwd="/")
+        subprocess.Popen(wrap(argv) if wrap else argv, stdout=log, stderr=log,
+                         stdin=subprocess.DEVNULL, start_new_session=True, cwd="/",
+                         env={**os.environ, **(env or {})})
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         info = control_info()
@@ -113,6 +118,18 @@ def ensure_control_plane() -> ControlInfo:
         time.sleep(0.1)
     raise CliError(f"the control plane did not start; see {h / 'control.log'}")
 
+
+def stop_control_plane() -> bool:
+    """Stop the running control plane (its clusters' processes with it; data kept);
+    False if none ran."""
+    info = control_info()
+    if info is None:
+        return False
+    request("POST", "/v1/down")
+    deadline = time.monotonic() + 60
+    while alive(info.pid, "borealis.daemon") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return True
 
 
 # -- the RDS API, through boto3 ---------------------------------------------------------------

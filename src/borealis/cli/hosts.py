@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +25,22 @@ from rich.table import Table
 from borealis.agent import join as agent_join
 from borealis.agent import server as agent_server
 from borealis.agent import unit as agent_unit
-from borealis.cli.client import CliError, control_info, ensure_control_plane, home, request
+from borealis.cli.client import (
+    CliError,
+    control_info,
+    ensure_control_plane,
+    home,
+    request,
+    stop_control_plane,
+)
 from borealis.lab import netns
-from borealis.lab.plan import Lab, LabError
+from borealis.lab.plan import Lab, LabError, LabHost
 from borealis.logfiles import private_log
 from borealis.protocol.agent import AgentProtocolError
 
 console = Console(emoji=False)
 AGENT_START_S = 30.0
+CONTROL_HOST_FILE = "control-host"  # in the lab's folder: where its control plane runs
 
 Subparsers = Any  # argparse's _SubParsersAction is private
 
@@ -99,18 +108,30 @@ def cmd_agent(args: argparse.Namespace) -> None:
 # -- the lab ------------------------------------------------------------------------------------
 
 def cmd_lab_up(args: argparse.Namespace) -> None:
-    ensure_control_plane()
     h = home()
+    if args.control_on and control_info() is not None:
+        raise CliError("a control plane runs already, on this machine: stop it first "
+                       "(borealis down) to start it on a lab host")
+    if not args.control_on:
+        ensure_control_plane()
     try:
         lab = netns.up(h, args.name, args.hosts, args.subnet)
+        control = lab.host(args.control_on) if args.control_on else None
+        if control is not None and control.az is None:
+            raise LabError(f"{control.name} runs clients; the control plane goes on a host")
     except LabError as exc:
+        if (netns.lab_dir(h, args.name) / "lab.json").exists():
+            _lab_down(h, args.name)
         raise CliError(str(exc)) from None
     try:
-        request("POST", "/v1/listeners", {"address": lab.gateway})
+        if control is not None:
+            _start_control_plane_on(h, lab, control)
+        listen = control.address if control is not None else lab.gateway
+        url = request("POST", "/v1/listeners", {"address": listen})["url"]
         for host in lab.servers():
             token = request("POST", "/v1/hosts", {"name": host.name, "address": host.address,
                                                    "az": host.az})["token"]
-            _start_agent(h, lab, host.name, token)
+            _start_agent(h, lab, host.name, token, urllib.parse.urlsplit(url).netloc)
         _wait_agents_up([host.name for host in lab.servers()])
     except (CliError, LabError) as exc:
         _lab_down(h, args.name)
@@ -118,28 +139,38 @@ def cmd_lab_up(args: argparse.Namespace) -> None:
     console.print(f"lab [bold]{lab.name}[/]: {len(lab.servers())} hosts on {lab.subnet}")
     for host in lab.hosts:
         console.print(f"  {host.name:<10} {host.address:<15} "
-                      f"{host.az or '(runs clients: borealis lab exec client -- CMD)'}",
+                      f"{host.az or '(runs clients: borealis lab exec client -- CMD)'}"
+                      f"{'  (the control plane)' if host == control else ''}",
                       highlight=False)
 
 
-def _start_agent(h: Path, lab: Lab, host: str, token: str | None) -> None:
-    """The host's agent, in its namespace: joining with ``token``, or (None) as the
-    host it joined as before (a machine that comes back)."""
+def _start_control_plane_on(h: Path, lab: Lab, host: LabHost) -> None:
+    """The control plane in the host's namespace, its API on the host's address (the
+    CLI and boto3 here reach it over the lab's network, as from another machine)."""
+    (netns.lab_dir(h, lab.name) / CONTROL_HOST_FILE).write_text(host.name)
+    ensure_control_plane(wrap=lambda argv: netns.agent_argv(lab, host.name, argv),
+                         env={"BOREALIS_API_HOST": host.address})
+
+
+def _control_host(h: Path, name: str) -> str | None:
+    try:
+        return (netns.lab_dir(h, name) / CONTROL_HOST_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _start_agent(h: Path, lab: Lab, host: str, token: str | None, join_at: str = "") -> None:
+    """The host's agent, in its namespace: joining the control plane at ``join_at``
+    with ``token``, or (None) as the host it joined as before (a machine that comes
+    back)."""
     root = netns.lab_dir(h, lab.name) / "hosts" / host
     root.mkdir(parents=True, exist_ok=True)
-    join = ["--join", f"{lab.gateway}:{_api_port()}", "--token", token] if token else []
+    join = ["--join", join_at, "--token", token] if token else []
     argv = netns.agent_argv(lab, host, [sys.executable, "-m", "borealis.cli.main", "agent",
                                          *join, "--root", str(root)])
     with private_log(root / "agent.log") as log:
         subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                          start_new_session=True, cwd="/")
-
-
-def _api_port() -> int:
-    info = control_info()
-    if info is None:
-        raise CliError("the control plane stopped")
-    return info.port
 
 
 def _wait_agents_up(names: list[str]) -> None:
@@ -161,8 +192,8 @@ def cmd_lab_down(args: argparse.Namespace) -> None:
 
 
 def _lab_down(h: Path, name: str) -> None:
-    """Everything the lab made goes, in reverse: processes (by PID), hosts, listener,
-    namespaces."""
+    """Everything the lab made goes, in reverse: hosts and listener, the control plane
+    if it runs on a lab host, processes (by PID), namespaces."""
     try:
         lab = netns.load(h, name)
     except LabError as exc:
@@ -177,12 +208,19 @@ def _lab_down(h: Path, name: str) -> None:
     if holding:
         raise CliError(f"lab hosts still hold cluster processes: {'; '.join(holding)}; "
                        "destroy those clusters first")
-    for host in lab.hosts:
-        netns.stop_host_processes(host)
+    control = _control_host(h, name)
+    for host in lab.servers():
         if host.name in hosts:
             request("DELETE", f"/v1/hosts/{host.name}")
     with contextlib.suppress(CliError):  # no control plane: nothing listens there
-        request("DELETE", f"/v1/listeners/{lab.gateway}")
+        listen = lab.host(control).address if control else lab.gateway
+        request("DELETE", f"/v1/listeners/{listen}")
+    if control is not None:
+        with contextlib.suppress(CliError):
+            stop_control_plane()
+        (netns.lab_dir(h, name) / CONTROL_HOST_FILE).unlink(missing_ok=True)
+    for host in lab.hosts:
+        netns.stop_host_processes(host)
     try:
         netns.down(h, name)
     except LabError as exc:
@@ -264,6 +302,8 @@ def _lab_commands(sub: Subparsers) -> None:
     lab = sub.add_parser("lab", help="hosts made of network namespaces on this machine")
     lsub = lab.add_subparsers(dest="lab_command", required=True)
     lu = lsub.add_parser("up", help="make the hosts (one per AZ) and a client namespace")
+    lu.add_argument("--control-on", default=None, metavar="HOST",
+                    help="run the control plane on this lab host (e.g. az-a-1), not here")
     lu.add_argument("--hosts", type=int, default=3)
     lu.add_argument("--subnet", default="10.77.0.0/24")
     lu.set_defaults(func=cmd_lab_up)

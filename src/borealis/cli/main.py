@@ -41,9 +41,9 @@ from borealis.cli.client import (
     ensure_control_plane,
     rds_client,
     request,
+    stop_control_plane,
     wait,
 )
-from borealis.processes import alive
 from borealis.times import format_time
 
 # No emoji codes: ":secret:" inside an ARN must stay as it is.
@@ -119,16 +119,10 @@ def without_secrets(value: Any) -> Any:
 
 
 def cmd_down(_: argparse.Namespace) -> None:
-    info = control_info()
-    if info is None:
-        console.print("nothing is running")
-        return
     with console.status("stopping..."):
-        request("POST", "/v1/down")
-        deadline = time.monotonic() + 60
-        while alive(info.pid, "borealis.daemon") and time.monotonic() < deadline:
-            time.sleep(0.1)
-    console.print("stopped; data kept (`borealis up` brings it back)")
+        stopped = stop_control_plane()
+    console.print("stopped; data kept (`borealis up` brings it back)" if stopped
+                  else "nothing is running")
 
 
 def cmd_destroy(args: argparse.Namespace) -> None:
