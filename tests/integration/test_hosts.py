@@ -25,7 +25,7 @@ import pytest
 
 from borealis.compute import postgres as pg
 from borealis.lab import netns
-from tests.harness import ClusterView, wait_for
+from tests.harness import ClusterView, iso, wait_for
 from tests.lab import HAS_LAB, WHY_NO_LAB, Lab, cluster_on, lab_with
 
 pytestmark = pytest.mark.skipif(not HAS_LAB, reason=WHY_NO_LAB)
@@ -281,3 +281,38 @@ def test_links_to_a_node_on_a_host_are_tls_only(lab: Lab, cluster: ClusterView) 
     status, conninfo = wait_for("the reader to stream", streaming, 30, 0.2)
     assert "sslmode=verify-full" in conninfo, conninfo
 
+
+
+def test_restored_and_cloned_clusters_run_on_the_hosts(lab: Lab, cluster: ClusterView) -> None:
+    """A restore is recovered on the control plane's machine (from the object store),
+    a clone copied there over TLS from its source's reader on a host; then each new
+    writer's data directory goes to a host of its AZ, and its readers are placed there."""
+    with psycopg.connect(cluster.writer()["dsn"], autocommit=True) as conn:
+        conn.execute("CREATE TABLE kept AS SELECT generate_series(1, 100) AS v")
+        acked = time.time()
+    wait_for("the table to be restorable", lambda: (lambda s: s["latest_restorable_time"]
+             and s["latest_restorable_time"] >= iso(acked))(json.loads(lab.b.cli(
+                 "backup", "status", cluster.name, "--json", "--no-verify").stdout)), 30)
+    made = []
+    psql = str(pg.find_bindir() / "psql")
+    try:
+        for verb, name in (("restore", "hostr"), ("clone", "hostk")):
+            made.append(name)
+            lab.b.cli(verb, cluster.name, *(["--latest"] if verb == "restore" else []),
+                      "--new-cluster", name, "--readers", "1", timeout_s=300)
+            view = ClusterView(lab.b, name)
+            view.wait_all_serving()
+            instances = {i["role"]: i for i in view.status()["instances"]}
+            assert (instances["writer"]["host"], instances["reader"]["host"]) == (
+                "az-a-1", "az-b-1"), instances
+            assert not (lab.b.home / "clusters" / name / "instances").exists() or not any(
+                (lab.b.home / "clusters" / name / "instances").iterdir())
+            got = _in_client(lab, [psql, instances["writer"]["dsn"], "-Atc",
+                                   "INSERT INTO kept VALUES (101); SELECT count(*) FROM kept"])
+            assert got.returncode == 0 and got.stdout.split()[-1] == "101", got.stderr
+            wait_for(f"{name}'s reader to have the new row", lambda i=instances: _in_client(
+                lab, [psql, i["reader"]["dsn"], "-Atc", "SELECT count(*) FROM kept"]
+            ).stdout.strip() == "101", 30, 0.2)
+    finally:
+        for name in made:
+            lab.b.cli("destroy", name, check=False, timeout_s=300)

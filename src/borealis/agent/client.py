@@ -9,6 +9,7 @@ import http.client
 import json
 import ssl
 import urllib.parse
+from pathlib import Path
 from typing import Any
 
 from borealis import pki
@@ -35,7 +36,7 @@ class AgentClient:
         self._ctx = pki.client_context(ca_pem, own)
 
     def _call(self, method: str, path: str, body: Any = None,
-              timeout_s: float | None = None) -> Any:
+              timeout_s: float | None = None, upload: Path | None = None) -> Any:
         # A host that is cut off answers nothing: its connection is given up after
         # CONNECT_TIMEOUT_S, however long the call itself may take once connected (a
         # stop waits for its process to end).
@@ -45,9 +46,15 @@ class AgentClient:
             conn.connect()
             assert conn.sock is not None
             conn.sock.settimeout(timeout_s or self.timeout_s)
-            payload = None if body is None else json.dumps(body).encode()
-            conn.request(method, path, body=payload,
-                         headers={"Content-Type": "application/json"} if payload else {})
+            if upload is not None:
+                with upload.open("rb") as stream:  # http.client sends it in blocks
+                    conn.request(method, path, body=stream, headers={
+                        "Content-Type": "application/x-tar",
+                        "Content-Length": str(upload.stat().st_size)})
+            else:
+                payload = None if body is None else json.dumps(body).encode()
+                conn.request(method, path, body=payload,
+                             headers={"Content-Type": "application/json"} if payload else {})
             resp = conn.getresponse()
             data = resp.read()
         except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
@@ -90,6 +97,10 @@ class AgentClient:
     def signal(self, key: ProcessKey, sig: str) -> bool:
         answer = self._call("POST", f"{self._path(key)}/signal?signal={sig}")
         return bool(answer["ran"])
+
+    def install_data(self, key: ProcessKey, archive: Path, timeout_s: float = 1800.0) -> None:
+        """Send a stopped server its data directory (a tar archive of it)."""
+        self._call("PUT", f"{self._path(key)}/data", timeout_s=timeout_s, upload=archive)
 
     def read_file(self, key: ProcessKey, name: str) -> bytes:
         data = self._call("GET", f"{self._path(key)}/files/{name}")

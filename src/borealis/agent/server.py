@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import signal
+import tarfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,6 +185,37 @@ class Agent:
         server.apply(ServerConfig.from_json(spec.config), datadir, pg.RunAs.detect())
         return self.signal(spec.key, signal.SIGHUP)
 
+    def install_data(self, key: ProcessKey, archive: Path) -> None:
+        """A stopped server's data directory made from a tar archive the control plane
+        sent (a restored or cloned writer made on its machine, or the base image a lost
+        writer is rebuilt from); whatever data directory was there goes. Unpacked aside
+        and renamed when whole, as a copy is (:func:`borealis.compute.server.prepare`)."""
+        if key.kind != "postgres":
+            raise AgentProtocolError("only a PostgreSQL server takes a data directory")
+        if self.alive(key):
+            raise AgentProtocolError(f"{key.path()} is running: stop it first")
+        folder = self.folder(key)
+        datadir = server.datadir_of(self.config_path(key))
+        making = datadir.with_name(server.DATA + ".making")
+        shutil.rmtree(making, ignore_errors=True)
+        making.mkdir(mode=0o700, parents=True)
+        try:
+            with tarfile.open(archive) as tar:
+                # The "data" filter refuses members that would land outside the folder,
+                # links out of it and device files.
+                tar.extractall(making, filter="data")
+        except (tarfile.TarError, OSError) as exc:
+            shutil.rmtree(making, ignore_errors=True)
+            raise AgentProtocolError(f"the data directory sent is unusable: {exc}") from None
+        run_as = pg.RunAs.detect()
+        run_as.ensure_traversable(folder)
+        os.chmod(making, 0o700)
+        run_as.own(making)
+        shutil.rmtree(datadir, ignore_errors=True)
+        os.rename(making, datadir)
+        log.info("data directory of %s installed (%d bytes sent)", key.path(),
+                 archive.stat().st_size)
+
     def signal(self, key: ProcessKey, sig: int) -> bool:
         """Send a signal (a test's freeze and thaw); True if the process ran."""
         entry = self.table.get(key)
@@ -274,6 +306,22 @@ def build_app(agent: Agent) -> web.Application:
             return web.json_response({"error": str(exc)}, status=400)
         return web.json_response({"ran": ran})
 
+    async def install_data(request: web.Request) -> web.Response:
+        key = _key(request)
+        agent.folder(key).mkdir(parents=True, exist_ok=True)
+        archive = agent.folder(key) / "data.tar.partial"
+        try:
+            with archive.open("wb") as out:  # streamed: a data directory has no bound
+                async for chunk in request.content.iter_chunked(1 << 20):
+                    out.write(chunk)
+            async with agent._lock:
+                await asyncio.to_thread(agent.install_data, key, archive)
+        except AgentProtocolError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        finally:
+            archive.unlink(missing_ok=True)
+        return web.json_response({"installed": True})
+
     async def send_signal(request: web.Request) -> web.Response:
         key = _key(request)
         return web.json_response({"ran": agent.signal(key, _signal(request.query["signal"]))})
@@ -295,6 +343,7 @@ def build_app(agent: Agent) -> web.Application:
     app.router.add_delete(base, stop)
     app.router.add_post(base + "/signal", send_signal)
     app.router.add_post(base + "/reload", reload)
+    app.router.add_put(base + "/data", install_data)
     app.router.add_get(base + "/files/{file}", read_file)
     return app
 

@@ -72,6 +72,11 @@ def _copy_files(source: Path, dest: Path, copied: Callable[[int], None]) -> dict
     return result
 
 
+def label_start(datadir: Path) -> int:
+    """Where replay of a copy with a ``backup_label`` starts."""
+    return _label_start((datadir / "backup_label").read_text())
+
+
 def _label_start(label: str) -> int:
     for line in label.splitlines():
         if line.startswith("START WAL LOCATION:"):

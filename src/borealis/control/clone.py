@@ -31,6 +31,7 @@ from borealis.compute import live_copy, tree_copy
 from borealis.compute import postgres as pg
 from borealis.control.cluster import ClusterRuntime
 from borealis.control.handle import ClusterError
+from borealis.control.placement import LOCAL
 from borealis.control.restore import (
     Progress,
     ProgressSink,
@@ -54,7 +55,7 @@ def clone(state: State, source: ClusterRuntime, new: str, readers: int,
     inst = state.add_instance(new, "writer", "az-a", 1)
     datadir = rt.fresh_datadir(inst.id)
 
-    total = tree_copy.data_size(source.datadir(copied.id))
+    total = tree_copy.data_size(source.datadir(copied.id)) if copied.host == LOCAL else 0
     bar = Progress("copying data", 0, total)
 
     def on_copied(n: int) -> None:
@@ -62,12 +63,20 @@ def clone(state: State, source: ClusterRuntime, new: str, readers: int,
         progress(dataclasses.replace(bar))
     progress(dataclasses.replace(bar))
     began = time.monotonic()
-    copy = live_copy.live_copy(source.dsn(copied), source.datadir(copied.id), datadir,
-                               rt.run_as, on_copied)
-    rt.event("clone", f"{copy.total_bytes >> 20} MiB copied from {copied.id} in "
-                      f"{time.monotonic() - began:.1f} s, {copy.shared_bytes >> 20} MiB of it "
+    if copied.host == LOCAL:
+        copy = live_copy.live_copy(source.dsn(copied), source.datadir(copied.id), datadir,
+                                   rt.run_as, on_copied)
+        start_lsn, shared = copy.start_lsn, copy.shared_bytes
+    else:  # on a host: copied over the network with the backup protocol, TLS checked
+        pg.base_copy(rt.bindir, copied.port, *source.internal_login(), datadir, rt.run_as,
+                     host=source.hosted.address(copied.host),
+                     ca_pem=source.hosted.ca_pem(copied.host))
+        start_lsn, shared = live_copy.label_start(datadir), 0
+        on_copied(total)
+    copied_bytes = tree_copy.data_size(datadir)
+    rt.event("clone", f"{copied_bytes >> 20} MiB copied from {copied.id} in "
+                      f"{time.monotonic() - began:.1f} s, {shared >> 20} MiB of it "
                       "sharing blocks with the source")
-
     point_name = f"borealis clone {new} {time.time():.3f}"
     with psycopg.connect(source.dsn(writer), autocommit=True) as conn:
         row = conn.execute("SELECT pg_create_restore_point(%s)::text", [point_name]).fetchone()
@@ -77,6 +86,7 @@ def clone(state: State, source: ClusterRuntime, new: str, readers: int,
     settings = rt.server_settings(inst)
     recovery = dataclasses.replace(
         settings, role="reader", primary_conninfo=source.node_conninfo(node, f"clone-{new}"),
+        ca_pem=source.hosted.ca_pem(node.host),
         extra={**(settings.extra or {}), "recovery_target_name": _quote(point_name),
                "recovery_target_action": "'promote'"})
     pg.write_settings(datadir, recovery, rt.run_as)  # role "reader": a standby.signal
@@ -84,13 +94,13 @@ def clone(state: State, source: ClusterRuntime, new: str, readers: int,
     proc = pg.start_server(rt.bindir, datadir, rt.instance_dir(inst.id) / "postgres.log",
                            rt.run_as)
     state.set_instance(inst.id, pid=proc.pid, state="starting")
-    rt.event("clone", f"replaying {source.name}'s WAL from {format_lsn(copy.start_lsn)} to "
+    rt.event("clone", f"replaying {source.name}'s WAL from {format_lsn(start_lsn)} to "
                       f"its restore point at {format_lsn(point)}, streamed from {node.id} "
                       f"(pid {proc.pid})")
 
     def replayed(lsn: int | None) -> None:
-        span = max(0, point - copy.start_lsn)
-        done = span if lsn is None else min(span, max(0, lsn - copy.start_lsn))
+        span = max(0, point - start_lsn)
+        done = span if lsn is None else min(span, max(0, lsn - start_lsn))
         progress(Progress("replaying WAL", done, span))
     wait_promoted(rt, inst.id, replayed)
     drop_recovery_settings(rt, inst.id)

@@ -60,16 +60,34 @@ class ClusterRuntime(VolumeRuntime):
                      instance_id: str | None = None) -> Instance:
         """A new instance's row, placed on a host of its AZ when the cluster's storage
         nodes are on hosts (:func:`.placement.place_instance`), unless its writer runs
-        on this machine (a restored or cloned cluster's does, so far: a reader on a host
+        on this machine (a cluster from before hosts were added: a reader on a host
         could not copy it)."""
         writer = self.writer()
-        on_hosts = (any(n.host != LOCAL for n in self.state.storage_nodes(self.name))
-                    and (writer is None or writer.host != LOCAL))
+        on_hosts = self.nodes_on_hosts() and (writer is None or writer.host != LOCAL)
         try:
             host = place_instance(az, self.hosts.views()) if on_hosts else LOCAL
         except PlacementError as exc:
             raise ClusterError(str(exc)) from None
         return self.state.add_instance(self.name, role, az, tier, instance_id, host)
+
+    def nodes_on_hosts(self) -> bool:
+        return any(n.host != LOCAL for n in self.state.storage_nodes(self.name))
+
+    def move_to_host(self, inst: Instance) -> Instance:
+        """A server made on this machine (a restored or cloned cluster's new writer,
+        stopped) goes to a host of its AZ, as every instance of a cluster on hosts does:
+        its data directory is sent there and removed here."""
+        try:
+            host = place_instance(inst.az, self.hosts.views())
+        except PlacementError as exc:
+            raise ClusterError(str(exc)) from None
+        self.send_data_dir(dataclasses.replace(inst, host=host), self.datadir(inst.id))
+        self.state.set_instance(inst.id, host=host, pid=None)
+        shutil.rmtree(self.instance_dir(inst.id), ignore_errors=True)
+        self.event("compute", f"{inst.id} moved to host {host}")
+        moved = self.state.instance(inst.id)
+        assert moved is not None
+        return moved
 
     def server_settings(self, inst: Instance, node: StorageNodeRow | None = None
                         ) -> pg.ServerSettings:
@@ -333,9 +351,12 @@ class ClusterRuntime(VolumeRuntime):
             self.take_base_image(writer)
         self.state.set_cluster(self.name, status="available")
 
-    def provision_writer(self, writer: Instance, base_image: bool = True) -> Instance:
-        """A new volume's first writer: initdb, start, stream to a write quorum."""
-        fresh = not (self.datadir(writer.id) / "PG_VERSION").exists()
+    def provision_writer(self, writer: Instance, base_image: bool = True,
+                         fresh: bool | None = None) -> Instance:
+        """A new volume's first writer: initdb (``fresh``: a new database, which the
+        default finds out for a server here), start, stream to a write quorum."""
+        if fresh is None:
+            fresh = not (self.datadir(writer.id) / "PG_VERSION").exists()
         self.ensure_writer_data(writer)
         self.start_instance(writer)
         current = self.state.instance(writer.id)

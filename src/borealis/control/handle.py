@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tarfile
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,11 @@ log = logging.getLogger("borealis.control")
 # never log in as it (the API refuses the name), and their master user's password is
 # theirs to change.
 ADMIN_USER = "borealis_admin"
+
+
+def _without_run_files(member: tarfile.TarInfo) -> tarfile.TarInfo | None:
+    """What a stopped server leaves that a new one must not find (its PID file)."""
+    return None if Path(member.name).name in ("postmaster.pid", "postmaster.opts") else member
 
 
 @dataclass(frozen=True)
@@ -187,17 +194,32 @@ class ClusterHandle:
                 leftover.unlink(missing_ok=True)
 
     def restore_base_image(self, inst: Instance) -> None:
-        """A fresh data directory for ``inst`` from the base image; never its old one."""
-        if inst.host != LOCAL:
-            raise ClusterError(f"{inst.id} runs on host {inst.host}: rebuilding a server "
-                               "from the base image is done on this machine only, so far")
+        """A fresh data directory for ``inst`` from the base image; never its old one
+        (on a host: the image is sent to the host's agent, which replaces it there)."""
         image = self.base_image_dir()
         if not (image / "PG_VERSION").exists():
             raise ClusterError(f"{self.name} has no base image")
+        if inst.host != LOCAL:
+            self.send_data_dir(inst, image)
+            return
         datadir = self.fresh_datadir(inst.id)
         pg.copy_data_dir(image, datadir)
         os.chmod(datadir, 0o700)
         self.run_as.own(datadir)
+
+    def send_data_dir(self, inst: Instance, source: Path) -> None:
+        """``inst``'s data directory on its host made a copy of ``source`` (a data
+        directory here, no server running in it): one tar archive, streamed to the
+        host's agent, which unpacks it aside and swaps it in when whole."""
+        assert inst.host != LOCAL
+        fd, name = tempfile.mkstemp(prefix="send-", suffix=".tar", dir=self.dir)
+        archive = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as out, tarfile.open(fileobj=out, mode="w") as tar:
+                tar.add(source, arcname=".", filter=_without_run_files)
+            self.hosted.install_data(inst.host, self.hosted.key("postgres", inst.id), archive)
+        finally:
+            archive.unlink(missing_ok=True)
 
     @property
     def object_store_location(self) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 
 from borealis import pki
 from borealis.agent.client import AgentRefused, AgentUnreachable
@@ -125,6 +126,12 @@ class HostProcesses:
         except AgentUnreachable:
             if forget:
                 raise
+        self._forget_reports(host)
+
+    def install_data(self, host: str, key: ProcessKey, archive: Path) -> None:
+        """A stopped server's data directory on ``host``, from a tar archive here."""
+        client = self.registry.client(self.registry.host(host))
+        client.install_data(key, archive)
         self._forget_reports(host)
 
     def read_file(self, host: str, key: ProcessKey, name: str) -> bytes | None:

@@ -142,10 +142,15 @@ def start_promoted(rt: ClusterRuntime, writer_id: str, readers: int,
     progress(Progress("starting"))
     current = rt.state.instance(writer_id)
     assert current is not None
+    if rt.nodes_on_hosts():
+        # Made here (from the object store, or a copy of the source): it goes to a host
+        # of its AZ, stopped cleanly first so the copy sent is consistent.
+        rt.stop_instance(current, signal.SIGINT)
+        current = rt.move_to_host(current)
     # Its first base image is the supervisor's to take, after the cluster is usable.
-    rt.provision_writer(current, base_image=False)
+    current = rt.provision_writer(current, base_image=False, fresh=False)
     for i in range(readers):
-        reader = rt.state.add_instance(rt.name, "reader", ["az-b", "az-c", "az-a"][i % 3], 1)
+        reader = rt.add_instance("reader", ["az-b", "az-c", "az-a"][i % 3], 1)
         rt.provision_reader(reader, current)
 
 
