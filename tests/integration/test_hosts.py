@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import random
 import shutil
 import signal
 import socket
@@ -25,6 +26,8 @@ import pytest
 
 from borealis.compute import postgres as pg
 from borealis.lab import netns
+from tests.faults.bank import Bank
+from tests.faults.nemesis import run_round
 from tests.harness import ClusterView, iso, wait_for
 from tests.lab import HAS_LAB, WHY_NO_LAB, Lab, cluster_on, lab_with
 
@@ -316,3 +319,30 @@ def test_restored_and_cloned_clusters_run_on_the_hosts(lab: Lab, cluster: Cluste
     finally:
         for name in made:
             lab.b.cli("destroy", name, check=False, timeout_s=300)
+
+
+def test_a_writer_on_a_host_without_readers_is_rebuilt_from_the_base_image(lab: Lab) -> None:
+    """No reader to promote: the base image goes to the writer's host through its agent,
+    and the writer replays the volume's WAL there; nothing acknowledged is lost."""
+    lab.b.cli("up", "--cluster", "hosts", "--readers", "0")
+    view = ClusterView(lab.b, "hosts")
+    try:
+        view.wait_all_serving()
+        assert view.writer()["host"] == "az-a-1"
+        wait_for("a base image", lambda: "base image taken from" in lab.b.cli(
+            "events", "hosts").stdout, 60, 0.5)
+        endpoint = next(e for e in view.status()["endpoints"] if e["type"] == "WRITER")
+        bank = Bank(endpoint["dsn"], clients=2)
+        bank.create()
+        bank.start()
+        try:
+            result = run_round(view, bank, "kill-writer", random.Random(5))
+        finally:
+            bank.stop()
+        assert result.lost == 0 and result.acked > 0
+        assert result.writer_after == result.writer_before  # the same instance, rebuilt
+        events = lab.b.cli("events", "hosts").stdout
+        assert "from the base image" in events, events
+        assert view.writer()["host"] == "az-a-1"
+    finally:
+        lab.b.cli("destroy", "hosts", check=False, timeout_s=300)
