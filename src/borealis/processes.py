@@ -14,7 +14,20 @@ import sys
 import time
 from pathlib import Path
 
+from borealis import settings
 from borealis.logfiles import private_log
+
+
+def current_boot_id() -> str:
+    """This boot of the machine (the kernel's random boot id): it changes at every boot.
+    ``BOREALIS_BOOT_ID`` stands for it in tests (a machine "rebooted")."""
+    override = settings.current().boot_id
+    if override:
+        return override
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
 
 
 def cmdline(pid: int) -> str:

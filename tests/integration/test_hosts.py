@@ -346,3 +346,31 @@ def test_a_writer_on_a_host_without_readers_is_rebuilt_from_the_base_image(lab: 
         assert view.writer()["host"] == "az-a-1"
     finally:
         lab.b.cli("destroy", "hosts", check=False, timeout_s=300)
+
+
+def test_a_reader_whose_host_rebooted_is_copied_afresh(lab: Lab, cluster: ClusterView) -> None:
+    """A host that lost power under a reader (``fsync=off``): when its agent starts the
+    reader again, in the new boot, the old data directory is set aside and a fresh copy
+    of the writer is made; the reader serves again and sees what was committed."""
+    reader = cluster.readers()[0]
+    host = reader["host"]
+    with psycopg.connect(cluster.writer()["dsn"], autocommit=True) as conn:
+        conn.execute("CREATE TABLE before_reboot AS SELECT 1 AS v")
+    lab.cli("kill-host", host)
+    rebooted = subprocess.run(
+        [sys.executable, "-m", "borealis.cli.main", "lab", "start-host", host, "--name",
+         lab.name], env={**lab.b.env, "BOREALIS_BOOT_ID": f"rebooted-{time.time()}"},
+        capture_output=True, text=True, timeout=60)
+    assert rebooted.returncode == 0, rebooted.stderr
+    log = (netns.lab_dir(lab.b.home, lab.name) / "hosts" / host / "clusters" / cluster.name
+           / "postgres" / reader["id"] / "process.log")
+    wait_for("the reader's old data set aside", lambda: "is set aside" in log.read_text(),
+             60, 0.2)
+    view_reader = wait_for("the reader available again", lambda: next(
+        (i for i in cluster.status()["instances"] if i["id"] == reader["id"]
+         and i["state"] == "available"), None), 60, 0.5)
+    psql = str(pg.find_bindir() / "psql")
+    wait_for("the committed row on the fresh copy", lambda: _in_client(lab, [
+        psql, view_reader["dsn"], "-Atc", "SELECT v FROM before_reboot"]).stdout.strip() == "1",
+        30, 0.2)
+    cluster.wait_all_serving()

@@ -46,3 +46,23 @@ def test_settings_on_a_host_listen_there_with_tls() -> None:
     assert "listen_addresses = '127.0.0.1,10.0.0.11'" in text
     assert "ssl = on" in text and "ssl_key_file = 'server.key'" in text
     assert "ssl = " not in pg.ServerSettings(port=5432, role="writer").render()
+
+
+def test_a_data_directory_from_an_earlier_boot_without_fsync_is_never_started_on(
+        tmp_path: Path) -> None:
+    from borealis import processes
+
+    datadir = tmp_path / server.DATA
+    datadir.mkdir()
+    (datadir / "PG_VERSION").write_text("15\n")
+    without_fsync = ServerConfig("fsync = off\n", "reader", "10.0.0.11",
+                                 TlsIdentity("CERT", "KEY", "CA"))
+    with_fsync = ServerConfig("fsync = on\n", "writer", "10.0.0.11",
+                              TlsIdentity("CERT", "KEY", "CA"))
+    # Never started (or before the rule): nothing is known, nothing is set aside.
+    assert not server.lost_with_host(without_fsync, datadir)
+    (tmp_path / server.BOOT_FILE).write_text(processes.current_boot_id())
+    assert not server.lost_with_host(without_fsync, datadir)  # the same boot
+    (tmp_path / server.BOOT_FILE).write_text("an-earlier-boot")
+    assert server.lost_with_host(without_fsync, datadir)
+    assert not server.lost_with_host(with_fsync, datadir)  # its writes were on disk

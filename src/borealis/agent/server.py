@@ -59,13 +59,6 @@ def identity_path(root: Path) -> Path:
     return root / "agent" / "identity.json"
 
 
-def current_boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return "unknown"
-
-
 @dataclass
 class Entry:
     spec: ProcessSpec
@@ -125,8 +118,8 @@ class Agent:
 
     def info(self) -> AgentInfo:
         i = self.identity
-        return AgentInfo(i.host, i.az, i.address, i.port, str(self.root), current_boot_id(),
-                         os.getpid(), [self.report(k) for k in sorted(
+        return AgentInfo(i.host, i.az, i.address, i.port, str(self.root),
+                         processes.current_boot_id(), os.getpid(), [self.report(k) for k in sorted(
                              self.table, key=lambda k: (k.cluster, k.kind, k.name))])
 
     # -- verbs -----------------------------------------------------------------------------

@@ -15,15 +15,18 @@ client), everything from elsewhere over TLS with a password (SCRAM).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
 
-from borealis import entrypoint
+from borealis import entrypoint, processes
 from borealis.compute import postgres as pg
+from borealis.fsync import write_atomic
 from borealis.protocol.files import ServerConfig
 
 DATA = "data"  # the data directory, beside the config
+BOOT_FILE = "boot_id"  # the boot of the host its server last started in
 HBA = """# Written by Borealis; edits are replaced.
 host all all 127.0.0.1/32 scram-sha-256
 host replication all 127.0.0.1/32 scram-sha-256
@@ -36,10 +39,31 @@ def datadir_of(config_path: Path) -> Path:
     return config_path.parent / DATA
 
 
+def lost_with_host(config: ServerConfig, datadir: Path) -> bool:
+    """The data directory was last used in an earlier boot of this host by a server with
+    ``fsync=off`` (every reader; the writer unless durability is local): the host
+    crashed or lost power under it, and writes it made may be gone. It is never started
+    on again: a reader is copied afresh, a writer rebuilt by the control plane."""
+    try:
+        recorded = (datadir.parent / BOOT_FILE).read_text().strip()
+    except OSError:
+        return False  # never started, or before this rule: nothing is known
+    durable = re.search(r"^fsync = on$", config.conf, re.MULTILINE) is not None
+    return (datadir / "PG_VERSION").exists() and not durable and \
+        recorded != processes.current_boot_id()
+
+
 def prepare(config: ServerConfig, config_path: Path, bindir: Path, run_as: pg.RunAs) -> Path:
     """The data directory, made if missing, with this config's files written; returns it."""
     datadir = datadir_of(config_path)
     run_as.ensure_traversable(config_path.parent)
+    if lost_with_host(config, datadir):
+        aside = datadir.with_name(DATA + ".lost-with-host")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(datadir, aside)  # renamed first: a removal cut short leaves no half
+        shutil.rmtree(aside, ignore_errors=True)
+        print(f"{datadir}: this host restarted while the server ran without fsync; the "
+              "data directory is set aside, never started on again", file=sys.stderr)
     if not datadir.exists():
         # Made aside and renamed when whole: a copy cut short (killed, host lost) is
         # never taken for a data directory at the next start, only made again.
@@ -56,6 +80,7 @@ def prepare(config: ServerConfig, config_path: Path, bindir: Path, run_as: pg.Ru
                                   "neither how to make one nor where to copy it from")
         os.rename(making, datadir)
     apply(config, datadir, run_as, starting=True)
+    write_atomic(config_path.parent / BOOT_FILE, processes.current_boot_id())
     return datadir
 
 

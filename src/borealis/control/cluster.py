@@ -17,13 +17,12 @@ import os
 import shutil
 import signal
 import time
-from pathlib import Path
 
 import psycopg
 import psycopg.sql
 from psycopg.conninfo import make_conninfo
 
-from borealis import processes, settings
+from borealis import processes
 from borealis.agent.client import AgentUnreachable
 from borealis.compute import postgres as pg
 from borealis.control import decide
@@ -182,7 +181,7 @@ class ClusterRuntime(VolumeRuntime):
                                self.run_as)
         # Which boot of this host the data directory is now written in: after a host
         # crash, a server that ran with fsync=off may have lost writes it made.
-        write_atomic(self.instance_dir(inst.id) / BOOT_FILE, current_boot_id(),
+        write_atomic(self.instance_dir(inst.id) / BOOT_FILE, processes.current_boot_id(),
                      make_parent=True)
         self.state.set_instance(inst.id, pid=proc.pid, state="starting")
         self.event("compute", f"started {inst.role} {inst.id} (pid {proc.pid})")
@@ -222,7 +221,8 @@ class ClusterRuntime(VolumeRuntime):
         local): the host crashed or lost power under it, and writes it had made may be
         gone. It is never started on that directory again (rebuilt instead)."""
         if inst.host != LOCAL:
-            return False  # a host's agent restarts its servers; the rule is this machine's
+            return False  # a server on a host applies the rule itself when it starts
+            # (borealis.compute.server.lost_with_host): its agent restarts it there
         if self.instance_alive(inst) or not (self.datadir(inst.id) / "PG_VERSION").exists():
             return False
         try:
@@ -230,7 +230,7 @@ class ClusterRuntime(VolumeRuntime):
         except OSError:
             return False  # started before this rule: nothing is known
         durable = inst.role == "writer" and self.settings.writer_fsync
-        return not durable and recorded != current_boot_id()
+        return not durable and recorded != processes.current_boot_id()
 
     def set_aside_lost_data(self, inst: Instance) -> None:
         """Remove a data directory :meth:`lost_with_host` found untrustworthy (renamed
@@ -484,14 +484,3 @@ class ClusterRuntime(VolumeRuntime):
 
 
 BOOT_FILE = "boot_id"
-
-
-def current_boot_id() -> str:
-    """This boot of the host (the kernel's random boot id): it changes at every boot."""
-    override = settings.current().boot_id  # a host "rebooted" in tests
-    if override:
-        return override
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return "unknown"
