@@ -210,7 +210,11 @@ class ClusterRuntime(VolumeRuntime):
 
     def _start_on_host(self, inst: Instance, as_role: str | None) -> bool:
         config = self.server_config(inst, as_role)
-        pid = self.hosted.ensure(inst.host, self.server_key(inst), config.to_json())
+        # A reader is kept running by its agent (also while the control plane is away);
+        # a writer is not: what becomes of a failed writer (a failover, a rebuild) is
+        # the control plane's to decide, as is its volume client's epoch.
+        pid = self.hosted.ensure(inst.host, self.server_key(inst), config.to_json(),
+                                 keep=config.role != "writer")
         self.state.set_instance(inst.id, pid=pid, state="starting")
         self.event("compute", f"started {inst.role} {inst.id} on {inst.host} (pid {pid})")
         return True

@@ -229,7 +229,8 @@ def promote(rt: ClusterRuntime, inst: Instance) -> None:
     acknowledged before the volume has it), then ``pg_promote``."""
     as_writer = dataclasses.replace(inst, role="writer")
     if inst.host != LOCAL:  # its agent rewrites the settings and signals it
-        rt.hosted.reload(inst.host, rt.server_key(inst), rt.server_config(as_writer).to_json())
+        config = rt.server_config(as_writer).to_json()
+        rt.hosted.reload(inst.host, rt.server_key(inst), config)
     else:
         pg.write_conf(rt.datadir(inst.id), rt.server_settings(as_writer), rt.run_as)
         if inst.pid:
@@ -238,6 +239,10 @@ def promote(rt: ClusterRuntime, inst: Instance) -> None:
         row = conn.execute("SELECT pg_promote(true, %s)", (PROMOTE_TIMEOUT_S,)).fetchone()
     if not row or not row[0]:
         raise FailoverRefused(f"{inst.id} did not finish promotion in {PROMOTE_TIMEOUT_S} s")
+    if inst.host != LOCAL:
+        # A writer is not restarted by its agent (see ClusterRuntime._start_on_host); it
+        # runs, so this only marks it (its config as the reload gave it).
+        rt.hosted.ensure(inst.host, rt.server_key(inst), config, keep=False)
 
 
 def rebuild_reader(rt: ClusterRuntime, inst: Instance) -> None:

@@ -160,7 +160,9 @@ class VolumeRuntime(ClusterHandle):
         if remote:
             key = self.volume_key()
             self.hosted.stop(writer.host, key, signal.SIGKILL, timeout_s=5)  # an old epoch's
-            pid = self.hosted.ensure(writer.host, key, config.to_json())
+            # Not restarted by the agent: a volume client is one epoch, and only the
+            # control plane gives out epochs (it starts the next one if this one ends).
+            pid = self.hosted.ensure(writer.host, key, config.to_json(), keep=False)
             where = f" on {writer.host}"
         else:
             path = self.volume_config_path()
