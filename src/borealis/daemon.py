@@ -82,7 +82,8 @@ async def serve(home: Path, port: int) -> None:
         loop.add_signal_handler(sig, cp.stopping.set)
     tasks = [asyncio.create_task(t) for t in (
         cp.supervisor.run(), cp.supervisor.watch_writers(), cp.supervisor.watch_nodes(),
-        sweep_hosts(cp.state, cp.locks, cp.stopping), api.reap())]
+        sweep_hosts(cp.state, cp.locks, cp.stopping), api.reap(),
+        cp.metric_sampler.run(cp.stopping))]
     await cp.stopping.wait()
     for task in tasks:
         task.cancel()

@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from borealis import identifiers
+from borealis.api import prometheus
 from borealis.api import secrets as api_secrets
 from borealis.api import server as api_server
 from borealis.api.host_routes import HostAdminRoutes, HostListeners
@@ -56,6 +57,7 @@ class ControlRoutes:
             ("delete", "/v1/snapshots/{name}", self.delete_snapshot),
             ("post", "/v1/snapshots/{name}/restore", self.restore_snapshot),
             ("post", "/v1/down", self.down),
+            ("get", "/v1/metrics-token", self.metrics_token),
         ]
 
     def need_cluster(self, name: str) -> None:
@@ -65,6 +67,11 @@ class ControlRoutes:
 
     async def health(self, _: web.Request) -> web.Response:
         return web.json_response({"ok": True, "pid": os.getpid()})
+
+    async def metrics_token(self, _: web.Request) -> web.Response:
+        """What a Prometheus scrape of ``/metrics`` authenticates with."""
+        return web.json_response({"token": prometheus.scrape_token(self.cp.state),
+                                  "path": "/metrics"})
 
     async def status(self, _: web.Request) -> web.Response:
         return web.json_response(await self.cp.status())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -23,7 +24,8 @@ from aiohttp import web
 from botocore.model import ServiceModel
 from botocore.validate import ParamValidator
 
-from borealis.api import data_api, identity, query_codec, sigv4
+from borealis.api import cbor_codec, data_api, identity, prometheus, query_codec, sigv4
+from borealis.api.cloudwatch import CloudWatchOperations
 from borealis.api.data_api import DataApi
 from borealis.api.errors import ApiError
 from borealis.api.rds import RdsOperations
@@ -37,6 +39,7 @@ log = logging.getLogger("borealis.api")
 
 MAX_REQUEST = 4 << 20
 CONTROL_SERVICE = "borealis"  # the signing name of the /v1 verbs
+METRICS_PATH = "/metrics"  # Prometheus's scrape: a bearer token, not SigV4
 REAP_INTERVAL_S = 5.0
 
 # Auth failures as the JSON protocols name them (the query protocol keeps AWS's names).
@@ -50,6 +53,8 @@ _JSON_AUTH_CODES = {
 _session = botocore.session.get_session()
 RDS_MODEL: ServiceModel = _session.get_service_model("rds")
 DATA_MODEL: ServiceModel = _session.get_service_model("rds-data")
+CLOUDWATCH_MODEL: ServiceModel = _session.get_service_model("cloudwatch")
+CLOUDWATCH_PATH = cbor_codec.operation_path(CLOUDWATCH_MODEL)
 
 
 def _query_wire_error(error: ApiError) -> ApiError:
@@ -83,9 +88,20 @@ def control_error(error: ApiError, _: str) -> web.Response:
                              status=error.status)
 
 
+def cbor_error(error: ApiError, request_id: str) -> web.Response:
+    body, status, headers = cbor_codec.serialize_error(CLOUDWATCH_MODEL, error)
+    return web.Response(body=body, status=status, content_type=cbor_codec.CONTENT_TYPE,
+                        headers={**headers, "x-amzn-RequestId": request_id,
+                                 cbor_codec.PROTOCOL_HEADER[0]: cbor_codec.PROTOCOL_HEADER[1]})
+
+
 def _service_of(path: str) -> tuple[str, Callable[[ApiError, str], web.Response]]:
+    if path == METRICS_PATH:
+        return METRICS_PATH, control_error
     if path.startswith("/v1/"):
         return CONTROL_SERVICE, control_error
+    if path.startswith(CLOUDWATCH_PATH):
+        return CLOUDWATCH_MODEL.signing_name, cbor_error
     if path == "/":
         return "rds", query_error
     return "rds-data", json_error
@@ -97,6 +113,7 @@ class Api:
         self.state = cp.state
         self.rds = RdsOperations(cp)
         self.data = DataApi(cp)
+        self.cloudwatch = CloudWatchOperations(cp.metrics)
         self.validator = ParamValidator()
         identity.ensure_access_key(self.state)
         cp.cluster_created_hooks.append(self.create_master_secret)
@@ -129,8 +146,11 @@ class Api:
                                f"{MAX_REQUEST >> 20} MiB", 413) from None
             host = request.headers.get("Host", request.host)
             url = f"{request.scheme}://{host}{request.raw_path}"
-            sigv4.verify(request.method, url, request.headers, body, self.state.secret_key,
-                         service)
+            if service == METRICS_PATH:
+                self._check_scrape_token(request)
+            else:
+                sigv4.verify(request.method, url, request.headers, body,
+                             self.state.secret_key, service)
             request["body"] = body
             return await handler(request)
         except ApiError as exc:
@@ -152,6 +172,17 @@ class Api:
                                            f"Borealis; see the control plane log (request "
                                            f"{request_id})", 500), request_id)
 
+    def _check_scrape_token(self, request: web.Request) -> None:
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), prometheus.scrape_token(self.state).encode()):
+            raise ApiError("AccessDenied", "a scrape needs Authorization: Bearer <token> "
+                           "(borealis metrics-token prints it)", 403)
+
+
+    async def prometheus_metrics(self, _: web.Request) -> web.Response:
+        body = await asyncio.to_thread(prometheus.exposition, self.cp.metrics)
+        return web.Response(body=body, headers={"Content-Type": prometheus.CONTENT_TYPE})
+
     # -- RDS (query protocol) --------------------------------------------------------------
 
     async def rds_query(self, request: web.Request) -> web.Response:
@@ -161,6 +192,23 @@ class Api:
         body = query_codec.serialize_result(op, result, request["request_id"])
         return web.Response(body=body, content_type="text/xml",
                             headers={"x-amzn-RequestId": request["request_id"]})
+
+    # -- CloudWatch (Smithy RPC v2 CBOR) ---------------------------------------------------
+
+    async def cloudwatch_call(self, request: web.Request) -> web.Response:
+        op, params = cbor_codec.parse_request(CLOUDWATCH_MODEL, request.path, request["body"])
+        report = self.validator.validate(params, op.input_shape)
+        if report.has_errors():
+            raise ApiError("InvalidParameterValue", report.generate_report())
+        call = self.cloudwatch.handler(op.name)
+        if call is None:
+            raise ApiError("InvalidAction", f"{op.name} is not supported; Borealis answers "
+                           "GetMetricStatistics, GetMetricData and ListMetrics", 400)
+        body = cbor_codec.serialize_result(op, await call(params))
+        return web.Response(body=body, content_type=cbor_codec.CONTENT_TYPE,
+                            headers={"x-amzn-RequestId": request["request_id"],
+                                     cbor_codec.PROTOCOL_HEADER[0]:
+                                     cbor_codec.PROTOCOL_HEADER[1]})
 
     # -- Data API (REST-JSON) --------------------------------------------------------------
 
@@ -205,6 +253,8 @@ class Api:
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/", self.rds_query)
+        app.router.add_get(METRICS_PATH, self.prometheus_metrics)
+        app.router.add_post(CLOUDWATCH_PATH + "{operation}", self.cloudwatch_call)
         for uri in self._data_operations():
             app.router.add_post(uri, self.data_call)
 

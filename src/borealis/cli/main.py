@@ -256,6 +256,13 @@ def cmd_credentials(_: argparse.Namespace) -> None:
     print(f"export AWS_ENDPOINT_URL={url}")
 
 
+def cmd_metrics_token(_: argparse.Namespace) -> None:
+    url, _region = api_location()
+    answer = request("GET", "/v1/metrics-token")
+    # For a Prometheus scrape config: authorization: {credentials: TOKEN}.
+    print(f"{url}{answer['path']}\n{answer['token']}")
+
+
 def cmd_secret_create(args: argparse.Namespace) -> None:
     secret = request("POST", "/v1/secrets", {"name": args.name, "cluster": args.cluster,
                                              "user": args.user, "password": args.password})
@@ -470,6 +477,8 @@ Subparsers = Any  # argparse's _SubParsersAction is private
 def _secret_and_backup_commands(sub: Subparsers) -> None:
     sub.add_parser("credentials", help="shell exports for boto3 and the AWS CLI "
                    "(eval \"$(borealis credentials)\")").set_defaults(func=cmd_credentials)
+    sub.add_parser("metrics-token", help="where Prometheus scrapes the metrics, and the "
+                   "bearer token it sends").set_defaults(func=cmd_metrics_token)
     sec = sub.add_parser("secret", help="database credentials for the Data API")
     ssub = sec.add_subparsers(dest="secret_command", required=True)
     sc = ssub.add_parser("create", help="store a user and password under an ARN")

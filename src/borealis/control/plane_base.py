@@ -24,11 +24,13 @@ from borealis.control.cluster import ClusterRuntime
 from borealis.control.endpoints import ClusterEndpoints
 from borealis.control.handle import ClusterError
 from borealis.control.hosts import HostRegistry
+from borealis.control.metric_sampling import MetricSampler
 from borealis.control.placement import PlacementError, place_nodes
 from borealis.control.sampling import Sampling
 from borealis.control.state import State
 from borealis.control.status import StatusReader
 from borealis.control.supervisor import Supervisor
+from borealis.metrics.store import MetricStore
 
 log = logging.getLogger("borealis.control")
 
@@ -52,6 +54,8 @@ class PlaneBase:
         self.sampling = Sampling()
         self.backups = Backups(self.state, self.settings, self.locks, self.stopping)
         self.reader = StatusReader(self.state, self.settings, self.sampling)
+        self.metrics = MetricStore(home / "metrics.db")
+        self.metric_sampler = MetricSampler(self.state, self.metrics, self.reader.cluster)
         self.supervisor = Supervisor(self.state, self.settings, self.locks, self.stopping,
                                      self.backups, self.sampling, self._keep_endpoints)
         self.progress: dict[str, dict[str, Any]] = {}  # cluster -> a restore's Progress

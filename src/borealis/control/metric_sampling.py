@@ -1,0 +1,231 @@
+"""Metrics sampled every 5 s into the metrics' history (:mod:`borealis.metrics.store`),
+by CloudWatch's names and dimensions.
+
+Per instance (``DBInstanceIdentifier``, and summed or averaged per
+``DBClusterIdentifier`` + ``Role``): ``DatabaseConnections`` (client backends but ours),
+``CommitThroughput`` and ``Deadlocks`` (per second, from ``pg_stat_database``'s
+counters), ``AuroraReplicaLag`` (a reader), ``TransactionLogsDiskUsage`` (the writer's
+``pg_wal``), and for a server on this machine ``CPUUtilization`` (its processes' CPU
+time against the machine's CPUs) and ``FreeableMemory``. Per cluster
+(``DBClusterIdentifier``): ``AuroraReplicaLagMaximum``/``Minimum``, ``VolumeBytesUsed``
+(the WAL a storage node holds), ``VolumeWriteIOPs``. Per storage node
+(``StorageNodeId``): ``VolumeDurableLSNLag``. Per endpoint (``DBClusterEndpoint``):
+``EndpointConnections``.
+
+Counters become rates here: a counter that went back (a server restarted) gives no
+rate for that interval rather than a negative one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from borealis.control import probe
+from borealis.control.cluster import ClusterRuntime
+from borealis.control.handle import ADMIN_USER
+from borealis.control.placement import LOCAL
+from borealis.control.state import Instance, State
+from borealis.metrics.catalog import RAW_RESOLUTION_S, dimension_key
+from borealis.metrics.store import MetricStore, Sample
+from borealis.wal.lsn import parse_lsn
+
+log = logging.getLogger("borealis.control")
+
+PRUNE_EVERY_S = 600.0
+QUERY_TIMEOUT_S = 2.0
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_INSTANCE_SQL = f"""
+SELECT concat_ws(',',
+  (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'
+     AND pid <> pg_backend_pid() AND usename IS DISTINCT FROM '{ADMIN_USER}'),
+  (SELECT sum(xact_commit) FROM pg_stat_database),
+  (SELECT sum(deadlocks) FROM pg_stat_database),
+  CASE WHEN pg_is_in_recovery() THEN -1 ELSE (SELECT sum(size) FROM pg_ls_waldir()) END)
+"""
+
+
+@dataclass
+class Counters:
+    at: float
+    commits: float
+    deadlocks: float
+    cpu_s: float | None
+    volume_lsn: int | None = None
+
+
+def rate(before: float | None, after: float | None, seconds: float) -> float | None:
+    """A counter's rate over an interval; None when it went back (a restart) or there
+    is no interval."""
+    if before is None or after is None or seconds <= 0 or after < before:
+        return None
+    return (after - before) / seconds
+
+
+def process_tree_cpu_s(pid: int) -> float | None:
+    """CPU seconds of ``pid`` and every process under it (a postmaster: its backends
+    and workers), from ``/proc``; None if it is gone."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    if pid not in times:
+        return None
+    total, frontier = 0.0, [pid]
+    while frontier:
+        p = frontier.pop()
+        total += times.get(p, 0.0)
+        frontier.extend(c for c, parent in parents.items() if parent == p)
+    return total
+
+
+def available_memory() -> float | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    return None
+
+
+class MetricSampler:
+    def __init__(self, state: State, store: MetricStore,
+                 cluster_status: Callable[[str], Coroutine[Any, Any, dict[str, Any]]]
+                 ) -> None:
+        self.state = state
+        self.store = store
+        self.cluster_status = cluster_status
+        self.previous: dict[str, Counters] = {}  # by instance id, or cluster name
+        self.pruned = 0.0
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            began = time.monotonic()
+            try:
+                await self.sample_all()
+            except Exception:  # a round lost is a gap in the charts, never a stop
+                log.exception("sampling metrics")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(),
+                                       max(0.5, RAW_RESOLUTION_S - (time.monotonic() - began)))
+
+    async def sample_all(self) -> None:
+        now = time.time()
+        samples: list[Sample] = []
+        for cluster in self.state.clusters():
+            if cluster.desired != "up":
+                continue
+            samples += await self.sample_cluster(cluster.name, now)
+        if samples:
+            await asyncio.to_thread(self.store.record, samples, now)
+        if now - self.pruned > PRUNE_EVERY_S:
+            self.pruned = now
+            await asyncio.to_thread(self.store.prune, now)
+
+    async def sample_cluster(self, name: str, now: float) -> list[Sample]:
+        rt = ClusterRuntime(self.state, name)
+        status = await self.cluster_status(name)
+        out: list[Sample] = []
+        by_role: dict[str, list[dict[str, float]]] = {"WRITER": [], "READER": []}
+        lags: list[float] = []
+        for inst_status in status["instances"]:
+            inst = self.state.instance(inst_status["id"])
+            if inst is None or inst_status["state"] != "available":
+                self.previous.pop(inst_status["id"], None)
+                continue
+            values = await self._instance_values(rt, inst, now)
+            if inst.role == "reader" and inst_status.get("lag_ms") is not None:
+                values["AuroraReplicaLag"] = float(inst_status["lag_ms"])
+                lags.append(values["AuroraReplicaLag"])
+            dims = dimension_key({"DBInstanceIdentifier": inst.id})
+            out += [Sample(metric, dims, v) for metric, v in values.items()]
+            by_role["WRITER" if inst.role == "writer" else "READER"].append(values)
+        for role, rows in by_role.items():
+            dims = dimension_key({"DBClusterIdentifier": name, "Role": role})
+            for metric in ("DatabaseConnections", "CommitThroughput", "Deadlocks"):
+                present = [r[metric] for r in rows if metric in r]
+                if present:
+                    out.append(Sample(metric, dims, sum(present)))
+            cpu = [r["CPUUtilization"] for r in rows if "CPUUtilization" in r]
+            if cpu:
+                out.append(Sample("CPUUtilization", dims, sum(cpu) / len(cpu)))
+        out += self._cluster_values(name, status, lags, now)
+        return out
+
+    async def _instance_values(self, rt: ClusterRuntime, inst: Instance, now: float
+                               ) -> dict[str, float]:
+        try:
+            raw = await probe.value_once(rt.dsn(inst), _INSTANCE_SQL, QUERY_TIMEOUT_S)
+            connections, commits, deadlocks, wal = (float(x) for x in (raw or "").split(","))
+        except (psycopg.Error, OSError, TimeoutError, probe.ProbeTimeout, ValueError):
+            return {}
+        values = {"DatabaseConnections": connections}
+        if wal >= 0:
+            values["TransactionLogsDiskUsage"] = wal
+        cpu_s = None
+        if inst.host == LOCAL and inst.pid:  # a host's processes are not this /proc's
+            cpu_s = await asyncio.to_thread(process_tree_cpu_s, inst.pid)
+            memory = available_memory()
+            if memory is not None:
+                values["FreeableMemory"] = memory
+        before = self.previous.get(inst.id)
+        self.previous[inst.id] = Counters(now, commits, deadlocks, cpu_s)
+        if before is not None:
+            seconds = now - before.at
+            for metric, r in (("CommitThroughput", rate(before.commits, commits, seconds)),
+                              ("Deadlocks", rate(before.deadlocks, deadlocks, seconds))):
+                if r is not None:
+                    values[metric] = r
+            cpu = rate(before.cpu_s, cpu_s, seconds)
+            if cpu is not None:
+                values["CPUUtilization"] = min(100.0, 100.0 * cpu / (os.cpu_count() or 1))
+        return values
+
+    def _cluster_values(self, name: str, status: dict[str, Any], lags: list[float],
+                        now: float) -> list[Sample]:
+        dims = dimension_key({"DBClusterIdentifier": name})
+        out = []
+        if lags:
+            out += [Sample("AuroraReplicaLagMaximum", dims, max(lags)),
+                    Sample("AuroraReplicaLagMinimum", dims, min(lags))]
+        vdl = parse_lsn(status["vdl"]) if status.get("vdl") else None
+        held = []
+        for node in status["storage_nodes"]:
+            if node.get("flush_lsn") is None:
+                continue
+            flush = parse_lsn(node["flush_lsn"])
+            held.append(flush - parse_lsn(node.get("start_lsn") or node["flush_lsn"]))
+            if vdl is not None:
+                out.append(Sample("VolumeDurableLSNLag", dimension_key(
+                    {"DBClusterIdentifier": name, "StorageNodeId": node["id"]}),
+                    float(max(0, vdl - flush))))
+        if held:
+            out.append(Sample("VolumeBytesUsed", dims, float(max(held))))
+        before = self.previous.get(name)
+        if vdl is not None:
+            self.previous[name] = Counters(now, 0, 0, None, vdl)
+            if before is not None and before.volume_lsn is not None:
+                written = rate(before.volume_lsn, vdl, now - before.at)
+                if written is not None:  # 8 KiB writes, as a page-sized I/O counts
+                    out.append(Sample("VolumeWriteIOPs", dims,
+                                      written * (now - before.at) / 8192))
+        for ep in status.get("endpoints", []):
+            out.append(Sample("EndpointConnections", dimension_key(
+                {"DBClusterIdentifier": name, "DBClusterEndpoint": ep["name"]}),
+                float(ep.get("metrics", {}).get("active", 0))))
+        return out

@@ -1,0 +1,172 @@
+"""Metrics with CloudWatch's names, read back through boto3's ``cloudwatch`` client, the
+AWS CLI and a Prometheus scrape, while pgbench runs against the shared cluster."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from botocore.exceptions import ClientError
+
+from borealis.compute import postgres as pg
+from tests.harness import ClusterView, wait_for
+
+RUN_S = 16
+
+
+def _instance_dims(instance: str) -> list[dict[str, str]]:
+    return [{"Name": "DBInstanceIdentifier", "Value": instance}]
+
+
+@pytest.fixture(scope="module")
+def pgbench_run(cluster: ClusterView) -> dict[str, Any]:
+    """pgbench for RUN_S seconds on the writer, and the reader's own replay lag sampled
+    meanwhile (``now() - pg_last_xact_replay_timestamp()``)."""
+    writer, reader = cluster.writer(), cluster.readers()[0]
+    bindir = pg.find_bindir()
+    subprocess.run([str(bindir / "pgbench"), "-i", "-s", "1", "-q", writer["dsn"]],
+                   check=True, capture_output=True, timeout=120)
+    replay_lag_ms: list[float] = []
+    done = threading.Event()
+
+    def watch_reader() -> None:
+        with psycopg.connect(reader["dsn"], autocommit=True) as conn:
+            while not done.is_set():
+                row = conn.execute("SELECT extract(epoch FROM now() - "
+                                   "pg_last_xact_replay_timestamp()) * 1000").fetchone()
+                if row and row[0] is not None:
+                    replay_lag_ms.append(float(row[0]))
+                time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch_reader)
+    watcher.start()
+    started = time.time()
+    try:
+        out = subprocess.run([str(bindir / "pgbench"), "-n", "-c", "4", "-j", "2", "-T",
+                              str(RUN_S), writer["dsn"]], check=True, capture_output=True,
+                             text=True, timeout=RUN_S + 120).stdout
+    finally:
+        done.set()
+        watcher.join()
+    ended = time.time()
+    tps = float(re.search(r"tps = ([\d.]+) \(without initial", out).group(1))  # type: ignore[union-attr]
+    # The sample taken just after the run ends, so its last interval is in the history.
+    time.sleep(6)
+    return {"writer": writer["id"], "reader": reader["id"], "tps": tps, "start": started,
+            "end": ended, "replay_lag_ms": replay_lag_ms}
+
+
+def test_commit_throughput_matches_pgbench(cluster: ClusterView,
+                                           pgbench_run: dict[str, Any]) -> None:
+    cw = cluster.b.client("cloudwatch")
+    answer = cw.get_metric_statistics(
+        Namespace="AWS/RDS", MetricName="CommitThroughput",
+        Dimensions=_instance_dims(pgbench_run["writer"]),
+        StartTime=dt.datetime.fromtimestamp(pgbench_run["start"], dt.UTC),
+        EndTime=dt.datetime.fromtimestamp(pgbench_run["end"] + 6, dt.UTC),
+        Period=5, Statistics=["Average", "Maximum", "SampleCount"])
+    points = sorted(answer["Datapoints"], key=lambda p: p["Timestamp"])
+    assert answer["Label"] == "CommitThroughput" and len(points) >= 3, points
+    assert all(p["Unit"] == "Count/Second" for p in points)
+    # Periods wholly inside the run (the first and last straddle its start and end).
+    inner = [p["Average"] for p in points
+             if pgbench_run["start"] + 1 < p["Timestamp"].timestamp()
+             and p["Timestamp"].timestamp() + 5 < pgbench_run["end"] - 1]
+    assert inner, points
+    measured = statistics.mean(inner)
+    assert abs(measured - pgbench_run["tps"]) <= 0.1 * pgbench_run["tps"], (
+        measured, pgbench_run["tps"], points)
+
+
+def test_replica_lag_is_the_readers(cluster: ClusterView, pgbench_run: dict[str, Any]) -> None:
+    cw = cluster.b.client("cloudwatch")
+    start = dt.datetime.fromtimestamp(pgbench_run["start"], dt.UTC)
+    end = dt.datetime.fromtimestamp(pgbench_run["end"], dt.UTC)
+    data = cw.get_metric_data(
+        MetricDataQueries=[
+            {"Id": "lag", "MetricStat": {"Metric": {
+                "Namespace": "AWS/RDS", "MetricName": "AuroraReplicaLag",
+                "Dimensions": _instance_dims(pgbench_run["reader"])},
+                "Period": 5, "Stat": "Maximum"}},
+            {"Id": "most", "MetricStat": {"Metric": {
+                "Namespace": "AWS/RDS", "MetricName": "AuroraReplicaLagMaximum",
+                "Dimensions": [{"Name": "DBClusterIdentifier", "Value": cluster.name}]},
+                "Period": 5, "Stat": "Maximum"}}],
+        StartTime=start, EndTime=end)
+    results = {r["Id"]: r for r in data["MetricDataResults"]}
+    lag = results["lag"]["Values"]
+    assert lag and results["lag"]["StatusCode"] == "Complete", results
+    # Newest first, as CloudWatch answers by default.
+    stamps = results["lag"]["Timestamps"]
+    assert stamps == sorted(stamps, reverse=True)
+    # What the reader says of itself while pgbench commits hundreds of times a second:
+    # its last replayed commit is as recent as the lag the control plane measured.
+    own = pgbench_run["replay_lag_ms"]
+    assert own and max(lag) < 5000 and statistics.median(own) < 5000, (lag, own)
+    assert abs(statistics.median(lag) - statistics.median(own)) < 1000, (lag, own)
+    assert results["most"]["Values"], results
+
+
+def test_list_metrics_and_the_aws_cli(cluster: ClusterView,
+                                      pgbench_run: dict[str, Any]) -> None:
+    cw = cluster.b.client("cloudwatch")
+    listed = cw.list_metrics(Namespace="AWS/RDS", MetricName="DatabaseConnections",
+                             Dimensions=[{"Name": "DBClusterIdentifier",
+                                          "Value": cluster.name}])["Metrics"]
+    assert {tuple(sorted((d["Name"], d["Value"]) for d in m["Dimensions"]))
+            for m in listed} >= {(("DBClusterIdentifier", cluster.name), ("Role", "WRITER")),
+                                 (("DBClusterIdentifier", cluster.name), ("Role", "READER"))}
+    aws = Path(sys.executable).with_name("aws")
+    out = subprocess.run([str(aws), "cloudwatch", "list-metrics", "--namespace", "AWS/RDS",
+                          "--metric-name", "CommitThroughput", "--output", "json"],
+                         env=cluster.b.aws_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    names = {(m["MetricName"], d["Value"]) for m in json.loads(out.stdout)["Metrics"]
+             for d in m["Dimensions"] if d["Name"] == "DBInstanceIdentifier"}
+    assert ("CommitThroughput", pgbench_run["writer"]) in names
+
+
+@pytest.mark.parametrize(("period", "statistic", "shift_end", "code"), [
+    (7, "Average", 0, "InvalidParameterValue"),
+    (60, "Median", 0, "InvalidParameterValue"),
+    (60, "Average", -7200, "InvalidParameterValue"),  # the end before the start
+    (1, "Average", 0, "InvalidParameterCombination"),  # 3600 datapoints
+])
+def test_bad_requests_get_cloudwatchs_errors(cluster: ClusterView, period: int,
+                                             statistic: str, shift_end: int,
+                                             code: str) -> None:
+    cw = cluster.b.client("cloudwatch")
+    now = dt.datetime.now(dt.UTC)
+    with pytest.raises(ClientError) as refused:
+        cw.get_metric_statistics(Namespace="AWS/RDS", MetricName="CPUUtilization",
+                                 StartTime=now - dt.timedelta(hours=1),
+                                 EndTime=now + dt.timedelta(seconds=shift_end),
+                                 Period=period, Statistics=[statistic])
+    assert refused.value.response["Error"]["Code"] == code
+
+
+def test_prometheus_scrapes_with_its_token(cluster: ClusterView,
+                                           pgbench_run: dict[str, Any]) -> None:
+    url, token = cluster.b.cli("metrics-token").stdout.split()
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url, timeout=10)
+    assert refused.value.code == 403
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    text = wait_for("a scrape with the writer's connections", lambda: (lambda t: t if (
+        f'borealis_database_connections{{db_instance_identifier="{pgbench_run["writer"]}"}}'
+        in t) else None)(urllib.request.urlopen(request, timeout=10).read().decode()), 20, 1)
+    assert "# HELP borealis_aurora_replica_lag_milliseconds AuroraReplicaLag" in text
+    assert re.search(r'borealis_commit_throughput_per_second\{db_cluster_identifier='
+                     rf'"{cluster.name}",role="WRITER"\}} [\d.e+]+', text), text
