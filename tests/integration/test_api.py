@@ -155,6 +155,23 @@ def test_cluster_lifecycle_with_boto3(cluster: ClusterView) -> None:
     messages = [e["Message"] for e in rds.describe_events(
         SourceType="db-cluster", SourceIdentifier="life", Duration=60)["Events"]]
     assert any("promoted life-b" in m for m in messages)
+    # The failover as the AWS CLI lists it: Aurora's messages, in its category.
+    aws = Path(sys.executable).with_name("aws")
+    listed = json.loads(subprocess.run(
+        [str(aws), "rds", "describe-events", "--source-type", "db-cluster",
+         "--source-identifier", "life", "--event-categories", "failover", "--output",
+         "json"], env=borealis.aws_env(), capture_output=True, text=True, timeout=120,
+        check=True).stdout)["Events"]
+    assert "Completed failover to DB instance: life-b" in [e["Message"] for e in listed]
+    assert all(e["EventCategories"] == ["failover"] for e in listed), listed
+    promoted = rds.describe_events(SourceType="db-instance", SourceIdentifier="life-b",
+                                   Duration=60)["Events"]
+    assert any(e["EventCategories"] == ["failover"] for e in promoted), promoted
+    categories = rds.describe_event_categories(SourceType="db-cluster")
+    assert "failover" in categories["EventCategoriesMapList"][0]["EventCategories"]
+    with pytest.raises(ClientError) as bad:
+        rds.describe_events(SourceType="db-planet")
+    assert error_code(bad) == "InvalidParameterValue"
 
     # A reboot of a reader: rebooting, then available again.
     rebooting = rds.reboot_db_instance(DBInstanceIdentifier="life-a")["DBInstance"]

@@ -7,16 +7,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from borealis.api import identity
+from borealis.api import event_catalog, identity
 from borealis.api.errors import ApiError, not_found
-from borealis.control import backtrack
-from borealis.control.handle import ClusterError
-from borealis.control.state import Snapshot
-
-if TYPE_CHECKING:
-    pass
 from borealis.api.rds_base import RdsBase
 from borealis.api.rds_rules import (
     ENGINE,
@@ -25,6 +19,11 @@ from borealis.api.rds_rules import (
     identifier,
     paginate,
 )
+from borealis.control import backtrack
+from borealis.control.handle import ClusterError
+from borealis.control.state import Snapshot
+
+MAX_EVENT_MINUTES = 20160  # 14 days, as RDS keeps events
 
 
 class RdsBackups(RdsBase):
@@ -190,28 +189,58 @@ class RdsBackups(RdsBase):
     # -- events ----------------------------------------------------------------------------
 
     async def op_DescribeEvents(self, p: dict[str, Any]) -> dict[str, Any]:
+        """Events of clusters, instances and cluster snapshots (each recorded event as
+        :func:`.event_catalog.classify` reads it), newest last, over the last hour
+        unless a time range or ``Duration`` (minutes, up to 14 days) says otherwise."""
         source_type = p.get("SourceType")
-        if source_type not in (None, "db-cluster"):
-            return {"Events": []}  # events are kept per cluster
+        if source_type is not None and source_type not in event_catalog.SOURCE_TYPES:
+            raise ApiError("InvalidParameterValue", f"Invalid SourceType {source_type!r}; "
+                           f"valid: {', '.join(event_catalog.SOURCE_TYPES)}.")
+        if "SourceIdentifier" in p and source_type is None:
+            raise ApiError("InvalidParameterCombination", "SourceType must be given with "
+                           "SourceIdentifier.")
+        duration = p.get("Duration", 60)
+        if not 1 <= duration <= MAX_EVENT_MINUTES:
+            raise ApiError("InvalidParameterValue", "Duration is 1 to 20160 minutes.")
         now = dt.datetime.now(dt.UTC)
         end = p.get("EndTime", now)
-        start = p.get("StartTime", end - dt.timedelta(minutes=p.get("Duration", 60)))
+        start = p.get("StartTime", end - dt.timedelta(minutes=duration))
+        if start > end:
+            raise ApiError("InvalidParameterCombination", "StartTime must be before EndTime.")
+        wanted = set(p.get("EventCategories") or [])
         clusters = [c.name for c in self.state.clusters()]
-        if "SourceIdentifier" in p:
-            if source_type is None:
-                raise ApiError("InvalidParameterCombination", "SourceType must be given "
-                               "with SourceIdentifier.")
+        if source_type == "db-cluster" and "SourceIdentifier" in p:
             clusters = [self._cluster(p["SourceIdentifier"]).name]
         events: list[dict[str, Any]] = []
         for name in clusters:
-            arn = identity.rds_arn(self.state, "cluster", name)
-            for e in self.state.events(name, limit=10_000):
+            for e in self.state.events(name, limit=100_000):
                 when = dt.datetime.fromtimestamp(float(str(e["time"])), dt.UTC)
-                if start <= when <= end:
-                    events.append({"SourceIdentifier": name, "SourceType": "db-cluster",
-                                   "Message": f"{e['source']}: {e['message']}",
-                                   "EventCategories": [str(e["source"])], "Date": when,
-                                   "SourceArn": arn})
+                if not start <= when <= end:
+                    continue
+                for ev in event_catalog.classify(name, str(e["source"]), str(e["message"])):
+                    if (source_type not in (None, ev.source_type)
+                            or p.get("SourceIdentifier", ev.source_id) != ev.source_id
+                            or (wanted and not wanted & set(ev.categories))):
+                        continue
+                    events.append(self._describe_event(ev, when))
         events.sort(key=lambda e: e["Date"])
         page, marker = paginate(events, p)
         return {"Events": page, "Marker": marker}
+
+    def _describe_event(self, ev: event_catalog.RdsEvent, when: dt.datetime
+                        ) -> dict[str, Any]:
+        kind = {"db-cluster": "cluster", "db-instance": "db",
+                "db-cluster-snapshot": "cluster-snapshot"}[ev.source_type]
+        out = {"SourceIdentifier": ev.source_id, "SourceType": ev.source_type,
+               "Message": ev.message, "EventCategories": list(ev.categories), "Date": when,
+               "SourceArn": identity.rds_arn(self.state, kind, ev.source_id)}
+        return out
+
+    async def op_DescribeEventCategories(self, p: dict[str, Any]) -> dict[str, Any]:
+        source_type = p.get("SourceType")
+        if source_type is not None and source_type not in event_catalog.SOURCE_TYPES:
+            raise ApiError("InvalidParameterValue", f"Invalid SourceType {source_type!r}.")
+        return {"EventCategoriesMapList": [
+            {"SourceType": kind, "EventCategories": list(categories)}
+            for kind, categories in event_catalog.CATEGORIES.items()
+            if source_type in (None, kind)]}
