@@ -86,6 +86,7 @@ def test_storage_nodes_go_two_per_az_on_its_host(lab: Lab, cluster: ClusterView)
     assert {(n["az"], n["host"]) for n in nodes} == {
         ("az-a", "az-a-1"), ("az-b", "az-b-1"), ("az-c", "az-c-1")}
     assert all(n["state"] == "serving" for n in nodes), nodes
+    assert cluster.status()["volume_client"]["host"] == cluster.writer()["host"]
     holds = lab.hosts()["az-b-1"]["holds"]
     assert holds == ["hostc/hostc-2", "hostc/sn-b1", "hostc/sn-b2"]  # the reader too
     refused = lab.b.cli("host", "remove", "az-b-1", check=False)
@@ -157,6 +158,13 @@ def test_every_hosts_address_reaches_every_endpoint(lab: Lab, cluster: ClusterVi
             out = wait_for(f"{ep['name']} through {address}", lambda one=one: _answered(
                 lab, [psql, one, "-Atc", query]), 30, 0.2)
             assert out == f"{in_recovery}|t", (ep["name"], address, out)
+    # pgbench through every host's proxies (libpq takes the first host that answers).
+    pgbench = str(pg.find_bindir() / "pgbench")
+    for argv in ([pgbench, "-i", "-s", "1", "-q", writer_ep["hosts_dsn"]],
+                 [pgbench, "-n", "-c", "2", "-t", "30", writer_ep["hosts_dsn"]],
+                 [pgbench, "-n", "-S", "-c", "2", "-t", "30", reader_ep["hosts_dsn"]]):
+        done = _in_client(lab, argv)
+        assert done.returncode == 0, done.stderr
     # Plain TCP to a host's proxy reaches a server that refuses it.
     plain = _in_client(lab, [psql, writer_ep["hosts_dsn"].replace("verify-full", "disable"),
                              "-Atc", "SELECT 1"])

@@ -49,6 +49,7 @@ class StatusReader:
             "epoch": cluster.epoch,
             "vdl": shown.get("vdl") if vc_alive else None,
             "volume_client": {
+                "host": rt.volume_host() or "local",
                 "pid": row[0] if row and vc_alive else None,
                 "epoch": row[1] if row else None,
                 "vdl": shown.get("vdl"),
