@@ -76,3 +76,42 @@ def test_a_counter_that_went_back_gives_no_rate() -> None:
     assert rate(100, 160, 6) == 10
     assert rate(160, 3, 5) is None  # a restarted server's counters start again
     assert rate(None, 3, 5) is None and rate(1, 2, 0) is None
+
+
+def test_the_json_and_query_protocols_round_trip_through_botocore() -> None:
+    from borealis.api import json_codec, query_codec
+
+    op = MODEL.operation_model("GetMetricStatistics")
+    start = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
+    params = {"Namespace": "AWS/RDS", "MetricName": "CPUUtilization", "StartTime": start,
+              "EndTime": start + dt.timedelta(hours=1), "Period": 60,
+              "Statistics": ["Average"],
+              "Dimensions": [{"Name": "DBInstanceIdentifier", "Value": "c-1"}]}
+    wire = create_serializer("json").serialize_to_request(params, op)
+    target = wire["headers"]["X-Amz-Target"]
+    assert json_codec.targets(MODEL, target)
+    parsed_op, parsed = json_codec.parse_request(MODEL, target, wire["body"])
+    assert parsed_op.name == op.name and parsed["StartTime"] == start
+    assert parsed["Dimensions"] == params["Dimensions"]
+    result = {"Label": "CPUUtilization", "Datapoints": [
+        {"Timestamp": 1_800_000_000.0, "Average": 12.5, "Unit": "Percent"}]}
+    back = create_parser("json").parse(
+        {"body": json_codec.serialize_result(result), "headers": {}, "status_code": 200},
+        op.output_shape)
+    assert back["Datapoints"][0]["Timestamp"] == dt.datetime.fromtimestamp(1_800_000_000,
+                                                                            dt.UTC)
+    body, status, headers = json_codec.serialize_error(
+        MODEL, ApiError("MissingParameter", "Statistics is required"))
+    error = create_parser("json").parse({"body": body, "headers": headers,
+                                         "status_code": status}, op.output_shape)
+    assert error["Error"]["Code"] == "MissingParameter" and status == 400
+    # The query protocol (botocore before CloudWatch moved off it).
+    form = create_serializer("query").serialize_to_request(params, op)["body"]
+    import urllib.parse
+    fields = query_codec.parse_form(urllib.parse.urlencode(form).encode())
+    query_op, from_form = query_codec.parse_request(MODEL, fields)
+    assert query_op.name == op.name and from_form["Period"] == 60
+    xml = query_codec.serialize_result(op, result, "rid")
+    parsed_xml = create_parser("query").parse({"body": xml, "headers": {},
+                                               "status_code": 200}, op.output_shape)
+    assert parsed_xml["Datapoints"][0]["Average"] == 12.5

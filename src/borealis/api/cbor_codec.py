@@ -15,6 +15,7 @@ import cbor2
 from botocore.model import OperationModel, ServiceModel, Shape
 
 from borealis.api.errors import ApiError
+from borealis.api.json_codec import error_shape
 
 CONTENT_TYPE = "application/cbor"
 PROTOCOL_HEADER = ("smithy-protocol", "rpc-v2-cbor")
@@ -59,14 +60,7 @@ def serialize_result(op: OperationModel, result: dict[str, Any]) -> bytes:
 def serialize_error(model: ServiceModel, error: ApiError) -> tuple[bytes, int, dict[str, str]]:
     """Body, status and headers of an error: the modeled shape whose query code is
     ``error.code`` names ``__type`` (so boto3 raises its exception class)."""
-    shape_name, status, sender = error.code, error.status, "Sender"
-    for name in model.shape_names:
-        meta = model.shape_for(name).metadata.get("error", {})
-        if meta.get("code") == error.code:
-            shape_name = name
-            status = int(meta.get("httpStatusCode", status))
-            sender = "Sender" if meta.get("senderFault") else "Receiver"
-            break
+    shape, status, fault = error_shape(model, error.code, error.status)
     namespace = "com.amazonaws." + str(model.metadata.get("serviceId", "")).lower()
-    body = cbor2.dumps({"__type": f"{namespace}#{shape_name}", "message": error.message})
-    return body, status, {"x-amzn-query-error": f"{error.code};{sender}"}
+    body = cbor2.dumps({"__type": f"{namespace}#{shape}", "message": error.message})
+    return body, status, {"x-amzn-query-error": f"{error.code};{fault}"}

@@ -16,15 +16,23 @@ import contextlib
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import botocore.session
 from aiohttp import web
-from botocore.model import ServiceModel
+from botocore.model import OperationModel, ServiceModel
 from botocore.validate import ParamValidator
 
-from borealis.api import cbor_codec, data_api, identity, prometheus, query_codec, sigv4
+from borealis.api import (
+    cbor_codec,
+    data_api,
+    identity,
+    json_codec,
+    prometheus,
+    query_codec,
+    sigv4,
+)
 from borealis.api.cloudwatch import CloudWatchOperations
 from borealis.api.data_api import DataApi
 from borealis.api.errors import ApiError
@@ -95,13 +103,39 @@ def cbor_error(error: ApiError, request_id: str) -> web.Response:
                                  cbor_codec.PROTOCOL_HEADER[0]: cbor_codec.PROTOCOL_HEADER[1]})
 
 
-def _service_of(path: str) -> tuple[str, Callable[[ApiError, str], web.Response]]:
+def cloudwatch_json_error(error: ApiError, request_id: str) -> web.Response:
+    body, status, headers = json_codec.serialize_error(CLOUDWATCH_MODEL, error)
+    return web.Response(body=body, status=status, content_type=json_codec.CONTENT_TYPE,
+                        headers={**headers, "x-amzn-RequestId": request_id})
+
+
+def cloudwatch_query_error(error: ApiError, request_id: str) -> web.Response:
+    return web.Response(body=query_codec.serialize_error(CLOUDWATCH_MODEL, error, request_id),
+                        status=error.status, content_type="text/xml",
+                        headers={"x-amzn-RequestId": request_id})
+
+
+def _is_cloudwatch_query(body: bytes) -> bool:
+    """A form for CloudWatch's query protocol (older botocore): its API version."""
+    return b"Version=2010-08-01" in body
+
+
+def _service_of(path: str, headers: Mapping[str, str], body: bytes = b""
+                ) -> tuple[str, Callable[[ApiError, str], web.Response]]:
+    """Which service a request is for (its signing name) and how its errors look. At
+    ``/``: CloudWatch's JSON (``X-Amz-Target``) or query form (its API version), else
+    RDS."""
     if path == METRICS_PATH:
         return METRICS_PATH, control_error
     if path.startswith("/v1/"):
         return CONTROL_SERVICE, control_error
     if path.startswith(CLOUDWATCH_PATH):
         return CLOUDWATCH_MODEL.signing_name, cbor_error
+    if path == "/" and json_codec.targets(CLOUDWATCH_MODEL,
+                                          headers.get(json_codec.TARGET_HEADER, "")):
+        return CLOUDWATCH_MODEL.signing_name, cloudwatch_json_error
+    if path == "/" and _is_cloudwatch_query(body):
+        return CLOUDWATCH_MODEL.signing_name, cloudwatch_query_error
     if path == "/":
         return "rds", query_error
     return "rds-data", json_error
@@ -132,7 +166,7 @@ class Api:
     async def authenticate(self, request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                            ) -> web.StreamResponse:
-        service, error_response = _service_of(request.path)
+        service, error_response = _service_of(request.path, request.headers)
         request_id = query_codec.new_request_id()
         request["request_id"] = request_id
         try:
@@ -144,6 +178,7 @@ class Api:
             except web.HTTPRequestEntityTooLarge:
                 raise ApiError("RequestEntityTooLarge", "the request body is larger than "
                                f"{MAX_REQUEST >> 20} MiB", 413) from None
+            service, error_response = _service_of(request.path, request.headers, body)
             host = request.headers.get("Host", request.host)
             url = f"{request.scheme}://{host}{request.raw_path}"
             if service == METRICS_PATH:
@@ -185,6 +220,15 @@ class Api:
 
     # -- RDS (query protocol) --------------------------------------------------------------
 
+    async def root_post(self, request: web.Request) -> web.Response:
+        """``POST /``: RDS (query), or CloudWatch (JSON or query)."""
+        if json_codec.targets(CLOUDWATCH_MODEL,
+                              request.headers.get(json_codec.TARGET_HEADER, "")):
+            return await self.cloudwatch_json(request)
+        if _is_cloudwatch_query(request["body"]):
+            return await self.cloudwatch_query(request)
+        return await self.rds_query(request)
+
     async def rds_query(self, request: web.Request) -> web.Response:
         fields = query_codec.parse_form(request["body"])
         op, params = query_codec.parse_request(RDS_MODEL, fields)
@@ -195,8 +239,7 @@ class Api:
 
     # -- CloudWatch (Smithy RPC v2 CBOR) ---------------------------------------------------
 
-    async def cloudwatch_call(self, request: web.Request) -> web.Response:
-        op, params = cbor_codec.parse_request(CLOUDWATCH_MODEL, request.path, request["body"])
+    async def _cloudwatch(self, op: OperationModel, params: dict[str, Any]) -> dict[str, Any]:
         report = self.validator.validate(params, op.input_shape)
         if report.has_errors():
             raise ApiError("InvalidParameterValue", report.generate_report())
@@ -204,11 +247,31 @@ class Api:
         if call is None:
             raise ApiError("InvalidAction", f"{op.name} is not supported; Borealis answers "
                            "GetMetricStatistics, GetMetricData and ListMetrics", 400)
-        body = cbor_codec.serialize_result(op, await call(params))
+        result: dict[str, Any] = await call(params)
+        return result
+
+    async def cloudwatch_call(self, request: web.Request) -> web.Response:
+        op, params = cbor_codec.parse_request(CLOUDWATCH_MODEL, request.path, request["body"])
+        body = cbor_codec.serialize_result(op, await self._cloudwatch(op, params))
         return web.Response(body=body, content_type=cbor_codec.CONTENT_TYPE,
                             headers={"x-amzn-RequestId": request["request_id"],
                                      cbor_codec.PROTOCOL_HEADER[0]:
                                      cbor_codec.PROTOCOL_HEADER[1]})
+
+    async def cloudwatch_json(self, request: web.Request) -> web.Response:
+        op, params = json_codec.parse_request(
+            CLOUDWATCH_MODEL, request.headers[json_codec.TARGET_HEADER], request["body"])
+        body = json_codec.serialize_result(await self._cloudwatch(op, params))
+        return web.Response(body=body, content_type=json_codec.CONTENT_TYPE,
+                            headers={"x-amzn-RequestId": request["request_id"]})
+
+    async def cloudwatch_query(self, request: web.Request) -> web.Response:
+        fields = query_codec.parse_form(request["body"])
+        op, params = query_codec.parse_request(CLOUDWATCH_MODEL, fields)
+        result = await self._cloudwatch(op, params)
+        body = query_codec.serialize_result(op, result, request["request_id"])
+        return web.Response(body=body, content_type="text/xml",
+                            headers={"x-amzn-RequestId": request["request_id"]})
 
     # -- Data API (REST-JSON) --------------------------------------------------------------
 
@@ -252,7 +315,7 @@ class Api:
     # -- wiring ----------------------------------------------------------------------------
 
     def add_routes(self, app: web.Application) -> None:
-        app.router.add_post("/", self.rds_query)
+        app.router.add_post("/", self.root_post)
         app.router.add_get(METRICS_PATH, self.prometheus_metrics)
         app.router.add_post(CLOUDWATCH_PATH + "{operation}", self.cloudwatch_call)
         for uri in self._data_operations():

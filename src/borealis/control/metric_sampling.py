@@ -9,8 +9,9 @@ counters), ``AuroraReplicaLag`` (a reader), ``TransactionLogsDiskUsage`` (the wr
 time against the machine's CPUs) and ``FreeableMemory``. Per cluster
 (``DBClusterIdentifier``): ``AuroraReplicaLagMaximum``/``Minimum``, ``VolumeBytesUsed``
 (the WAL a storage node holds), ``VolumeWriteIOPs``. Per storage node
-(``StorageNodeId``): ``VolumeDurableLSNLag``. Per endpoint (``DBClusterEndpoint``):
-``EndpointConnections``.
+(``StorageNodeId``): ``VolumeDurableLSNLag``. The writer's ``CommitLatency``: how long
+its WAL waited for a write quorum (timed by the volume client). Per endpoint
+(``DBClusterEndpoint``): ``EndpointConnections``.
 
 Counters become rates here: a counter that went back (a server restarted) gives no
 rate for that interval rather than a negative one.
@@ -111,6 +112,7 @@ class MetricSampler:
         self.store = store
         self.cluster_status = cluster_status
         self.previous: dict[str, Counters] = {}  # by instance id, or cluster name
+        self.quorum: dict[str, tuple[int, float, int]] = {}  # cluster -> pid, wait s, waits
         self.pruned = 0.0
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -165,7 +167,25 @@ class MetricSampler:
             if cpu:
                 out.append(Sample("CPUUtilization", dims, sum(cpu) / len(cpu)))
         out += self._cluster_values(name, status, lags, now)
+        out += await self._commit_latency(rt)
         return out
+
+    async def _commit_latency(self, rt: ClusterRuntime) -> list[Sample]:
+        """``CommitLatency`` of the writer: how long the WAL it sent waited, on average
+        over the interval, for a write quorum (the volume client times each batch)."""
+        volume = await asyncio.to_thread(rt.volume_status)
+        writer = rt.writer()
+        if volume is None or writer is None:
+            return []
+        before = self.quorum.get(rt.name)
+        self.quorum[rt.name] = (volume.pid, volume.quorum_wait_s, volume.quorum_waits)
+        if before is None or before[0] != volume.pid or volume.quorum_waits <= before[2]:
+            return []  # a new volume client (epoch) counts afresh; or no commit since
+        waited = (volume.quorum_wait_s - before[1]) / (volume.quorum_waits - before[2])
+        return [Sample("CommitLatency", dimension_key({"DBInstanceIdentifier": writer.id}),
+                       waited * 1000),
+                Sample("CommitLatency", dimension_key({"DBClusterIdentifier": rt.name,
+                                                       "Role": "WRITER"}), waited * 1000)]
 
     async def _instance_values(self, rt: ClusterRuntime, inst: Instance, now: float
                                ) -> dict[str, float]:

@@ -188,6 +188,9 @@ class VolumeStatus:
     writer_heard: float | None  # when the writer last answered (wall clock)
     stopped: str | None  # why the client stopped, if it did
     updated: float
+    # Batches the VDL came to cover, and how long they waited for it in all (seconds).
+    quorum_wait_s: float = 0.0
+    quorum_waits: int = 0
 
     _LSNS = ("vdl", "stream_start", "received", "writer_flush", "buffer_start")
 

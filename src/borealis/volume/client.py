@@ -39,6 +39,7 @@ from borealis.volume.quorum import WRITE_QUORUM, VdlTracker, stream_start_point
 from borealis.wal.lsn import format_lsn, parse_lsn, segment_start
 from borealis.wal.timeline import parse_history
 
+IN_FLIGHT_KEPT = 65536  # batches awaiting the quorum that are timed (more: not timed)
 log = logging.getLogger("borealis.volume")
 
 APPLICATION_NAME = "borealis_volume"
@@ -133,6 +134,13 @@ class VolumeClient:
         self.buffer = WalBuffer(0, config.buffer_bytes)
         self.writer_flush = 0
         self.received = 0
+        # Commit latency as the storage sees it: when each batch came from the writer,
+        # until the VDL covers it (a commit waits for exactly that). Batches in flight
+        # (end LSN, when received), and the running sum and count of their waits.
+        self.in_flight: collections.deque[tuple[int, float]] = collections.deque(
+            maxlen=IN_FLIGHT_KEPT)
+        self.quorum_wait_s = 0.0
+        self.quorum_waits = 0
         self.reported_vdl = 0
         self.done = asyncio.Event()
         self.exit_reason = ""
@@ -221,6 +229,7 @@ class VolumeClient:
             blob = parts[0] if len(parts) == 1 else b"".join(parts)
             self.buffer.add(batch_start, blob)
             self.received = batch_start + len(blob)
+            self.in_flight.append((self.received, time.monotonic()))
             vdl = self.tracker.vdl
             for link in self.links.values():
                 if (link.ready and link.next_lsn == batch_start and link.transport is not None
@@ -347,6 +356,14 @@ class VolumeClient:
         link.transport.abort()
         return True
 
+    def _covered(self, vdl: int) -> None:
+        """The batches the VDL now covers: their waits for a write quorum end."""
+        now = time.monotonic()
+        while self.in_flight and self.in_flight[0][0] <= vdl:
+            _, received_at = self.in_flight.popleft()
+            self.quorum_wait_s += now - received_at
+            self.quorum_waits += 1
+
     def on_node_message(self, link: NodeLink, msg: vp.VolumeMessage) -> None:
         node_id = link.address.node_id
         match msg:
@@ -356,6 +373,7 @@ class VolumeClient:
                     link.xmin, link.xmin_epoch = xmin, xmin_epoch
                     self.send_feedback()
                 if self.tracker.ack(node_id, epoch, flush):
+                    self._covered(self.tracker.vdl)
                     self.send_status()
                     self._vdl_dirty = True
             case vp.NodeState():
@@ -516,7 +534,8 @@ class VolumeClient:
             nodes={nid: LinkStatus(lk.transport is not None, lk.ready, lk.flush_lsn,
                                    lk.reconnects) for nid, lk in self.links.items()},
             writer_heard=self.writer_heard_at or None, stopped=self.exit_reason or None,
-            updated=time.time())
+            updated=time.time(), quorum_wait_s=self.quorum_wait_s,
+            quorum_waits=self.quorum_waits)
         write_atomic(self.config.status_path, status.to_json())
 
 
