@@ -40,7 +40,7 @@ from typing import Any
 import psycopg
 
 from borealis.compute import postgres as pg
-from borealis.control.state import free_port
+from borealis.control.ports import free_port
 from borealis.times import parse_time
 from borealis.wal.lsn import parse_lsn
 

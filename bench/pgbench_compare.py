@@ -34,7 +34,7 @@ import psycopg
 
 from borealis import processes
 from borealis.compute import postgres as pg
-from borealis.control.state import free_port
+from borealis.control.ports import free_port
 
 USER = "bench"
 PASSWORD = "bench-password"

@@ -363,3 +363,15 @@ def summary(results: list[RoundResult]) -> dict[str, Any]:
     return {"rounds": len(results), "lost": sum(r.lost for r in results),
             "acked": sum(r.acked for r in results), "p50_s": statistics.median(downs),
             "max_s": max(downs)}
+
+
+def round_on_a_fresh_bank(view: ClusterView, dsn: str, fault: str, seed: int,
+                          clients: int = 2) -> RoundResult:
+    """A bank made through ``dsn``, one round of ``fault`` under it, the bank stopped."""
+    bank = Bank(dsn, clients=clients)
+    bank.create()
+    bank.start()
+    try:
+        return run_round(view, bank, fault, random.Random(seed))
+    finally:
+        bank.stop()

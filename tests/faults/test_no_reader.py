@@ -3,10 +3,7 @@ the base image plus the volume's WAL, never restarted on its old data."""
 
 from __future__ import annotations
 
-import random
-
-from tests.faults.bank import Bank
-from tests.faults.nemesis import run_round
+from tests.faults.nemesis import round_on_a_fresh_bank
 from tests.harness import Borealis, ClusterView
 
 
@@ -16,13 +13,7 @@ def test_a_writer_without_readers_is_rebuilt_from_the_base_image(borealis: Borea
     try:
         view.wait_all_serving()
         endpoint = next(e for e in view.status()["endpoints"] if e["type"] == "WRITER")
-        bank = Bank(endpoint["dsn"], clients=2)
-        bank.create()
-        bank.start()
-        try:
-            result = run_round(view, bank, "kill-writer", random.Random(3))
-        finally:
-            bank.stop()
+        result = round_on_a_fresh_bank(view, endpoint["dsn"], "kill-writer", 3)
         assert result.lost == 0 and result.acked > 0
         assert result.writer_after == result.writer_before  # the same instance, rebuilt
         events = borealis.cli("events", "solo").stdout

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import random
 import shutil
 import signal
 import socket
@@ -26,8 +25,7 @@ import pytest
 
 from borealis.compute import postgres as pg
 from borealis.lab import netns
-from tests.faults.bank import Bank
-from tests.faults.nemesis import run_round
+from tests.faults.nemesis import round_on_a_fresh_bank
 from tests.harness import ClusterView, iso, wait_for
 from tests.lab import HAS_LAB, WHY_NO_LAB, Lab, cluster_on, lab_with
 
@@ -123,12 +121,7 @@ def test_servers_run_on_the_hosts_of_their_azs_and_take_tls_from_elsewhere(
     # a reader, wherever they run.
     eps = {e["type"]: e["multi_host_dsn"] for e in cluster.status()["endpoints"]
            if e["type"] in ("WRITER", "READER")}
-    pgbench = str(pg.find_bindir() / "pgbench")
-    for argv in ([pgbench, "-i", "-s", "1", "-q", eps["WRITER"]],
-                 [pgbench, "-n", "-c", "2", "-t", "50", eps["WRITER"]],
-                 [pgbench, "-n", "-S", "-c", "2", "-t", "50", eps["READER"]]):
-        done = _in_client(lab, argv)
-        assert done.returncode == 0, done.stderr
+    _pgbench_in_client(lab, eps["WRITER"], eps["READER"])
     on_reader = _in_client(lab, [psql, eps["READER"], "-Atc", "SELECT pg_is_in_recovery()"])
     assert on_reader.stdout.strip() == "t", on_reader.stderr
 
@@ -159,12 +152,7 @@ def test_every_hosts_address_reaches_every_endpoint(lab: Lab, cluster: ClusterVi
                 lab, [psql, one, "-Atc", query]), 30, 0.2)
             assert out == f"{in_recovery}|t", (ep["name"], address, out)
     # pgbench through every host's proxies (libpq takes the first host that answers).
-    pgbench = str(pg.find_bindir() / "pgbench")
-    for argv in ([pgbench, "-i", "-s", "1", "-q", writer_ep["hosts_dsn"]],
-                 [pgbench, "-n", "-c", "2", "-t", "30", writer_ep["hosts_dsn"]],
-                 [pgbench, "-n", "-S", "-c", "2", "-t", "30", reader_ep["hosts_dsn"]]):
-        done = _in_client(lab, argv)
-        assert done.returncode == 0, done.stderr
+    _pgbench_in_client(lab, writer_ep["hosts_dsn"], reader_ep["hosts_dsn"])
     # Plain TCP to a host's proxy reaches a server that refuses it.
     plain = _in_client(lab, [psql, writer_ep["hosts_dsn"].replace("verify-full", "disable"),
                              "-Atc", "SELECT 1"])
@@ -175,6 +163,17 @@ def test_every_hosts_address_reaches_every_endpoint(lab: Lab, cluster: ClusterVi
                    / cluster.name / "endpoint-proxy" / "proxy" / "status.json")
     steered = json.loads(status_file.read_text())["endpoints"][writer_ep["name"]]["steered"]
     assert steered >= 1, status_file.read_text()
+
+
+def _pgbench_in_client(lab: Lab, writer_dsn: str, reader_dsn: str) -> None:
+    """pgbench from the client machine: writes through ``writer_dsn``, reads through
+    ``reader_dsn``."""
+    pgbench = str(pg.find_bindir() / "pgbench")
+    for argv in ([pgbench, "-i", "-s", "1", "-q", writer_dsn],
+                 [pgbench, "-n", "-c", "2", "-t", "40", writer_dsn],
+                 [pgbench, "-n", "-S", "-c", "2", "-t", "40", reader_dsn]):
+        done = _in_client(lab, argv)
+        assert done.returncode == 0, done.stderr
 
 
 def _answered(lab: Lab, argv: list[str]) -> str | None:
@@ -341,13 +340,7 @@ def test_a_writer_on_a_host_without_readers_is_rebuilt_from_the_base_image(lab: 
         wait_for("a base image", lambda: "base image taken from" in lab.b.cli(
             "events", "hosts").stdout, 60, 0.5)
         endpoint = next(e for e in view.status()["endpoints"] if e["type"] == "WRITER")
-        bank = Bank(endpoint["dsn"], clients=2)
-        bank.create()
-        bank.start()
-        try:
-            result = run_round(view, bank, "kill-writer", random.Random(5))
-        finally:
-            bank.stop()
+        result = round_on_a_fresh_bank(view, endpoint["dsn"], "kill-writer", 5)
         assert result.lost == 0 and result.acked > 0
         assert result.writer_after == result.writer_before  # the same instance, rebuilt
         events = lab.b.cli("events", "hosts").stdout

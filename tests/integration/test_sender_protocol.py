@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from borealis.compute.postgres import find_bindir
-from borealis.control.state import free_port
+from borealis.control.ports import free_port
 from borealis.processes import alive
 from borealis.storage.store import SegmentStore
 from borealis.wal.lsn import SEGMENT_SIZE, format_lsn

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from borealis.control.state import KEPT_PORTS, State
+from borealis.control.ports import KEPT_PORTS
+from borealis.control.state import State
 
 
 def test_kept_ports_are_distinct_and_outside_the_ephemeral_range(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import sqlite3
 import threading
 import time
@@ -21,6 +20,13 @@ from pathlib import Path
 
 from borealis import identifiers
 from borealis.control import lifecycle
+from borealis.control.ports import (
+    ENDPOINT_PORTS,
+    HOST_PORT_OFFSET,
+    KEPT_PORTS,
+    bindable,
+    loopback_addresses,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS clusters (
@@ -213,38 +219,6 @@ class EndpointRow:
         data["static"] = json.loads(data["static"])
         data["excluded"] = json.loads(data["excluded"])
         return cls(**data)
-
-
-# Kept ports come from below the kernel's ephemeral range (32768-60999 by default), so
-# a client connection's local port can never take a stopped cluster's port.
-KEPT_PORTS = range(20000, 32768)
-# A cluster's endpoints share its port P here (each has a loopback address of its own);
-# a host has one address, so there each takes a port of its own from the block P..P+6:
-# the cluster endpoint P, the reader endpoint P+1, the custom endpoints the next five.
-ENDPOINT_PORTS = 7
-HOST_PORT_OFFSET = {"WRITER": 0, "READER": 1}
-
-
-def bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    """A port nothing listens on now (the kernel's pick), for short-lived servers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _loopback_addresses() -> Iterator[str]:
-    for third in range(256):
-        for fourth in range(1, 255):
-            yield f"127.0.{third}.{fourth}"
 
 
 def _owner_only(home: Path) -> None:
@@ -480,7 +454,7 @@ class State:
             port = int(row[0]) if row else self.allocate_port(block=ENDPOINT_PORTS)
             used = {str(r[0]) for r in db.execute("SELECT host FROM endpoints WHERE port = ?",
                                                   (port,))}
-            host = next(h for h in _loopback_addresses() if h not in used)
+            host = next(h for h in loopback_addresses() if h not in used)
             host_port = 0
             if type_ in HOST_PORT_OFFSET:
                 host_port = port + HOST_PORT_OFFSET[type_]
