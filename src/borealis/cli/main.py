@@ -256,6 +256,14 @@ def cmd_credentials(_: argparse.Namespace) -> None:
     print(f"export AWS_ENDPOINT_URL={url}")
 
 
+def cmd_hosts_file(_: argparse.Namespace) -> None:
+    """Lines for /etc/hosts (or a DNS zone): every endpoint on this machine by name."""
+    status = request("GET", "/v1/status")
+    for cluster in status["clusters"]:
+        for ep in cluster["endpoints"]:
+            print(f"{ep['host']}\t{ep['dns_name']}")
+
+
 def cmd_metrics_token(_: argparse.Namespace) -> None:
     url, _region = api_location()
     answer = request("GET", "/v1/metrics-token")
@@ -477,6 +485,9 @@ Subparsers = Any  # argparse's _SubParsersAction is private
 def _secret_and_backup_commands(sub: Subparsers) -> None:
     sub.add_parser("credentials", help="shell exports for boto3 and the AWS CLI "
                    "(eval \"$(borealis credentials)\")").set_defaults(func=cmd_credentials)
+    sub.add_parser("hosts-file", help="/etc/hosts lines naming every endpoint (a driver's "
+                   "instance host pattern: ?.borealis.internal)").set_defaults(
+                       func=cmd_hosts_file)
     sub.add_parser("metrics-token", help="where Prometheus scrapes the metrics, and the "
                    "bearer token it sends").set_defaults(func=cmd_metrics_token)
     sec = sub.add_parser("secret", help="database credentials for the Data API")

@@ -30,6 +30,7 @@ from borealis.control.handle import ClusterError
 from borealis.control.lifecycle import InstanceState
 from borealis.control.placement import LOCAL, PlacementError, place_instance
 from borealis.control.state import Instance, StorageNodeRow
+from borealis.control.topology import INSTANCE_SETTING
 from borealis.control.volume_runtime import REPLICATION_USER, VolumeRuntime
 from borealis.fsync import write_atomic
 from borealis.protocol.agent import ProcessKey
@@ -95,7 +96,9 @@ class ClusterRuntime(VolumeRuntime):
         s = pg.ServerSettings(port=inst.port, role=inst.role,
                               shared_buffers=self.settings.shared_buffers,
                               max_connections=self.settings.max_connections,
-                              fsync=self.settings.writer_fsync if inst.role == "writer" else False)
+                              fsync=self.settings.writer_fsync if inst.role == "writer" else False,
+                              # Its own name, for aurora_db_instance_identifier().
+                              extra={INSTANCE_SETTING: pg.conf_string(inst.id)})
         if inst.host != LOCAL:
             s.address = self.hosted.address(inst.host)
         if inst.role == "reader":

@@ -44,6 +44,10 @@ from borealis.protocol.files import (
 )
 
 MAX_CUSTOM = 5
+# Names for the endpoints (``<endpoint>.borealis.internal``) to put in /etc/hosts or a DNS
+# zone (``borealis hosts-file``): an instance endpoint is named after its instance, so a
+# failover-aware driver finds instances with the pattern ``?.borealis.internal``.
+DNS_SUFFIX = "borealis.internal"
 APPLY_TIMEOUT_S = 2.0  # the proxy reads its config every 0.1 s
 
 # (home, cluster, host) -> the config last given to that host's proxy: a supervisor tick
@@ -268,6 +272,7 @@ class ClusterEndpoints:
             m = metrics.get(spec.name, {})
             out.append({
                 "name": spec.name, "type": spec.type, "host": spec.host, "port": spec.port,
+                "dns_name": f"{spec.name}.{DNS_SUFFIX}",
                 "members": [b.id for b in members(spec, backends)],
                 # What the running proxy routes to now (it follows the config within a
                 # fraction of a second; empty until it serves the endpoint).

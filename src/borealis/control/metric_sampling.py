@@ -31,11 +31,12 @@ from typing import Any
 
 import psycopg
 
-from borealis.control import probe
+from borealis.control import probe, topology
 from borealis.control.cluster import ClusterRuntime
 from borealis.control.handle import ADMIN_USER
 from borealis.control.placement import LOCAL
 from borealis.control.state import Instance, State
+from borealis.metrics import catalog
 from borealis.metrics.catalog import RAW_RESOLUTION_S, dimension_key
 from borealis.metrics.store import MetricStore, Sample
 from borealis.wal.lsn import parse_lsn
@@ -113,6 +114,7 @@ class MetricSampler:
         self.cluster_status = cluster_status
         self.previous: dict[str, Counters] = {}  # by instance id, or cluster name
         self.quorum: dict[str, tuple[int, float, int]] = {}  # cluster -> pid, wait s, waits
+        self.publisher = topology.Publisher()
         self.pruned = 0.0
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -168,7 +170,23 @@ class MetricSampler:
                 out.append(Sample("CPUUtilization", dims, sum(cpu) / len(cpu)))
         out += self._cluster_values(name, status, lags, now)
         out += await self._commit_latency(rt)
+        await self._publish_topology(rt, status, out, now)
         return out
+
+    async def _publish_topology(self, rt: ClusterRuntime, status: dict[str, Any],
+                                samples: list[Sample], now: float) -> None:
+        """The topology Aurora's functions show, written on the writer (see
+        :mod:`.topology`); a cluster made before the internal role existed has none."""
+        writer = rt.writer()
+        if writer is None or not writer.pid or not rt.cluster.admin_password:
+            return
+        cpu = {catalog.parse_dimension_key(s.dims).get("DBInstanceIdentifier", ""): s.value
+               for s in samples if s.metric == "CPUUtilization"}
+        try:
+            await asyncio.to_thread(self.publisher.publish, rt.dsn(writer), writer.id,
+                                    writer.pid, topology.rows(status, cpu, now))
+        except (psycopg.Error, OSError) as exc:
+            log.info("%s: topology not published this round: %s", rt.name, exc)
 
     async def _commit_latency(self, rt: ClusterRuntime) -> list[Sample]:
         """``CommitLatency`` of the writer: how long the WAL it sent waited, on average
