@@ -170,3 +170,18 @@ def test_prometheus_scrapes_with_its_token(cluster: ClusterView,
     assert "# HELP borealis_aurora_replica_lag_milliseconds AuroraReplicaLag" in text
     assert re.search(r'borealis_commit_throughput_per_second\{db_cluster_identifier='
                      rf'"{cluster.name}",role="WRITER"\}} [\d.e+]+', text), text
+
+
+def test_top_sql_names_what_pgbench_ran(cluster: ClusterView,
+                                        pgbench_run: dict[str, Any]) -> None:
+    top = json.loads(cluster.b.cli("top", cluster.name, "--json", "--limit", "5").stdout)
+    writer = next(i for i in top["instances"] if i["instance"] == pgbench_run["writer"])
+    assert "error" not in writer, writer
+    statements = writer["statements"]
+    assert any("pgbench_accounts" in s["query"] and s["calls"] > 100 for s in statements), \
+        statements
+    assert [s["total_ms"] for s in statements] == sorted(
+        (s["total_ms"] for s in statements), reverse=True)
+    assert all(s["user"] != "borealis_admin" for s in statements)
+    shown = cluster.b.cli("top", cluster.name).stdout
+    assert pgbench_run["writer"] in shown and "pgbench_accounts" in shown

@@ -21,7 +21,7 @@ from borealis.api import prometheus
 from borealis.api import secrets as api_secrets
 from borealis.api import server as api_server
 from borealis.api.host_routes import HostAdminRoutes, HostListeners
-from borealis.control import backtrack
+from borealis.control import backtrack, top_sql
 from borealis.control.handle import ClusterError
 from borealis.control.plane import ControlPlane
 from borealis.times import format_time, parse_time
@@ -45,6 +45,7 @@ class ControlRoutes:
             ("get", "/v1/clusters/{name}", self.cluster),
             ("delete", "/v1/clusters/{name}", self.destroy),
             ("get", "/v1/clusters/{name}/events", self.events),
+            ("get", "/v1/clusters/{name}/top", self.top),
             ("post", "/v1/secrets", self.create_secret),
             ("get", "/v1/secrets", self.list_secrets),
             ("delete", "/v1/secrets/{name:.+}", self.delete_secret),
@@ -96,9 +97,30 @@ class ControlRoutes:
         return web.json_response({"destroyed": name})
 
     async def events(self, request: web.Request) -> web.Response:
+        """The cluster's events in Borealis's own words (``since``: epoch seconds)."""
         name = _identifier(request.match_info["name"], "cluster name")
         self.need_cluster(name)
-        return web.json_response({"events": self.cp.state.events(name)})
+        try:
+            since = float(request.query.get("since", "0"))
+        except ValueError:
+            return _error(400, "since is seconds since the epoch")
+        events = [e for e in self.cp.state.events(name, limit=100_000)
+                  if float(str(e["time"])) >= since]
+        return web.json_response({"events": events})
+
+    async def top(self, request: web.Request) -> web.Response:
+        """Each instance's top statements by total time (``limit``, default 10)."""
+        name = _identifier(request.match_info["name"], "cluster name")
+        self.need_cluster(name)
+        try:
+            limit = int(request.query.get("limit", "10"))
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= 100:
+            return _error(400, "limit is 1 to 100")
+        rt = self.cp.runtime(name)
+        return web.json_response({"instances": await asyncio.to_thread(
+            top_sql.top_statements, rt, limit)})
 
     async def create_secret(self, request: web.Request) -> web.Response:
         body = await request.json()

@@ -16,7 +16,6 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from botocore.exceptions import ClientError
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from rich.console import Console
 from rich.progress import (
@@ -233,17 +232,33 @@ def cmd_endpoint_delete(args: argparse.Namespace) -> None:
 
 
 def cmd_events(args: argparse.Namespace) -> None:
-    rds = rds_client()
-    start = dt.datetime.now(dt.UTC) - dt.timedelta(days=args.days)
-    pages = rds.get_paginator("describe_events").paginate(
-        SourceType="db-cluster", SourceIdentifier=args.cluster, StartTime=start)
-    try:
-        events = [e for page in pages for e in page["Events"]]
-    except ClientError as exc:
-        raise CliError(exc.response["Error"]["Message"]) from None
+    """The cluster's events in Borealis's own words, every source at once (``aws rds
+    describe-events`` gives them as RDS does, per cluster, instance and snapshot)."""
+    since = time.time() - args.days * 86400
+    events = request("GET", f"/v1/clusters/{args.cluster}/events?since={since}")["events"]
     for e in events:
-        console.print(f"{format_time(e['Date'])}  {e['Message']}", soft_wrap=True,
+        when = dt.datetime.fromtimestamp(float(e["time"]), dt.UTC)
+        console.print(f"{format_time(when)}  {e['source']}: {e['message']}", soft_wrap=True,
                       highlight=False, markup=False)
+
+
+def cmd_top(args: argparse.Namespace) -> None:
+    """Each instance's statements that took the most time (pg_stat_statements)."""
+    answer = request("GET", f"/v1/clusters/{args.cluster}/top?limit={args.limit}")
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return
+    for inst in answer["instances"]:
+        t = Table(title=f"{inst['instance']} ({inst['role']})", title_justify="left")
+        for col in ("total ms", "calls", "mean ms", "rows", "database", "statement"):
+            t.add_column(col, justify="right" if col.endswith(("ms", "calls", "rows"))
+                         else "left", overflow="fold")
+        for s in inst["statements"]:
+            t.add_row(f"{s['total_ms']:.1f}", str(s["calls"]), f"{s['mean_ms']:.2f}",
+                      str(s["rows"]), s["database"], " ".join(s["query"].split())[:200])
+        console.print(t)
+        if inst.get("error"):
+            console.print(f"  {inst['error']}", highlight=False, markup=False)
 
 
 def cmd_credentials(_: argparse.Namespace) -> None:
@@ -466,6 +481,11 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("cluster", type=CLUSTER)
     ev.add_argument("--days", type=float, default=14, help="how far back (default 14)")
     ev.set_defaults(func=cmd_events)
+    tp = sub.add_parser("top", help="each instance's top SQL by time (pg_stat_statements)")
+    tp.add_argument("cluster", type=CLUSTER)
+    tp.add_argument("--limit", type=int, default=10)
+    tp.add_argument("--json", action="store_true")
+    tp.set_defaults(func=cmd_top)
     fo = sub.add_parser("failover", help="promote a reader to writer now (fences the old one)")
     fo.add_argument("cluster", type=CLUSTER)
     fo.add_argument("--target", default=None, type=INSTANCE,

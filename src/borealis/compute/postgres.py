@@ -245,6 +245,9 @@ class ServerSettings:
             # them): a client that never finishes its startup is dropped here, after the
             # same 10 s the endpoint proxy allows.
             "authentication_timeout": "'10s'",
+            # Top SQL per instance (``borealis top``), as Performance Insights shows it.
+            "shared_preload_libraries": "'pg_stat_statements'",
+            "pg_stat_statements.max": "1000",
         }
         # Readers carry it too (a standby ignores it): a promoted reader then waits for the
         # volume from its first commit on, with no reload racing the promotion.

@@ -24,6 +24,7 @@ from borealis.control.handle import ADMIN_USER
 
 WRITER_SESSION = "MASTER_SESSION_ID"  # what Aurora names the writer's session
 INSTANCE_SETTING = "borealis.instance_id"
+TOP_SQL_DATABASE = "postgres"  # where pg_stat_statements is read
 
 # Aurora PostgreSQL's columns, in its order (drivers read them by name or position).
 _COLUMNS = (
@@ -117,3 +118,5 @@ class Publisher:
                              connect_timeout=2) as conn:
             conn.execute("SET statement_timeout = '5s'")
             conn.execute(FUNCTIONS_SQL)
+            if db == TOP_SQL_DATABASE:  # its view; the statistics cover every database
+                conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
