@@ -26,6 +26,7 @@ from botocore.validate import ParamValidator
 
 from borealis.api import (
     cbor_codec,
+    console_routes,
     data_api,
     identity,
     json_codec,
@@ -48,6 +49,7 @@ log = logging.getLogger("borealis.api")
 MAX_REQUEST = 4 << 20
 CONTROL_SERVICE = "borealis"  # the signing name of the /v1 verbs
 METRICS_PATH = "/metrics"  # Prometheus's scrape: a bearer token, not SigV4
+CONSOLE_SERVICE = "console"  # the web console: a session cookie, not SigV4
 REAP_INTERVAL_S = 5.0
 
 # Auth failures as the JSON protocols name them (the query protocol keeps AWS's names).
@@ -127,6 +129,8 @@ def _service_of(path: str, headers: Mapping[str, str], body: bytes = b""
     RDS."""
     if path == METRICS_PATH:
         return METRICS_PATH, control_error
+    if path == console_routes.PREFIX or path.startswith(console_routes.PREFIX + "/"):
+        return CONSOLE_SERVICE, control_error
     if path.startswith("/v1/"):
         return CONTROL_SERVICE, control_error
     if path.startswith(CLOUDWATCH_PATH):
@@ -148,6 +152,7 @@ class Api:
         self.rds = RdsOperations(cp)
         self.data = DataApi(cp)
         self.cloudwatch = CloudWatchOperations(cp.metrics)
+        self.console = console_routes.ConsoleRoutes(cp, self)
         self.validator = ParamValidator()
         identity.ensure_access_key(self.state)
         cp.cluster_created_hooks.append(self.create_master_secret)
@@ -183,6 +188,8 @@ class Api:
             url = f"{request.scheme}://{host}{request.raw_path}"
             if service == METRICS_PATH:
                 self._check_scrape_token(request)
+            elif service == CONSOLE_SERVICE:
+                pass  # its routes check the session themselves (and serve the login)
             else:
                 sigv4.verify(request.method, url, request.headers, body,
                              self.state.secret_key, service)
@@ -195,8 +202,8 @@ class Api:
         except ClusterError as exc:
             return error_response(ApiError("InvalidParameterValue", str(exc)), request_id)
         except web.HTTPException as exc:
-            if service == CONTROL_SERVICE:
-                raise  # the /v1 verbs' own answers (a JSON 404 naming what is missing)
+            if service in (CONTROL_SERVICE, CONSOLE_SERVICE):
+                raise  # their own answers (a JSON 404 naming what is missing, a redirect)
             return error_response(ApiError("InvalidAction" if exc.status == 404 else
                                            "InvalidRequest", exc.reason, exc.status),
                                   request_id)
@@ -213,6 +220,13 @@ class Api:
             raise ApiError("AccessDenied", "a scrape needs Authorization: Bearer <token> "
                            "(borealis metrics-token prints it)", 403)
 
+
+    async def console_link(self, _: web.Request) -> web.Response:
+        """A one-time link into the web console (what ``borealis console`` prints)."""
+        token = self.console.new_link()
+        return web.json_response({"url": f"{self.cp.api_url}{console_routes.PREFIX}/login"
+                                         f"?token={token}",
+                                  "console": f"{self.cp.api_url}{console_routes.PREFIX}/"})
 
     async def prometheus_metrics(self, _: web.Request) -> web.Response:
         body = await asyncio.to_thread(prometheus.exposition, self.cp.metrics)
@@ -316,6 +330,8 @@ class Api:
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/", self.root_post)
+        app.router.add_post("/v1/console-link", self.console_link)
+        self.console.add_routes(app)
         app.router.add_get(METRICS_PATH, self.prometheus_metrics)
         app.router.add_post(CLOUDWATCH_PATH + "{operation}", self.cloudwatch_call)
         for uri in self._data_operations():

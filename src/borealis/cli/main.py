@@ -279,6 +279,13 @@ def cmd_hosts_file(_: argparse.Namespace) -> None:
             print(f"{ep['host']}\t{ep['dns_name']}")
 
 
+def cmd_console(_: argparse.Namespace) -> None:
+    answer = request("POST", "/v1/console-link")
+    # The link signs the browser in once (for five minutes); the console's own login
+    # takes the access key (borealis credentials) after that.
+    print(answer["url"])
+
+
 def cmd_metrics_token(_: argparse.Namespace) -> None:
     url, _region = api_location()
     answer = request("GET", "/v1/metrics-token")
@@ -508,6 +515,8 @@ def _secret_and_backup_commands(sub: Subparsers) -> None:
     sub.add_parser("hosts-file", help="/etc/hosts lines naming every endpoint (a driver's "
                    "instance host pattern: ?.borealis.internal)").set_defaults(
                        func=cmd_hosts_file)
+    sub.add_parser("console", help="a one-time link into the web console").set_defaults(
+        func=cmd_console)
     sub.add_parser("metrics-token", help="where Prometheus scrapes the metrics, and the "
                    "bearer token it sends").set_defaults(func=cmd_metrics_token)
     sec = sub.add_parser("secret", help="database credentials for the Data API")
