@@ -12,10 +12,13 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from borealis import settings
 from borealis.logfiles import private_log
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def current_boot_id() -> str:
@@ -28,6 +31,54 @@ def current_boot_id() -> str:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return "unknown"
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a process and everything under it used so far: CPU seconds and bytes read
+    from and written to storage (``/proc/PID/io``)."""
+
+    cpu_s: float
+    read_bytes: int
+    write_bytes: int
+
+
+def tree_usage(pid: int) -> Usage | None:
+    """``pid``'s usage with its descendants' (a postmaster: its backends and workers);
+    None if it is gone."""
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    if pid not in cpu:
+        return None
+    total_cpu, read, written, frontier = 0.0, 0, 0, [pid]
+    while frontier:
+        p = frontier.pop()
+        total_cpu += cpu.get(p, 0.0)
+        with contextlib.suppress(OSError, ValueError):
+            io = dict(line.split(": ") for line in
+                      Path(f"/proc/{p}/io").read_text().splitlines())
+            read += int(io["read_bytes"])
+            written += int(io["write_bytes"])
+        frontier.extend(c for c, parent in parents.items() if parent == p)
+    return Usage(total_cpu, read, written)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can give without swapping (``MemAvailable``)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
 
 
 def cmdline(pid: int) -> str:

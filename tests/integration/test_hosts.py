@@ -157,6 +157,13 @@ def test_every_hosts_address_reaches_every_endpoint(lab: Lab, cluster: ClusterVi
     plain = _in_client(lab, [psql, writer_ep["hosts_dsn"].replace("verify-full", "disable"),
                              "-Atc", "SELECT 1"])
     assert plain.returncode != 0 and "no encryption" in plain.stderr, plain.stderr
+    # A server on a host has its CPU and I/O measured by its host's agent.
+    cw = lab.b.client("cloudwatch")
+    for metric in ("CPUUtilization", "WriteIOPS", "FreeableMemory"):
+        wait_for(f"{metric} of the writer on its host", lambda m=metric: cw.list_metrics(
+            Namespace="AWS/RDS", MetricName=m, Dimensions=[
+                {"Name": "DBInstanceIdentifier", "Value": cluster.writer()["id"]}]
+        )["Metrics"], 30, 1)
     # On the writer's host, the kernel connected the clients of the cluster endpoint.
     writer_host = cluster.writer()["host"]
     status_file = (netns.lab_dir(lab.b.home, lab.name) / "hosts" / writer_host / "clusters"

@@ -117,6 +117,41 @@ def test_replica_lag_is_the_readers(cluster: ClusterView, pgbench_run: dict[str,
     assert own and max(lag) < 5000 and statistics.median(own) < 5000, (lag, own)
     assert abs(statistics.median(lag) - statistics.median(own)) < 1000, (lag, own)
     assert results["most"]["Values"], results
+    # The same through GetMetricStatistics, as the issue's users ask for it.
+    stats = cw.get_metric_statistics(
+        Namespace="AWS/RDS", MetricName="AuroraReplicaLag",
+        Dimensions=_instance_dims(pgbench_run["reader"]), StartTime=start, EndTime=end,
+        Period=60, Statistics=["Average", "Maximum"])
+    assert stats["Datapoints"] and all(p["Unit"] == "Milliseconds"
+                                       for p in stats["Datapoints"]), stats
+    assert max(p["Maximum"] for p in stats["Datapoints"]) < 5000
+
+
+def test_every_metric_the_issue_names_is_kept(cluster: ClusterView,
+                                             pgbench_run: dict[str, Any]) -> None:
+    cw = cluster.b.client("cloudwatch")
+    wanted = {"AuroraReplicaLag", "AuroraReplicaLagMaximum", "AuroraReplicaLagMinimum",
+              "CommitLatency", "CommitThroughput", "DatabaseConnections", "CPUUtilization",
+              "FreeableMemory", "VolumeBytesUsed", "VolumeWriteIOPs", "ReadIOPS",
+              "WriteIOPS", "Deadlocks", "TransactionLogsDiskUsage",
+              "BackupRetentionPeriodStorageUsed", "VolumeDurableLSNLag",
+              "EndpointConnections"}
+
+    def kept() -> set[str]:
+        pages = cw.get_paginator("list_metrics").paginate(Namespace="AWS/RDS")
+        return {m["MetricName"] for page in pages for m in page["Metrics"]}
+
+    missing = wanted - wait_for("every metric", lambda: (lambda k: k if wanted <= k else
+                                                         None)(kept()), 90, 5)
+    assert not missing
+    latency = cw.get_metric_statistics(
+        Namespace="AWS/RDS", MetricName="CommitLatency",
+        Dimensions=_instance_dims(pgbench_run["writer"]),
+        StartTime=dt.datetime.fromtimestamp(pgbench_run["start"], dt.UTC),
+        EndTime=dt.datetime.fromtimestamp(pgbench_run["end"], dt.UTC), Period=60,
+        Statistics=["Average"])["Datapoints"]
+    # A commit waits for a write quorum of storage nodes on this machine: milliseconds.
+    assert latency and all(0 < p["Average"] < 1000 for p in latency), latency
 
 
 def test_list_metrics_and_the_aws_cli(cluster: ClusterView,

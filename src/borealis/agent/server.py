@@ -113,14 +113,22 @@ class Agent:
 
     def report(self, key: ProcessKey) -> ProcessReport:
         entry = self.table[key]
-        return ProcessReport(key.cluster, key.kind, key.name, entry.pid, self.alive(key),
-                             entry.spec.keep, entry.restarts)
+        alive = self.alive(key)
+        usage = (processes.tree_usage(entry.pid) if alive and entry.pid
+                 and key.kind == "postgres" else None)
+        return ProcessReport(key.cluster, key.kind, key.name, entry.pid, alive,
+                             entry.spec.keep, entry.restarts,
+                             usage.cpu_s if usage else None,
+                             usage.read_bytes if usage else None,
+                             usage.write_bytes if usage else None)
 
     def info(self) -> AgentInfo:
         i = self.identity
+        reports = [self.report(k) for k in sorted(
+            self.table, key=lambda k: (k.cluster, k.kind, k.name))]
         return AgentInfo(i.host, i.az, i.address, i.port, str(self.root),
-                         processes.current_boot_id(), os.getpid(), [self.report(k) for k in sorted(
-                             self.table, key=lambda k: (k.cluster, k.kind, k.name))])
+                         processes.current_boot_id(), os.getpid(), reports,
+                         processes.available_memory())
 
     # -- verbs -----------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ AGENT_CALL_S = 0.5  # an agent answers in milliseconds; the tick must not wait f
 # (home, host) -> when asked, and the agent's processes (None: it did not answer). Shared
 # by every handle of the process: each supervisor tick makes new handles.
 _REPORTS: dict[tuple[str, str], tuple[float, dict[ProcessKey, ProcessReport] | None]] = {}
+_MEMORY: dict[tuple[str, str], int | None] = {}  # (home, host) -> bytes available there
 
 
 class HostProcesses:
@@ -72,6 +73,15 @@ class HostProcesses:
         report = reports.get(key)
         return report is not None and report.alive
 
+    def report(self, host: str, key: ProcessKey) -> ProcessReport | None:
+        """What the host's agent last said of the process (None: nothing, or away)."""
+        reports = self._reports_of(host)
+        return None if reports is None else reports.get(key)
+
+    def memory_available(self, host: str) -> int | None:
+        self._reports_of(host)
+        return _MEMORY.get((str(self.registry.state.home), host))
+
     def reachable(self, host: str) -> bool:
         """Whether the host's agent answers (asked at most every half second)."""
         return host == LOCAL or self._reports_of(host) is not None
@@ -87,8 +97,10 @@ class HostProcesses:
         client = self.registry.client(self.registry.host(host))
         client.timeout_s = AGENT_CALL_S
         try:
+            info = client.info()
             reports: dict[ProcessKey, ProcessReport] | None = {
-                p.key: p for p in client.info().processes}
+                p.key: p for p in info.processes}
+            _MEMORY[cache_key] = info.memory_available
         except (AgentUnreachable, AgentRefused):
             reports = None
         _REPORTS[cache_key] = (now, reports)

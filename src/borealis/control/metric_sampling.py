@@ -5,9 +5,10 @@ Per instance (``DBInstanceIdentifier``, and summed or averaged per
 ``DBClusterIdentifier`` + ``Role``): ``DatabaseConnections`` (client backends but ours),
 ``CommitThroughput`` and ``Deadlocks`` (per second, from ``pg_stat_database``'s
 counters), ``AuroraReplicaLag`` (a reader), ``TransactionLogsDiskUsage`` (the writer's
-``pg_wal``), and for a server on this machine ``CPUUtilization`` (its processes' CPU
-time against the machine's CPUs) and ``FreeableMemory``. Per cluster
-(``DBClusterIdentifier``): ``AuroraReplicaLagMaximum``/``Minimum``, ``VolumeBytesUsed``
+``pg_wal``), ``CPUUtilization`` (its processes' CPU time against the machine's CPUs),
+``ReadIOPS``/``WriteIOPS`` (its processes' storage reads and writes, in 8 KiB pages) and
+``FreeableMemory`` (from this machine's /proc, or for a server on a host from its agent).
+Per cluster (``DBClusterIdentifier``): ``AuroraReplicaLagMaximum``/``Minimum``, ``VolumeBytesUsed``
 (the WAL a storage node holds), ``VolumeWriteIOPs``. Per storage node
 (``StorageNodeId``): ``VolumeDurableLSNLag``. The writer's ``CommitLatency``: how long
 its WAL waited for a write quorum (timed by the volume client). Per endpoint
@@ -26,11 +27,13 @@ import os
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psycopg
 
+from borealis import processes
+from borealis.backup import catalog as backup_catalog
+from borealis.backup.store import StoreError, open_store
 from borealis.control import probe, topology
 from borealis.control.cluster import ClusterRuntime
 from borealis.control.handle import ADMIN_USER
@@ -45,7 +48,7 @@ log = logging.getLogger("borealis.control")
 
 PRUNE_EVERY_S = 600.0
 QUERY_TIMEOUT_S = 2.0
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
+BACKUP_EVERY_S = 60.0  # listing the object store is costlier: once a minute
 _INSTANCE_SQL = f"""
 SELECT concat_ws(',',
   (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'
@@ -61,7 +64,7 @@ class Counters:
     at: float
     commits: float
     deadlocks: float
-    cpu_s: float | None
+    usage: processes.Usage | None
     volume_lsn: int | None = None
 
 
@@ -71,38 +74,6 @@ def rate(before: float | None, after: float | None, seconds: float) -> float | N
     if before is None or after is None or seconds <= 0 or after < before:
         return None
     return (after - before) / seconds
-
-
-def process_tree_cpu_s(pid: int) -> float | None:
-    """CPU seconds of ``pid`` and every process under it (a postmaster: its backends
-    and workers), from ``/proc``; None if it is gone."""
-    parents: dict[int, int] = {}
-    times: dict[int, float] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(entry)] = int(fields[1])
-        times[int(entry)] = (int(fields[11]) + int(fields[12])) / _CLK_TCK
-    if pid not in times:
-        return None
-    total, frontier = 0.0, [pid]
-    while frontier:
-        p = frontier.pop()
-        total += times.get(p, 0.0)
-        frontier.extend(c for c, parent in parents.items() if parent == p)
-    return total
-
-
-def available_memory() -> float | None:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return float(line.split()[1]) * 1024
-    return None
 
 
 class MetricSampler:
@@ -115,6 +86,7 @@ class MetricSampler:
         self.previous: dict[str, Counters] = {}  # by instance id, or cluster name
         self.quorum: dict[str, tuple[int, float, int]] = {}  # cluster -> pid, wait s, waits
         self.publisher = topology.Publisher()
+        self.backup_sampled: dict[str, float] = {}
         self.pruned = 0.0
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -170,6 +142,7 @@ class MetricSampler:
                 out.append(Sample("CPUUtilization", dims, sum(cpu) / len(cpu)))
         out += self._cluster_values(name, status, lags, now)
         out += await self._commit_latency(rt)
+        out += await self._backup_storage(rt, now)
         await self._publish_topology(rt, status, out, now)
         return out
 
@@ -187,6 +160,25 @@ class MetricSampler:
                                     writer.pid, topology.rows(status, cpu, now))
         except (psycopg.Error, OSError) as exc:
             log.info("%s: topology not published this round: %s", rt.name, exc)
+
+    async def _backup_storage(self, rt: ClusterRuntime, now: float) -> list[Sample]:
+        """``BackupRetentionPeriodStorageUsed``: base images and archived WAL kept for
+        the cluster's restores (what its retention holds in the object store)."""
+        if now - self.backup_sampled.get(rt.name, 0.0) < BACKUP_EVERY_S:
+            return []
+        self.backup_sampled[rt.name] = now
+
+        def stored() -> int:
+            store = open_store(rt.object_store_location)
+            return backup_catalog.read_state(store, rt.backup_prefix).bytes_stored
+
+        try:
+            used = await asyncio.to_thread(stored)
+        except (StoreError, OSError) as exc:
+            log.info("%s: backup storage not measured: %s", rt.name, exc)
+            return []
+        return [Sample("BackupRetentionPeriodStorageUsed",
+                       dimension_key({"DBClusterIdentifier": rt.name}), float(used))]
 
     async def _commit_latency(self, rt: ClusterRuntime) -> list[Sample]:
         """``CommitLatency`` of the writer: how long the WAL it sent waited, on average
@@ -215,24 +207,44 @@ class MetricSampler:
         values = {"DatabaseConnections": connections}
         if wal >= 0:
             values["TransactionLogsDiskUsage"] = wal
-        cpu_s = None
-        if inst.host == LOCAL and inst.pid:  # a host's processes are not this /proc's
-            cpu_s = await asyncio.to_thread(process_tree_cpu_s, inst.pid)
-            memory = available_memory()
-            if memory is not None:
-                values["FreeableMemory"] = memory
+        usage, memory = await asyncio.to_thread(self._usage, rt, inst)
+        if memory is not None:
+            values["FreeableMemory"] = float(memory)
         before = self.previous.get(inst.id)
-        self.previous[inst.id] = Counters(now, commits, deadlocks, cpu_s)
-        if before is not None:
-            seconds = now - before.at
-            for metric, r in (("CommitThroughput", rate(before.commits, commits, seconds)),
-                              ("Deadlocks", rate(before.deadlocks, deadlocks, seconds))):
-                if r is not None:
-                    values[metric] = r
-            cpu = rate(before.cpu_s, cpu_s, seconds)
+        self.previous[inst.id] = Counters(now, commits, deadlocks, usage)
+        if before is None:
+            return values
+        seconds = now - before.at
+        for metric, r in (("CommitThroughput", rate(before.commits, commits, seconds)),
+                          ("Deadlocks", rate(before.deadlocks, deadlocks, seconds))):
+            if r is not None:
+                values[metric] = r
+        if before.usage is not None and usage is not None:
+            cpu = rate(before.usage.cpu_s, usage.cpu_s, seconds)
             if cpu is not None:
                 values["CPUUtilization"] = min(100.0, 100.0 * cpu / (os.cpu_count() or 1))
+            for metric, was, now_bytes in (
+                    ("ReadIOPS", before.usage.read_bytes, usage.read_bytes),
+                    ("WriteIOPS", before.usage.write_bytes, usage.write_bytes)):
+                moved = rate(was, now_bytes, seconds)
+                if moved is not None:  # in 8 KiB pages, PostgreSQL's unit of I/O
+                    values[metric] = moved / 8192
         return values
+
+    @staticmethod
+    def _usage(rt: ClusterRuntime, inst: Instance) -> tuple[processes.Usage | None,
+                                                             int | None]:
+        """The server's CPU and I/O so far and its machine's free memory: from this
+        machine's /proc, or from its host's agent (which reads its own)."""
+        if inst.host == LOCAL:
+            return (processes.tree_usage(inst.pid) if inst.pid else None,
+                    processes.available_memory())
+        report = rt.hosted.report(inst.host, rt.server_key(inst))
+        usage = None
+        if report is not None and report.cpu_s is not None:
+            usage = processes.Usage(report.cpu_s, report.read_bytes or 0,
+                                    report.write_bytes or 0)
+        return usage, rt.hosted.memory_available(inst.host)
 
     def _cluster_values(self, name: str, status: dict[str, Any], lags: list[float],
                         now: float) -> list[Sample]:

@@ -38,6 +38,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("CPUUtilization", "Percent", "the instance's processes' share of one CPU"),
     Metric("FreeableMemory", "Bytes", "memory available on the instance's host"),
     Metric("Deadlocks", "Count/Second", "deadlocks detected per second"),
+    Metric("ReadIOPS", "Count/Second", "the server's storage reads, in 8 KiB pages"),
+    Metric("WriteIOPS", "Count/Second", "the server's storage writes, in 8 KiB pages"),
     Metric("VolumeBytesUsed", "Bytes", "bytes the cluster's volume holds on each copy"),
     Metric("VolumeWriteIOPs", "Count", "WAL writes the volume received per sample"),
     Metric("TransactionLogsDiskUsage", "Bytes", "WAL the writer keeps on its own disk"),

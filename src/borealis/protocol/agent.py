@@ -94,6 +94,11 @@ class ProcessReport:
     alive: bool
     keep: bool
     restarts: int = 0
+    # A PostgreSQL server's usage with its backends (the host's own /proc: the control
+    # plane cannot read another machine's): CPU seconds, bytes read and written.
+    cpu_s: float | None = None
+    read_bytes: int | None = None
+    write_bytes: int | None = None
 
     @property
     def key(self) -> ProcessKey:
@@ -117,6 +122,7 @@ class AgentInfo:
     boot_id: str  # changes when the machine restarts
     pid: int
     processes: list[ProcessReport] = field(default_factory=list)
+    memory_available: int | None = None  # bytes the host can still give
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
