@@ -48,6 +48,9 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("VolumeDurableLSNLag", "Bytes",
            "how far a storage node's flushed WAL is behind the volume's durable LSN"),
     Metric("EndpointConnections", "Count", "connections through an endpoint"),
+    Metric("ServerlessDatabaseCapacity", "Count", "a serverless instance's capacity in ACUs"),
+    Metric("ACUUtilization", "Percent", "capacity against the maximum a serverless "
+           "instance may have"),
 )}
 
 

@@ -4,7 +4,7 @@
 
 const REFRESH_MS = 5000;
 const CHARTED = ["AuroraReplicaLag", "CommitLatency", "CommitThroughput",
-                 "DatabaseConnections", "CPUUtilization"];
+                 "DatabaseConnections", "CPUUtilization", "ServerlessDatabaseCapacity"];
 const COLORS = ["#f0b429", "#4fb3d9", "#3fb950", "#d2a8ff", "#ff7b72", "#79c0ff"];
 const charts = {};
 let current = null;
