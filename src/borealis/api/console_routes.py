@@ -26,7 +26,7 @@ from borealis.metrics import catalog
 from borealis.metrics.store import aggregate
 
 if TYPE_CHECKING:
-    from borealis.api.server import Api
+    from borealis.api.rds import RdsOperations
     from borealis.control.plane import ControlPlane
 
 PREFIX = "/console"
@@ -43,9 +43,9 @@ def _static(name: str) -> bytes:
 
 
 class ConsoleRoutes:
-    def __init__(self, cp: ControlPlane, api: Api) -> None:
+    def __init__(self, cp: ControlPlane, rds: RdsOperations) -> None:
         self.cp = cp
-        self.api = api
+        self.rds = rds
         self.sessions = Sessions()
 
     def add_routes(self, app: web.Application) -> None:
@@ -178,7 +178,7 @@ class ConsoleRoutes:
                                          'X-Borealis-Console: 1"}',
                                     content_type="application/json")
         verb = request.match_info["verb"]
-        rds = self.api.rds
+        rds = self.rds
         if verb == "failover":
             await rds.handler("FailoverDBCluster")({"DBClusterIdentifier": name})
             return web.json_response({"done": f"failing over {name}"})

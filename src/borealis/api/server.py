@@ -152,7 +152,7 @@ class Api:
         self.rds = RdsOperations(cp)
         self.data = DataApi(cp)
         self.cloudwatch = CloudWatchOperations(cp.metrics)
-        self.console = console_routes.ConsoleRoutes(cp, self)
+        self.console = console_routes.ConsoleRoutes(cp, self.rds)
         self.validator = ParamValidator()
         identity.ensure_access_key(self.state)
         cp.cluster_created_hooks.append(self.create_master_secret)
