@@ -23,7 +23,7 @@ from botocore.exceptions import ClientError
 from borealis.compute import postgres as pg
 from tests.harness import ClusterView, wait_for
 
-RUN_S = 16
+RUN_S = 30
 
 
 def _instance_dims(instance: str) -> list[dict[str, str]]:
@@ -80,10 +80,12 @@ def test_commit_throughput_matches_pgbench(cluster: ClusterView,
     points = sorted(answer["Datapoints"], key=lambda p: p["Timestamp"])
     assert answer["Label"] == "CommitThroughput" and len(points) >= 3, points
     assert all(p["Unit"] == "Count/Second" for p in points)
-    # Periods wholly inside the run (the first and last straddle its start and end).
+    # Rates over intervals wholly inside the run: a point stamped at T (its 5 s period)
+    # holds a rate over the interval before the sample, which ends in [T, T+5) and is
+    # about 5 s long (longer when the machine is busy): up to 13 s before T.
     inner = [p["Average"] for p in points
-             if pgbench_run["start"] + 1 < p["Timestamp"].timestamp()
-             and p["Timestamp"].timestamp() + 5 < pgbench_run["end"] - 1]
+             if pgbench_run["start"] + 13 <= p["Timestamp"].timestamp()
+             and p["Timestamp"].timestamp() + 5 <= pgbench_run["end"]]
     assert inner, points
     measured = statistics.mean(inner)
     assert abs(measured - pgbench_run["tps"]) <= 0.1 * pgbench_run["tps"], (
@@ -213,10 +215,10 @@ def test_top_sql_names_what_pgbench_ran(cluster: ClusterView,
     writer = next(i for i in top["instances"] if i["instance"] == pgbench_run["writer"])
     assert "error" not in writer, writer
     statements = writer["statements"]
-    assert any("pgbench_accounts" in s["query"] and s["calls"] > 100 for s in statements), \
-        statements
+    # pgbench's updates lead (which of its tables first depends on lock waits).
+    assert any("pgbench_" in s["query"] and s["calls"] > 100 for s in statements), statements
     assert [s["total_ms"] for s in statements] == sorted(
         (s["total_ms"] for s in statements), reverse=True)
     assert all(s["user"] != "borealis_admin" for s in statements)
     shown = cluster.b.cli("top", cluster.name).stdout
-    assert pgbench_run["writer"] in shown and "pgbench_accounts" in shown
+    assert pgbench_run["writer"] in shown and "pgbench_" in shown

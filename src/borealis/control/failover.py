@@ -27,6 +27,7 @@ import psycopg
 
 from borealis import processes
 from borealis.compute import postgres as pg
+from borealis.control import topology
 from borealis.control.cluster import ClusterRuntime
 from borealis.control.failover_rules import (
     READ_QUORUM,
@@ -121,6 +122,12 @@ def fail_over(rt: ClusterRuntime, reason: str, target: str | None = None,
     assert writer is not None
     rt.ensure_volume_client(writer)
     rt.wait_volume_ready()
+    if rt.cluster.admin_password:  # the topology drivers read names the new writer now
+        try:
+            topology.announce(rt.dsn(writer), writer.id,
+                              [r.id for r in rt.readers() if r.state == "available"])
+        except psycopg.Error as exc:
+            rt.event("failover", f"the new topology waits for the next round: {exc}")
     rt.state.set_cluster(rt.name, status="available")
     rt.event("failover", f"completed in {time.monotonic() - began:.1f} s: {new.id} is the "
                          "writer and commits reach a write quorum")

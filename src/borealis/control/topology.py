@@ -4,12 +4,17 @@ failover-aware drivers: ``aurora_db_instance_identifier()`` and
 every reader.
 
 Each server knows its own name from its settings (``borealis.instance_id``). The rest
-is published by the control plane on the writer every few seconds as a setting of the
-internal role (``ALTER ROLE ... SET borealis.topology = '<json>'``): that lands in
+is published by the control plane on the writer as a setting of the internal role
+(``ALTER ROLE ... SET borealis.topology = '<json>'``): that lands in
 ``pg_db_role_setting``, a catalog shared by all databases and carried to the readers by
 the WAL, so every database of every instance reads the same rows (a reader's as of its
-replay). The functions are created in each database that allows connections (a new
-database gets them at the next round; ``template1`` holds them for the ones to come).
+replay). It is published when the topology changes (an instance joins, leaves or
+changes role, or its lag becomes known), not on a timer: an idle cluster writes no WAL
+for it. So ``last_update_timestamp`` is the time of the query, and an instance's own
+``replica_lag_in_msec`` is measured at the query (``pg_last_xact_replay_timestamp``);
+the others' are as the last publication saw them. The functions are created in each
+database that allows connections (a new database gets them at the next round;
+``template1`` holds them for the ones to come).
 """
 
 from __future__ import annotations
@@ -50,11 +55,17 @@ def _function_sql() -> str:
         f"{name} {'double precision' if name == 'last_update_timestamp' else 'text'}"
         for name in _PUBLISHED)
     select = []
+    current = "t.server_id = current_setting('borealis.instance_id', true)"
     for name, kind in _COLUMNS:
         if name == "is_current":
-            select.append("t.server_id = current_setting('borealis.instance_id', true)")
+            select.append(current)
         elif name == "last_update_timestamp":
-            select.append("to_timestamp(t.last_update_timestamp)")
+            select.append("now()")
+        elif name == "replica_lag_in_msec":
+            select.append(
+                f"CASE WHEN {current} AND pg_is_in_recovery() THEN greatest(0, extract(epoch "
+                "FROM now() - pg_last_xact_replay_timestamp()) * 1000)::float8 "
+                f"ELSE t.{name}::float8 END")
         elif name in _PUBLISHED:
             select.append(f"t.{name}::{kind}")
         else:
@@ -94,11 +105,29 @@ def rows(status: dict[str, Any], cpu: dict[str, float], now: float) -> list[dict
     return out
 
 
+def announce(admin_dsn: str, writer: str, readers: list[str]) -> None:
+    """The new writer, published at once by a failover (before the old writer can come
+    back as a reader while the rows still name it): lags follow at the next round."""
+    rows = [{"server_id": writer, "session_id": WRITER_SESSION}] + [
+        {"server_id": r, "session_id": f"borealis-{r}"} for r in readers]
+    with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=2) as conn:
+        conn.execute("SET statement_timeout = '5s'")
+        conn.execute(sql.SQL("ALTER ROLE {} SET borealis.topology = {}").format(
+            sql.Identifier(ADMIN_USER), sql.Literal(json.dumps(rows))))
+
+
+def signature(published: list[dict[str, Any]]) -> tuple[tuple[str, str, bool], ...]:
+    """What makes a publication new (pure): who is there, as what, with a lag known."""
+    return tuple(sorted((r["server_id"], r["session_id"], r["replica_lag_in_msec"] is None)
+                        for r in published))
+
+
 class Publisher:
     """What each round does on the writer (blocking: run it in a thread)."""
 
     def __init__(self) -> None:
         self.ready: set[tuple[str, int, str]] = set()  # (instance, postmaster pid, db)
+        self.published: dict[str, tuple[int, tuple[tuple[str, str, bool], ...]]] = {}
 
     def publish(self, admin_dsn: str, writer: str, pid: int, published: list[dict[str, Any]]
                 ) -> None:
@@ -110,8 +139,12 @@ class Publisher:
                 if (writer, pid, db) not in self.ready:
                     self._create_functions(admin_dsn, db)
                     self.ready.add((writer, pid, db))
+            now = (pid, signature(published))
+            if self.published.get(writer) == now:
+                return  # nothing new: no WAL for it
             conn.execute(sql.SQL("ALTER ROLE {} SET borealis.topology = {}").format(
                 sql.Identifier(ADMIN_USER), sql.Literal(json.dumps(published))))
+            self.published[writer] = now
 
     def _create_functions(self, admin_dsn: str, db: str) -> None:
         with psycopg.connect(admin_dsn, dbname=db, autocommit=True,
