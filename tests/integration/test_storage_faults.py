@@ -68,7 +68,12 @@ def test_flipped_byte_is_detected_and_repaired(cluster: ClusterView) -> None:
     reader = cluster.readers()[0]
     node_id = reader["storage_node"]
     wal = cluster.node_dir(node_id) / "data" / "wal"
-    first = sorted(wal.glob("0*"))[0]
+    cluster.wait_nodes_caught_up()
+    # The newest complete segment of the newest timeline: one every node keeps (an older
+    # one may be below what WAL retention keeps, or superseded by a failover's timeline,
+    # and is no longer scrubbed once the shared cluster has lived through other tests).
+    held = newest_segments(wal)
+    first = held[sorted(held)[-2]]
     peer = next(n["id"] for n in cluster.nodes() if n["id"] != node_id)
     good_copy = (cluster.node_dir(peer) / "data" / "wal" / first.name).read_bytes()
     assert first.read_bytes() == good_copy
