@@ -204,6 +204,9 @@ class MetricSampler:
             connections, commits, deadlocks, wal = (float(x) for x in (raw or "").split(","))
         except (psycopg.Error, OSError, TimeoutError, probe.ProbeTimeout, ValueError):
             return {}
+        # A rate is over the time between two reads of the counters, not between two
+        # rounds' starts: on a busy machine a round's reads spread over seconds.
+        now = time.time()
         values = {"DatabaseConnections": connections}
         if wal >= 0:
             values["TransactionLogsDiskUsage"] = wal
