@@ -1,10 +1,12 @@
 """A bulk load through the cluster endpoint: one long transaction the writer dies in.
 
 Kinds: ``insert`` (``INSERT ... SELECT`` of 2 KB rows), ``copy`` (``COPY FROM STDIN``
-streamed by the client), ``index`` (``CREATE INDEX`` on a table made beforehand). Each
-writes far more than a WAL segment, so the log the storage nodes hold when the writer is
-killed ends inside one of its records. The transaction never commits: afterwards none of
-its effects may be visible (:meth:`BulkLoad.assert_absent`).
+streamed by the client), ``index`` (``CREATE INDEX`` on a table made beforehand),
+``record`` (one WAL record four segments long: a transactional logical message, as
+change-data-capture applications emit, then a row). Each writes far more than a WAL
+segment, so the log the storage nodes hold when the writer is killed usually ends inside
+one of its records; with ``record`` it always does. The transaction never commits:
+afterwards none of its effects may be visible (:meth:`BulkLoad.assert_absent`).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import psycopg
 
 from borealis.wal.lsn import parse_lsn
 
-KINDS = ("insert", "copy", "index")
+KINDS = ("insert", "copy", "index", "record")
 ROW = "x" * 2000
 INDEX_ROWS = 300_000  # its index build writes about 30 MiB of WAL (two segments)
+RECORD_BYTES = 64 << 20  # written in about a quarter of a second
 
 
 class BulkLoad:
@@ -70,9 +73,13 @@ class BulkLoad:
                     with conn.cursor() as cur, cur.copy(f"COPY {self.table} FROM STDIN") as cp:
                         for i in range(3_000_000):
                             cp.write_row((i, ROW))
-                else:
+                elif self.kind == "index":
                     conn.execute(f"CREATE INDEX {self.index} ON {self.table} "
                                  "(payload, id)")
+                else:
+                    conn.execute("SELECT pg_logical_emit_message(true, 'borealis-bulk', "
+                                 "repeat('x', %s))", (RECORD_BYTES,))
+                    conn.execute(f"INSERT INTO {self.table} VALUES (1, 'sent')")
                 conn.commit()
                 self.finished = True
         except BaseException as exc:  # the writer is killed under it: expected
@@ -117,6 +124,8 @@ class BulkLoad:
         with the backend frozen (:meth:`kill_backend` ends it), or None if no such
         moment came in ``timeout_s``."""
         assert self._pid > 0, "the load has no backend"  # os.kill(0) is our own group
+        if self.kind == "record":
+            return self._freeze_inside_the_record(timeout_s)
         deadline = time.monotonic() + timeout_s
         # A backend stopped while it holds a lock would stall these queries: they give up.
         with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10,
@@ -138,6 +147,29 @@ class BulkLoad:
                     pass
                 os.kill(self._pid, signal.SIGCONT)
                 time.sleep(0.002)
+        return None
+
+    def _freeze_inside_the_record(self, timeout_s: float) -> int | None:
+        """Freeze the backend once the volume client holds a megabyte of the load's one
+        record, while the writer has not flushed its end: nothing after it can be
+        flushed either (a flush waits for the insertions before it), so the log ends
+        inside it whatever the WAL writer or an orphaned walsender does after the kill.
+        The record is written in a fraction of a second: the volume is polled at once."""
+        deadline = time.monotonic() + timeout_s
+        with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10,
+                             options="-c statement_timeout=1000") as conn:
+            while time.monotonic() < deadline:
+                if self.finished or self.error is not None:
+                    return None
+                held = self._lsn(conn, "SELECT max(flush_lsn)::text FROM pg_stat_replication "
+                                       "WHERE sync_state = 'sync'")
+                if held > self._started_lsn + (1 << 20):
+                    os.kill(self._pid, signal.SIGSTOP)
+                    flush = self._lsn(conn, "SELECT pg_current_wal_flush_lsn()::text")
+                    if flush < self._started_lsn + RECORD_BYTES:
+                        return flush
+                    os.kill(self._pid, signal.SIGCONT)  # past its record: too late
+                    return None
         return None
 
     @staticmethod
@@ -179,10 +211,11 @@ class BulkLoad:
                 assert row is not None
                 done = row[0] == 1
             else:
+                rows = 1 if self.kind == "record" else 3_000_000
                 row = conn.execute(f"SELECT count(*) FROM {self.table}").fetchone()
-                assert row is not None and row[0] in (0, 3_000_000), \
+                assert row is not None and row[0] in (0, rows), \
                     f"{row[0]} rows of the {self.kind} load are visible: half a transaction"
-                done = row[0] == 3_000_000
+                done = row[0] == rows
         assert done or not self.finished, f"the acknowledged {self.kind} load is missing"
         if not done:
             self.assert_absent(dsn)

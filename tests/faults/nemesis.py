@@ -226,7 +226,9 @@ def _kill_in_bulk_load(st: dict[str, Any], writer: dict[str, Any], rng: random.R
     load = BulkLoad(dsn, kind or rng.choice(KINDS), f"{os.getpid()}_{rng.randrange(10**6)}")
     load.prepare()
     load.start()
-    load.wait_mid_transaction(rng.randrange(2 << 20, (6 if load.kind == "index" else 24) << 20))
+    if load.kind != "record":  # its one record is written too fast to wait part-way
+        load.wait_mid_transaction(
+            rng.randrange(2 << 20, (6 if load.kind == "index" else 24) << 20))
     if bank is not None:
         bank.hold()
     try:
