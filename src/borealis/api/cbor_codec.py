@@ -15,7 +15,7 @@ import cbor2
 from botocore.model import OperationModel, ServiceModel, Shape
 
 from borealis.api.errors import ApiError
-from borealis.api.json_codec import error_shape
+from borealis.api.json_codec import error_document
 
 CONTENT_TYPE = "application/cbor"
 PROTOCOL_HEADER = ("smithy-protocol", "rpc-v2-cbor")
@@ -58,9 +58,5 @@ def serialize_result(op: OperationModel, result: dict[str, Any]) -> bytes:
 
 
 def serialize_error(model: ServiceModel, error: ApiError) -> tuple[bytes, int, dict[str, str]]:
-    """Body, status and headers of an error: the modeled shape whose query code is
-    ``error.code`` names ``__type`` (so boto3 raises its exception class)."""
-    shape, status, fault = error_shape(model, error.code, error.status)
-    namespace = "com.amazonaws." + str(model.metadata.get("serviceId", "")).lower()
-    body = cbor2.dumps({"__type": f"{namespace}#{shape}", "message": error.message})
-    return body, status, {"x-amzn-query-error": f"{error.code};{fault}"}
+    document, status, headers = error_document(model, error)
+    return cbor2.dumps(document), status, headers

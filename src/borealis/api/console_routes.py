@@ -22,6 +22,7 @@ from aiohttp import web
 
 from borealis.console.sessions import COOKIE, SESSION_S, Sessions
 from borealis.control import top_sql
+from borealis.control.status import without_secrets
 from borealis.metrics import catalog
 from borealis.metrics.store import aggregate
 
@@ -121,13 +122,7 @@ class ConsoleRoutes:
 
     async def clusters(self, request: web.Request) -> web.Response:
         self._need_session(request)
-        status = await self.cp.status()
-        for c in status["clusters"]:  # a page has no need of passwords
-            for e in c["endpoints"]:
-                for key in ("dsn", "multi_host_dsn", "hosts_dsn"):
-                    e.pop(key, None)
-            for i in c["instances"]:
-                i.pop("dsn", None)
+        status = without_secrets(await self.cp.status())  # a page has no need of passwords
         return web.json_response({"clusters": status["clusters"], "now": time.time()})
 
     def _cluster(self, request: web.Request) -> str:

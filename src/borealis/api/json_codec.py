@@ -76,8 +76,17 @@ def error_shape(model: ServiceModel, code: str, status: int) -> tuple[str, int, 
     return code, status, "Sender" if status < 500 else "Receiver"
 
 
-def serialize_error(model: ServiceModel, error: ApiError) -> tuple[bytes, int, dict[str, str]]:
+def error_document(model: ServiceModel, error: ApiError
+                   ) -> tuple[dict[str, str], int, dict[str, str]]:
+    """An error as the JSON and CBOR protocols carry it, before either encodes it: the
+    document (its ``__type`` names the modeled shape whose query code is ``error.code``,
+    so boto3 raises that exception class), the HTTP status and the headers."""
     shape, status, fault = error_shape(model, error.code, error.status)
     namespace = "com.amazonaws." + str(model.metadata.get("serviceId", "")).lower()
-    body = json.dumps({"__type": f"{namespace}#{shape}", "message": error.message}).encode()
-    return body, status, {"x-amzn-query-error": f"{error.code};{fault}"}
+    return ({"__type": f"{namespace}#{shape}", "message": error.message}, status,
+            {"x-amzn-query-error": f"{error.code};{fault}"})
+
+
+def serialize_error(model: ServiceModel, error: ApiError) -> tuple[bytes, int, dict[str, str]]:
+    document, status, headers = error_document(model, error)
+    return json.dumps(document).encode(), status, headers

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 import time
@@ -16,7 +15,6 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -28,8 +26,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from borealis import identifiers
-from borealis.cli import hosts
+from borealis.cli import hosts, observe
+from borealis.cli.arguments import CLUSTER, ENDPOINT, INSTANCE, SECRET, SNAPSHOT
 from borealis.cli.client import (
     CliError,
     api_location,
@@ -43,7 +41,7 @@ from borealis.cli.client import (
     stop_control_plane,
     wait,
 )
-from borealis.times import format_time
+from borealis.control.status import without_secrets
 
 # No emoji codes: ":secret:" inside an ARN must stay as it is.
 console = Console(emoji=False)
@@ -99,22 +97,6 @@ def cmd_status(args: argparse.Namespace) -> None:
             t.add_row(n["id"], n["az"], str(n["port"]), str(n["pid"]), n["state"],
                       str(n["flush_lsn"]))
         console.print(t)
-
-
-def without_secrets(value: Any) -> Any:
-    """A status with the password taken out of every connection string (``dsn``,
-    ``multi_host_dsn``, ``hosts_dsn``)."""
-    if isinstance(value, list):
-        return [without_secrets(v) for v in value]
-    if not isinstance(value, dict):
-        return value
-    out = {k: without_secrets(v) for k, v in value.items()}
-    for key in ("dsn", "multi_host_dsn", "hosts_dsn"):
-        if isinstance(out.get(key), str):
-            params = conninfo_to_dict(out[key])
-            params.pop("password", None)
-            out[key] = make_conninfo("", **params)
-    return out
 
 
 def cmd_down(_: argparse.Namespace) -> None:
@@ -231,36 +213,6 @@ def cmd_endpoint_delete(args: argparse.Namespace) -> None:
     console.print(f"endpoint {args.name} deleted")
 
 
-def cmd_events(args: argparse.Namespace) -> None:
-    """The cluster's events in Borealis's own words, every source at once (``aws rds
-    describe-events`` gives them as RDS does, per cluster, instance and snapshot)."""
-    since = time.time() - args.days * 86400
-    events = request("GET", f"/v1/clusters/{args.cluster}/events?since={since}")["events"]
-    for e in events:
-        when = dt.datetime.fromtimestamp(float(e["time"]), dt.UTC)
-        console.print(f"{format_time(when)}  {e['source']}: {e['message']}", soft_wrap=True,
-                      highlight=False, markup=False)
-
-
-def cmd_top(args: argparse.Namespace) -> None:
-    """Each instance's statements that took the most time (pg_stat_statements)."""
-    answer = request("GET", f"/v1/clusters/{args.cluster}/top?limit={args.limit}")
-    if args.json:
-        print(json.dumps(answer, indent=2))
-        return
-    for inst in answer["instances"]:
-        t = Table(title=f"{inst['instance']} ({inst['role']})", title_justify="left")
-        for col in ("total ms", "calls", "mean ms", "rows", "database", "statement"):
-            t.add_column(col, justify="right" if col.endswith(("ms", "calls", "rows"))
-                         else "left", overflow="fold")
-        for s in inst["statements"]:
-            t.add_row(f"{s['total_ms']:.1f}", str(s["calls"]), f"{s['mean_ms']:.2f}",
-                      str(s["rows"]), s["database"], " ".join(s["query"].split())[:200])
-        console.print(t)
-        if inst.get("error"):
-            console.print(f"  {inst['error']}", highlight=False, markup=False)
-
-
 def cmd_credentials(_: argparse.Namespace) -> None:
     url, region = api_location()
     key_id, secret = credentials()
@@ -269,28 +221,6 @@ def cmd_credentials(_: argparse.Namespace) -> None:
     print(f"export AWS_SECRET_ACCESS_KEY={secret}")
     print(f"export AWS_DEFAULT_REGION={region}")
     print(f"export AWS_ENDPOINT_URL={url}")
-
-
-def cmd_hosts_file(_: argparse.Namespace) -> None:
-    """Lines for /etc/hosts (or a DNS zone): every endpoint on this machine by name."""
-    status = request("GET", "/v1/status")
-    for cluster in status["clusters"]:
-        for ep in cluster["endpoints"]:
-            print(f"{ep['host']}\t{ep['dns_name']}")
-
-
-def cmd_console(_: argparse.Namespace) -> None:
-    answer = request("POST", "/v1/console-link")
-    # The link signs the browser in once (for five minutes); the console's own login
-    # takes the access key (borealis credentials) after that.
-    print(answer["url"])
-
-
-def cmd_metrics_token(_: argparse.Namespace) -> None:
-    url, _region = api_location()
-    answer = request("GET", "/v1/metrics-token")
-    # For a Prometheus scrape config: authorization: {credentials: TOKEN}.
-    print(f"{url}{answer['path']}\n{answer['token']}")
 
 
 def cmd_secret_create(args: argparse.Namespace) -> None:
@@ -450,24 +380,6 @@ def cmd_snapshot_restore(args: argparse.Namespace) -> None:
     wait_restored(f"snapshot {args.name}", args.new_cluster)
 
 
-def _name(what: str, check: Callable[[object, str], str]) -> Callable[[str], str]:
-    """An argument that names something, checked as every entry point checks it."""
-    def convert(value: str) -> str:
-        try:
-            return check(value, what)
-        except identifiers.BadIdentifier as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-    convert.__name__ = what  # argparse names the argument's type in its errors
-    return convert
-
-
-CLUSTER = _name("cluster name", identifiers.identifier)
-INSTANCE = _name("instance id", identifiers.identifier)
-ENDPOINT = _name("endpoint name", identifiers.identifier)
-SNAPSHOT = _name("snapshot name", identifiers.identifier)
-SECRET = _name("secret name", lambda value, _what: identifiers.secret_name(value))
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="borealis", description="Aurora-style PostgreSQL clusters")
     sub = p.add_subparsers(dest="command", required=True)
@@ -484,15 +396,6 @@ def parser() -> argparse.ArgumentParser:
     de = sub.add_parser("destroy", help="stop a cluster and delete its data")
     de.add_argument("name", type=CLUSTER)
     de.set_defaults(func=cmd_destroy)
-    ev = sub.add_parser("events", help="what happened to a cluster, and when")
-    ev.add_argument("cluster", type=CLUSTER)
-    ev.add_argument("--days", type=float, default=14, help="how far back (default 14)")
-    ev.set_defaults(func=cmd_events)
-    tp = sub.add_parser("top", help="each instance's top SQL by time (pg_stat_statements)")
-    tp.add_argument("cluster", type=CLUSTER)
-    tp.add_argument("--limit", type=int, default=10)
-    tp.add_argument("--json", action="store_true")
-    tp.set_defaults(func=cmd_top)
     fo = sub.add_parser("failover", help="promote a reader to writer now (fences the old one)")
     fo.add_argument("cluster", type=CLUSTER)
     fo.add_argument("--target", default=None, type=INSTANCE,
@@ -502,6 +405,7 @@ def parser() -> argparse.ArgumentParser:
     _secret_and_backup_commands(sub)
     _copy_commands(sub)
     _instance_and_endpoint_commands(sub)
+    observe.add_commands(sub)
     hosts.add_commands(sub)
     return p
 
@@ -512,13 +416,6 @@ Subparsers = Any  # argparse's _SubParsersAction is private
 def _secret_and_backup_commands(sub: Subparsers) -> None:
     sub.add_parser("credentials", help="shell exports for boto3 and the AWS CLI "
                    "(eval \"$(borealis credentials)\")").set_defaults(func=cmd_credentials)
-    sub.add_parser("hosts-file", help="/etc/hosts lines naming every endpoint (a driver's "
-                   "instance host pattern: ?.borealis.internal)").set_defaults(
-                       func=cmd_hosts_file)
-    sub.add_parser("console", help="a one-time link into the web console").set_defaults(
-        func=cmd_console)
-    sub.add_parser("metrics-token", help="where Prometheus scrapes the metrics, and the "
-                   "bearer token it sends").set_defaults(func=cmd_metrics_token)
     sec = sub.add_parser("secret", help="database credentials for the Data API")
     ssub = sec.add_subparsers(dest="secret_command", required=True)
     sc = ssub.add_parser("create", help="store a user and password under an ARN")

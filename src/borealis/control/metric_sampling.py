@@ -65,7 +65,6 @@ class Counters:
     commits: float
     deadlocks: float
     usage: processes.Usage | None
-    volume_lsn: int | None = None
 
 
 def rate(before: float | None, after: float | None, seconds: float) -> float | None:
@@ -85,6 +84,7 @@ class MetricSampler:
         self.cluster_status = cluster_status
         self.previous: dict[str, Counters] = {}  # by instance id, or cluster name
         self.quorum: dict[str, tuple[int, float, int]] = {}  # cluster -> pid, wait s, waits
+        self.volume_end: dict[str, int] = {}  # cluster -> VDL at its last sample
         self.publisher = topology.Publisher()
         self.backup_sampled: dict[str, float] = {}
         self.pruned = 0.0
@@ -140,7 +140,7 @@ class MetricSampler:
             cpu = [r["CPUUtilization"] for r in rows if "CPUUtilization" in r]
             if cpu:
                 out.append(Sample("CPUUtilization", dims, sum(cpu) / len(cpu)))
-        out += self._cluster_values(name, status, lags, now)
+        out += self._cluster_values(name, status, lags)
         out += await self._commit_latency(rt)
         out += await self._backup_storage(rt, now)
         await self._publish_topology(rt, status, out, now)
@@ -249,8 +249,8 @@ class MetricSampler:
                                     report.write_bytes or 0)
         return usage, rt.hosted.memory_available(inst.host)
 
-    def _cluster_values(self, name: str, status: dict[str, Any], lags: list[float],
-                        now: float) -> list[Sample]:
+    def _cluster_values(self, name: str, status: dict[str, Any], lags: list[float]
+                        ) -> list[Sample]:
         dims = dimension_key({"DBClusterIdentifier": name})
         out = []
         if lags:
@@ -269,14 +269,11 @@ class MetricSampler:
                     float(max(0, vdl - flush))))
         if held:
             out.append(Sample("VolumeBytesUsed", dims, float(max(held))))
-        before = self.previous.get(name)
+        before = self.volume_end.get(name)
         if vdl is not None:
-            self.previous[name] = Counters(now, 0, 0, None, vdl)
-            if before is not None and before.volume_lsn is not None:
-                written = rate(before.volume_lsn, vdl, now - before.at)
-                if written is not None:  # 8 KiB writes, as a page-sized I/O counts
-                    out.append(Sample("VolumeWriteIOPs", dims,
-                                      written * (now - before.at) / 8192))
+            self.volume_end[name] = vdl
+            if before is not None and vdl >= before:  # 8 KiB writes, as a page-sized I/O
+                out.append(Sample("VolumeWriteIOPs", dims, (vdl - before) / 8192))
         for ep in status.get("endpoints", []):
             out.append(Sample("EndpointConnections", dimension_key(
                 {"DBClusterIdentifier": name, "DBClusterEndpoint": ep["name"]}),

@@ -11,6 +11,7 @@ import asyncio
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from borealis.control import probe
 from borealis.control.cluster import ClusterRuntime
@@ -117,3 +118,19 @@ class StatusReader:
                    flush_lsn=format_lsn(st.flush_lsn), epoch=st.epoch, vdl=format_lsn(st.vdl),
                    start_lsn=format_lsn(st.start_lsn), timeline=st.timeline)
         return out
+
+
+def without_secrets(value: Any) -> Any:
+    """A status with the password taken out of every connection string (``dsn``,
+    ``multi_host_dsn``, ``hosts_dsn``)."""
+    if isinstance(value, list):
+        return [without_secrets(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {k: without_secrets(v) for k, v in value.items()}
+    for key in ("dsn", "multi_host_dsn", "hosts_dsn"):
+        if isinstance(out.get(key), str):
+            params = conninfo_to_dict(out[key])
+            params.pop("password", None)
+            out[key] = make_conninfo("", **params)
+    return out

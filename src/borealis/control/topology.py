@@ -95,25 +95,32 @@ def rows(status: dict[str, Any], cpu: dict[str, float], now: float) -> list[dict
         if inst["state"] != "available":
             continue
         writer = inst["role"] == "writer"
-        out.append({
-            "server_id": inst["id"],
-            "session_id": WRITER_SESSION if writer else f"borealis-{inst['id']}",
-            "durable_lsn": vdl, "highest_lsn_rcvd": inst.get("replay_lsn"),
-            "current_read_lsn": inst.get("replay_lsn"),
-            "replica_lag_in_msec": None if writer else inst.get("lag_ms"),
-            "cpu": cpu.get(inst["id"]), "last_update_timestamp": now})
+        out.append(row(
+            inst["id"], writer, durable_lsn=vdl, highest_lsn_rcvd=inst.get("replay_lsn"),
+            current_read_lsn=inst.get("replay_lsn"),
+            replica_lag_in_msec=None if writer else inst.get("lag_ms"),
+            cpu=cpu.get(inst["id"]), last_update_timestamp=now))
     return out
+
+
+def row(server_id: str, writer: bool, **measured: Any) -> dict[str, Any]:
+    """One published row (pure): the instance, its session as Aurora names it (the
+    writer's is fixed), and whatever was measured of it."""
+    return {"server_id": server_id,
+            "session_id": WRITER_SESSION if writer else f"borealis-{server_id}", **measured}
 
 
 def announce(admin_dsn: str, writer: str, readers: list[str]) -> None:
     """The new writer, published at once by a failover (before the old writer can come
     back as a reader while the rows still name it): lags follow at the next round."""
-    rows = [{"server_id": writer, "session_id": WRITER_SESSION}] + [
-        {"server_id": r, "session_id": f"borealis-{r}"} for r in readers]
     with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=2) as conn:
         conn.execute("SET statement_timeout = '5s'")
-        conn.execute(sql.SQL("ALTER ROLE {} SET borealis.topology = {}").format(
-            sql.Identifier(ADMIN_USER), sql.Literal(json.dumps(rows))))
+        _set(conn, [row(writer, True)] + [row(r, False) for r in readers])
+
+
+def _set(conn: psycopg.Connection[Any], published: list[dict[str, Any]]) -> None:
+    conn.execute(sql.SQL("ALTER ROLE {} SET borealis.topology = {}").format(
+        sql.Identifier(ADMIN_USER), sql.Literal(json.dumps(published))))
 
 
 def signature(published: list[dict[str, Any]]) -> tuple[tuple[str, str, bool], ...]:
@@ -142,8 +149,7 @@ class Publisher:
             now = (pid, signature(published))
             if self.published.get(writer) == now:
                 return  # nothing new: no WAL for it
-            conn.execute(sql.SQL("ALTER ROLE {} SET borealis.topology = {}").format(
-                sql.Identifier(ADMIN_USER), sql.Literal(json.dumps(published))))
+            _set(conn, published)
             self.published[writer] = now
 
     def _create_functions(self, admin_dsn: str, db: str) -> None:
