@@ -36,6 +36,13 @@ TEST_ENV = {
     # tests of both finish quickly.
     "BOREALIS_DATA_API_CALL_TIMEOUT_S": "6",
     "BOREALIS_DATA_API_IDLE_TRANSACTION_S": "8",
+    # Serverless capacity goes down 3 s after a change rather than 30, and auto-pause
+    # may be set as short as 5 s (Aurora's shortest is 300).
+    "BOREALIS_CAPACITY_SCALE_DOWN_AFTER_S": "3",
+    "BOREALIS_SHORTEST_AUTO_PAUSE_S": "5",
+    # Replica auto scaling evaluates every 2 s over the last 15 s (15 s over 60 s).
+    "BOREALIS_REPLICA_SCALING_INTERVAL_S": "2",
+    "BOREALIS_REPLICA_SCALING_WINDOW_S": "15",
 }
 
 

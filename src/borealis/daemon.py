@@ -83,11 +83,13 @@ async def serve(home: Path, port: int) -> None:
     tasks = [asyncio.create_task(t) for t in (
         cp.supervisor.run(), cp.supervisor.watch_writers(), cp.supervisor.watch_nodes(),
         sweep_hosts(cp.state, cp.locks, cp.stopping), api.reap(),
-        cp.metric_sampler.run(cp.stopping))]
+        cp.metric_sampler.run(cp.stopping), cp.capacity.run(cp.stopping),
+        cp.replica_scaler.run(cp.stopping))]
     await cp.stopping.wait()
     for task in tasks:
         task.cancel()
     await asyncio.sleep(0.2)  # let the last response go out
+    cp.capacity.close()
     await api.data.close()
     await listeners.stop()
     await runner.cleanup()

@@ -72,6 +72,16 @@ def tree_usage(pid: int) -> Usage | None:
     return Usage(total_cpu, read, written)
 
 
+def anonymous_memory(pid: int) -> int:
+    """Bytes of ``pid``'s own memory in RAM (``RssAnon``: neither files nor shared
+    memory, which its siblings count too); 0 if it is gone."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def available_memory() -> int | None:
     """Bytes of memory this machine can give without swapping (``MemAvailable``)."""
     with contextlib.suppress(OSError, ValueError, IndexError):

@@ -51,6 +51,14 @@ class Settings:
     endpoint_hold_s: float = 30.0
     endpoint_max_lag_ms: int = 30000
     endpoint_steering: bool = True
+    # Serverless v2: how often capacity is sampled, how long after a change it may go
+    # down, and the shortest SecondsUntilAutoPause accepted (Aurora's is 300).
+    capacity_sample_s: float = 1.0
+    capacity_scale_down_after_s: float = 30.0
+    shortest_auto_pause_s: int = 300
+    # Replica auto scaling: how often policies are evaluated, over how much history.
+    replica_scaling_interval_s: float = 15.0
+    replica_scaling_window_s: float = 60.0
     # The API server.
     api_host: str = "127.0.0.1"
     api_port: int = 0  # 0: any free port (written to control.json)

@@ -18,6 +18,11 @@ CONTENT_TYPE = "application/x-amz-json-1.0"
 TARGET_HEADER = "X-Amz-Target"
 
 
+def content_type(model: ServiceModel) -> str:
+    """The service's JSON version (1.0 for CloudWatch, 1.1 for Application Auto Scaling)."""
+    return f"application/x-amz-json-{model.metadata.get('jsonVersion', '1.0')}"
+
+
 def targets(model: ServiceModel, target: str) -> bool:
     return target.startswith(f"{model.metadata['targetPrefix']}.")
 

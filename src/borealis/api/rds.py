@@ -10,16 +10,10 @@ answer ``NotImplemented`` and change nothing.
 from __future__ import annotations
 
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from borealis.api import identity
 from borealis.api.errors import ApiError, not_found
-from borealis.control.failover_rules import FailoverRefused
-from borealis.control.handle import ClusterError
-from borealis.control.state import EndpointRow
-
-if TYPE_CHECKING:
-    pass
 from borealis.api.rds_backups import RdsBackups
 from borealis.api.rds_rules import (
     _RESERVED_USERS,
@@ -37,7 +31,14 @@ from borealis.api.rds_rules import (
     not_built,
     paginate,
     refuse_unsupported,
+    scaling_config,
 )
+from borealis.control.capacity import SERVERLESS_CLASS
+from borealis.control.capacity import scaling_config as current_scaling_config
+from borealis.control.capacity import set_config as set_scaling_config
+from borealis.control.failover_rules import FailoverRefused
+from borealis.control.handle import ClusterError
+from borealis.control.state import EndpointRow
 
 
 class RdsOperations(RdsBackups):
@@ -69,11 +70,14 @@ class RdsOperations(RdsBackups):
         check_password(password)
         refuse_unsupported(p, CREATE_CLUSTER_UNSUPPORTED)
         options = self._options(p)
+        serverless = scaling_config(p, self.cp.settings.shortest_auto_pause_s)
         try:
             self.cp.create_cluster(name, user, password)
         except ClusterError as exc:
             raise ApiError("InvalidParameterValue", str(exc)) from None
         self.cp.set_cluster_options(name, **options)
+        if serverless is not None:
+            set_scaling_config(self.state, name, serverless)
         if p.get("Tags"):
             self._add_tags(identity.rds_arn(self.state, "cluster", name), p["Tags"])
         return {"DBCluster": self.describe_cluster(self._cluster(name))}
@@ -105,14 +109,19 @@ class RdsOperations(RdsBackups):
     async def op_ModifyDBCluster(self, p: dict[str, Any]) -> dict[str, Any]:
         cluster = self._cluster(p["DBClusterIdentifier"])
         supported = {"DBClusterIdentifier", "ApplyImmediately", "MasterUserPassword",
-                     "DeletionProtection", "BacktrackWindow", "BackupRetentionPeriod"}
+                     "DeletionProtection", "BacktrackWindow", "BackupRetentionPeriod",
+                     "ServerlessV2ScalingConfiguration"}
         unsupported = sorted(set(p) - supported)
         if unsupported:
             raise not_built(f"changing {', '.join(unsupported)}")
         options = self._options(p)
+        serverless = scaling_config(p, self.cp.settings.shortest_auto_pause_s,
+                                    current_scaling_config(self.state, cluster.name))
         if "MasterUserPassword" in p:
             check_password(p["MasterUserPassword"])
         self.cp.set_cluster_options(cluster.name, **options)
+        if serverless is not None:  # the controller moves capacities into it at once
+            set_scaling_config(self.state, cluster.name, serverless)
         if "MasterUserPassword" in p:
             await self.cp.set_master_password(cluster.name, p["MasterUserPassword"])
         return {"DBCluster": self.describe_cluster(self._cluster(cluster.name))}
@@ -135,7 +144,7 @@ class RdsOperations(RdsBackups):
                            "please disable deletion protection and try again.")
         described = self.describe_cluster(cluster)
         self.cp.delete_cluster(cluster.name)
-        self.cp.forget(f"deletion_protection:{cluster.name}",
+        self.cp.forget(f"deletion_protection:{cluster.name}", f"serverless:{cluster.name}",
                        f"resource_id:cluster:{cluster.name}", f"tags:{described['DBClusterArn']}")
         described["Status"] = "deleting"
         return {"DBCluster": described}
@@ -172,6 +181,11 @@ class RdsOperations(RdsBackups):
             raise ApiError("InstanceQuotaExceededFault", "a cluster has at most one writer "
                            "and 15 readers")
         refuse_unsupported(p, CREATE_INSTANCE_UNSUPPORTED)
+        if (p["DBInstanceClass"] == SERVERLESS_CLASS
+                and current_scaling_config(self.state, cluster.name) is None):
+            raise ApiError("InvalidParameterCombination", "A DB instance of class "
+                           "db.serverless needs its cluster's ServerlessV2ScalingConfiguration "
+                           f"first: set it on {cluster.name} (ModifyDBCluster).")
         tier = p.get("PromotionTier", 1)
         try:
             inst = self.cp.create_instance(cluster.name, instance_id,
@@ -208,7 +222,8 @@ class RdsOperations(RdsBackups):
                            "being deleted.")
         described = self.describe_instance(inst)
         self.cp.delete_instance(inst.id)
-        self.cp.forget(f"instance_class:{inst.id}", f"resource_id:db:{inst.id}",
+        self.cp.forget(f"instance_class:{inst.id}", f"capacity:{inst.id}",
+                       f"resource_id:db:{inst.id}",
                        f"tags:{described['DBInstanceArn']}")
         described["DBInstanceStatus"] = "deleting"
         return {"DBInstance": described}

@@ -16,6 +16,7 @@ from borealis.backup import catalog
 from borealis.backup.store import open_store
 from borealis.compute import postgres as pg
 from borealis.control import backtrack
+from borealis.control.capacity import scaling_config
 from borealis.control.endpoints import ClusterEndpoints
 from borealis.control.state import Cluster, EndpointRow, Instance
 
@@ -122,6 +123,11 @@ class RdsBase:
             out["Endpoint"], out["Port"] = self._endpoint_address(by_type["WRITER"], on_hosts)
         if "READER" in by_type:
             out["ReaderEndpoint"] = self._endpoint_address(by_type["READER"], on_hosts)[0]
+        serverless = scaling_config(self.state, cluster.name)
+        if serverless is not None:
+            out["ServerlessV2ScalingConfiguration"] = {
+                "MinCapacity": serverless.min_acu, "MaxCapacity": serverless.max_acu,
+                "SecondsUntilAutoPause": serverless.seconds_until_auto_pause}
         if secret is not None:
             out["MasterUserSecret"] = {"SecretArn": secret.arn, "SecretStatus": "active"}
         earliest, latest = self._restorable(cluster.name)

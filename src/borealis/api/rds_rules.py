@@ -8,13 +8,11 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from borealis import identifiers
 from borealis.api.errors import ApiError
-
-if TYPE_CHECKING:
-    pass
+from borealis.control.capacity_rules import BadScaling, ScalingConfig, check_config
 
 ENGINE = "aurora-postgresql"
 DEFAULT_INSTANCE_CLASS = "db.r6g.large"
@@ -51,7 +49,6 @@ CREATE_CLUSTER_UNSUPPORTED = {
     "EnableIAMDatabaseAuthentication": "IAM database authentication",
     "GlobalClusterIdentifier": "Global Database",
     "ReplicationSourceIdentifier": "cross-region replicas",
-    "ServerlessV2ScalingConfiguration": "Serverless v2",
     "ScalingConfiguration": "Serverless v1",
     "Port": "choosing the port (Borealis picks a free one)",
 }
@@ -70,6 +67,19 @@ def refuse_unsupported(p: dict[str, Any], unsupported: dict[str, str]) -> None:
     mode = p.get("EngineMode")
     if mode not in (None, "provisioned"):
         raise not_built(f"EngineMode {mode}")
+
+
+def scaling_config(p: dict[str, Any], shortest_pause_s: int,
+                   current: ScalingConfig | None = None) -> ScalingConfig | None:
+    """``ServerlessV2ScalingConfiguration`` as given (None if it is not), checked."""
+    given = p.get("ServerlessV2ScalingConfiguration")
+    if given is None:
+        return None
+    try:
+        return check_config(given.get("MinCapacity"), given.get("MaxCapacity"),
+                            given.get("SecondsUntilAutoPause"), shortest_pause_s, current)
+    except BadScaling as exc:
+        raise ApiError(exc.code, str(exc)) from None
 
 
 def master_secret_name(cluster: str) -> str:

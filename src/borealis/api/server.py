@@ -34,6 +34,7 @@ from borealis.api import (
     query_codec,
     sigv4,
 )
+from borealis.api.autoscaling import AutoScalingOperations
 from borealis.api.cloudwatch import CloudWatchOperations
 from borealis.api.data_api import DataApi
 from borealis.api.errors import ApiError
@@ -65,6 +66,7 @@ RDS_MODEL: ServiceModel = _session.get_service_model("rds")
 DATA_MODEL: ServiceModel = _session.get_service_model("rds-data")
 CLOUDWATCH_MODEL: ServiceModel = _session.get_service_model("cloudwatch")
 CLOUDWATCH_PATH = cbor_codec.operation_path(CLOUDWATCH_MODEL)
+AUTOSCALING_MODEL: ServiceModel = _session.get_service_model("application-autoscaling")
 
 
 def _query_wire_error(error: ApiError) -> ApiError:
@@ -111,6 +113,13 @@ def cloudwatch_json_error(error: ApiError, request_id: str) -> web.Response:
                         headers={**headers, "x-amzn-RequestId": request_id})
 
 
+def autoscaling_error(error: ApiError, request_id: str) -> web.Response:
+    body, status, headers = json_codec.serialize_error(AUTOSCALING_MODEL, error)
+    return web.Response(body=body, status=status,
+                        headers={**headers, "x-amzn-RequestId": request_id,
+                                 "Content-Type": json_codec.content_type(AUTOSCALING_MODEL)})
+
+
 def cloudwatch_query_error(error: ApiError, request_id: str) -> web.Response:
     return web.Response(body=query_codec.serialize_error(CLOUDWATCH_MODEL, error, request_id),
                         status=error.status, content_type="text/xml",
@@ -125,8 +134,8 @@ def _is_cloudwatch_query(body: bytes) -> bool:
 def _service_of(path: str, headers: Mapping[str, str], body: bytes = b""
                 ) -> tuple[str, Callable[[ApiError, str], web.Response]]:
     """Which service a request is for (its signing name) and how its errors look. At
-    ``/``: CloudWatch's JSON (``X-Amz-Target``) or query form (its API version), else
-    RDS."""
+    ``/``: CloudWatch's or Application Auto Scaling's JSON (``X-Amz-Target``),
+    CloudWatch's query form (its API version), else RDS."""
     if path == METRICS_PATH:
         return METRICS_PATH, control_error
     if path == console_routes.PREFIX or path.startswith(console_routes.PREFIX + "/"):
@@ -138,6 +147,9 @@ def _service_of(path: str, headers: Mapping[str, str], body: bytes = b""
     if path == "/" and json_codec.targets(CLOUDWATCH_MODEL,
                                           headers.get(json_codec.TARGET_HEADER, "")):
         return CLOUDWATCH_MODEL.signing_name, cloudwatch_json_error
+    if path == "/" and json_codec.targets(AUTOSCALING_MODEL,
+                                          headers.get(json_codec.TARGET_HEADER, "")):
+        return AUTOSCALING_MODEL.signing_name, autoscaling_error
     if path == "/" and _is_cloudwatch_query(body):
         return CLOUDWATCH_MODEL.signing_name, cloudwatch_query_error
     if path == "/":
@@ -152,6 +164,7 @@ class Api:
         self.rds = RdsOperations(cp)
         self.data = DataApi(cp)
         self.cloudwatch = CloudWatchOperations(cp.metrics)
+        self.autoscaling = AutoScalingOperations(cp)
         self.console = console_routes.ConsoleRoutes(cp, self.rds)
         self.validator = ParamValidator()
         identity.ensure_access_key(self.state)
@@ -235,10 +248,13 @@ class Api:
     # -- RDS (query protocol) --------------------------------------------------------------
 
     async def root_post(self, request: web.Request) -> web.Response:
-        """``POST /``: RDS (query), or CloudWatch (JSON or query)."""
-        if json_codec.targets(CLOUDWATCH_MODEL,
-                              request.headers.get(json_codec.TARGET_HEADER, "")):
+        """``POST /``: RDS (query), CloudWatch (JSON or query) or Application Auto
+        Scaling (JSON)."""
+        target = request.headers.get(json_codec.TARGET_HEADER, "")
+        if json_codec.targets(CLOUDWATCH_MODEL, target):
             return await self.cloudwatch_json(request)
+        if json_codec.targets(AUTOSCALING_MODEL, target):
+            return await self.autoscaling_json(request)
         if _is_cloudwatch_query(request["body"]):
             return await self.cloudwatch_query(request)
         return await self.rds_query(request)
@@ -286,6 +302,23 @@ class Api:
         body = query_codec.serialize_result(op, result, request["request_id"])
         return web.Response(body=body, content_type="text/xml",
                             headers={"x-amzn-RequestId": request["request_id"]})
+
+    # -- Application Auto Scaling (JSON 1.1) ------------------------------------------------
+
+    async def autoscaling_json(self, request: web.Request) -> web.Response:
+        op, params = json_codec.parse_request(
+            AUTOSCALING_MODEL, request.headers[json_codec.TARGET_HEADER], request["body"])
+        report = self.validator.validate(params, op.input_shape)
+        if report.has_errors():
+            raise ApiError("ValidationException", report.generate_report())
+        call = self.autoscaling.handler(op.name)
+        if call is None:
+            raise ApiError("ValidationException", f"{op.name} is not supported; Borealis "
+                           "scales Aurora replicas with target tracking policies")
+        body = json_codec.serialize_result(await call(params))
+        return web.Response(body=body, headers={
+            "x-amzn-RequestId": request["request_id"],
+            "Content-Type": json_codec.content_type(AUTOSCALING_MODEL)})
 
     # -- Data API (REST-JSON) --------------------------------------------------------------
 

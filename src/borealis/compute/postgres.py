@@ -357,6 +357,21 @@ def end_orphans(bindir: Path, datadir: Path) -> int:
     return len(found)
 
 
+def client_sessions(pids: list[int], internal_users: frozenset[str]) -> int:
+    """How many of these server processes are client sessions, read from their process
+    titles (``postgres: USER DATABASE HOST(PORT) STATE``) so counting needs no
+    connection of its own; walsenders, workers and the users named are left out."""
+    count = 0
+    for pid in pids:
+        words = processes.cmdline(pid).split()
+        if (len(words) >= 4 and words[0] == "postgres:"
+                and words[1] not in ("walsender", "autovacuum", "parallel", "logical")
+                and words[1] not in internal_users
+                and (words[3].endswith(")") or words[3] == "[local]")):
+            count += 1
+    return count
+
+
 def server_command(bindir: Path, datadir: Path) -> list[str]:
     return [str(bindir / "postgres"), "-D", str(datadir)]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -23,6 +24,7 @@ from borealis.control.endpoints import ClusterEndpoints
 from borealis.control.failover_rules import FailoverRefused, check_failover
 from borealis.control.handle import ClusterError
 from borealis.control.plane_backups import BackupVerbs
+from borealis.control.replica_scaling import ReplicaScaler
 from borealis.control.state import AZS
 
 log = logging.getLogger("borealis.control")
@@ -31,9 +33,18 @@ log = logging.getLogger("borealis.control")
 class ControlPlane(BackupVerbs):
     """The verbs behind the APIs on clusters, instances and endpoints (those on copies
     in :mod:`.plane_backups`, what they share in :mod:`.plane_base`)."""
-    # -- endpoints --------------------------------------------------------------------------
 
-    # -- status -------------------------------------------------------------------------------
+    def __init__(self, home: Path) -> None:
+        super().__init__(home)
+        self.replica_scaler = ReplicaScaler(self.state, self.settings, self.metrics,
+                                            self._add_scaled_reader, self.delete_instance)
+
+    def _add_scaled_reader(self, cluster: str, instance_id: str, az: str, tier: int) -> None:
+        """A reader replica auto scaling adds: of the writer's instance class."""
+        writer = self.runtime(cluster).writer()
+        kind = self.state.setting(f"instance_class:{writer.id}") if writer else None
+        inst = self.create_instance(cluster, instance_id, az, tier)
+        self.set_instance_class(inst.id, kind or "db.r6g.large")
 
     # -- operations ------------------------------------------------------------------------
 

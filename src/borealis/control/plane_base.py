@@ -20,6 +20,7 @@ from typing import Any
 from borealis import settings
 from borealis.control import restore
 from borealis.control.backups import Backups
+from borealis.control.capacity import CapacityController
 from borealis.control.cluster import ClusterRuntime
 from borealis.control.endpoints import ClusterEndpoints
 from borealis.control.handle import ClusterError
@@ -53,7 +54,8 @@ class PlaneBase:
         self.background: set[asyncio.Task[None]] = set()
         self.sampling = Sampling()
         self.backups = Backups(self.state, self.settings, self.locks, self.stopping)
-        self.reader = StatusReader(self.state, self.settings, self.sampling)
+        self.capacity = CapacityController(self.state, self.settings)
+        self.reader = StatusReader(self.state, self.settings, self.sampling, self.capacity)
         self.metrics = MetricStore(home / "metrics.db")
         self.metric_sampler = MetricSampler(self.state, self.metrics, self.reader.cluster)
         self.supervisor = Supervisor(self.state, self.settings, self.locks, self.stopping,

@@ -14,6 +14,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from borealis.control import probe
+from borealis.control.capacity import CapacityController, scaling_config
 from borealis.control.cluster import ClusterRuntime
 from borealis.control.endpoints import ClusterEndpoints
 from borealis.control.sampling import Sampling
@@ -24,10 +25,12 @@ from borealis.wal.lsn import format_lsn, parse_lsn
 
 
 class StatusReader:
-    def __init__(self, state: State, settings: Settings, sampling: Sampling) -> None:
+    def __init__(self, state: State, settings: Settings, sampling: Sampling,
+                 capacity: CapacityController) -> None:
         self.state = state
         self.settings = settings
         self.sampling = sampling
+        self.capacity = capacity
 
     async def cluster(self, name: str, progress: dict[str, Any] | None = None
                       ) -> dict[str, Any]:
@@ -42,6 +45,7 @@ class StatusReader:
         shown = volume.shown() if volume else {}
         row = self.state.volume_client(name)
         vc_alive = await asyncio.to_thread(rt.volume_client_alive)
+        config = scaling_config(self.state, name)
         return {
             "name": name,
             "status": cluster.status,
@@ -63,6 +67,9 @@ class StatusReader:
                                                  self.sampling.lags(name)),
             "endpoint_proxy": await asyncio.to_thread(self._proxy_status, rt),
             "progress": progress,
+            "serverless": None if config is None else {
+                "min_capacity": config.min_acu, "max_capacity": config.max_acu,
+                "seconds_until_auto_pause": config.seconds_until_auto_pause},
         }
 
     def _proxy_status(self, rt: ClusterRuntime) -> dict[str, Any]:
@@ -82,6 +89,9 @@ class StatusReader:
             "port": inst.port, "pid": inst.pid if alive else None,
             "state": inst.state if alive else "stopped", "replay_lsn": None, "lag_ms": None,
             "dsn": rt.client_dsn(inst), "storage_node": inst.storage_node,
+            "instance_class": self.state.setting(f"instance_class:{inst.id}",
+                                                 "db.r6g.large"),
+            "serverless": self.capacity.shown(inst.id, scaling_config(self.state, rt.name)),
         }
         if not alive:
             return out

@@ -1,0 +1,166 @@
+"""Serverless v2 through boto3: a cluster with a capacity range and a ``db.serverless``
+writer; pgbench makes its capacity rise within seconds, and the control group's limits
+and the server's settings follow; idle, it falls back to the minimum. Bad ranges get
+Aurora's error codes and change nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from botocore.exceptions import ClientError
+
+from borealis.compute import postgres as pg
+from borealis.control import capacity_rules as rules
+from tests.harness import Borealis, ClusterView, wait_for
+
+ENGINE = "aurora-postgresql"
+CLUSTER, WRITER = "sless", "sless-1"
+WAIT = {"Delay": 1, "MaxAttempts": 180}
+
+
+@pytest.fixture(scope="module")
+def rds(borealis: Borealis, cluster: ClusterView) -> Iterator[Any]:
+    """The serverless cluster (the shared one is only there for its control plane)."""
+    rds = borealis.client("rds")
+    rds.create_db_cluster(DBClusterIdentifier=CLUSTER, Engine=ENGINE, MasterUsername="owner",
+                          MasterUserPassword="serverless-pass",
+                          ServerlessV2ScalingConfiguration={"MinCapacity": 0.5,
+                                                            "MaxCapacity": 8})
+    rds.get_waiter("db_cluster_available").wait(DBClusterIdentifier=CLUSTER, WaiterConfig=WAIT)
+    rds.create_db_instance(DBInstanceIdentifier=WRITER, DBClusterIdentifier=CLUSTER,
+                           Engine=ENGINE, DBInstanceClass="db.serverless")
+    rds.get_waiter("db_instance_available").wait(DBInstanceIdentifier=WRITER,
+                                                 WaiterConfig=WAIT)
+    try:
+        yield rds
+    finally:
+        rds.delete_db_instance(DBInstanceIdentifier=WRITER, SkipFinalSnapshot=True)
+        rds.get_waiter("db_instance_deleted").wait(DBInstanceIdentifier=WRITER,
+                                                   WaiterConfig=WAIT)
+        rds.delete_db_cluster(DBClusterIdentifier=CLUSTER, SkipFinalSnapshot=True)
+        rds.get_waiter("db_cluster_deleted").wait(DBClusterIdentifier=CLUSTER,
+                                                  WaiterConfig=WAIT)
+
+
+def _writer(b: Borealis) -> dict[str, Any]:
+    return next(i for i in b.cluster(CLUSTER)["instances"] if i["id"] == WRITER)
+
+
+def _serverless(b: Borealis) -> dict[str, Any] | None:
+    shown: dict[str, Any] | None = _writer(b)["serverless"]
+    return shown if shown and shown["applied"] else None
+
+
+def _limits_match(shown: dict[str, Any]) -> bool:
+    """The group's CPU and memory limits are those of the capacity shown (cgroup v2's
+    files, or v1's in its cpu and memory hierarchies)."""
+    want = rules.limits(shown["capacity"])
+    files = {f.name: f.read_text().split() for d in map(Path, shown["cgroups"])
+             for f in d.iterdir() if f.name in ("cpu.max", "memory.max", "cpu.cfs_quota_us",
+                                                "cpu.cfs_period_us", "memory.limit_in_bytes")}
+    if "cpu.max" in files:
+        cores = int(files["cpu.max"][0]) / int(files["cpu.max"][1])
+        memory = int(files["memory.max"][0])
+    else:
+        cores = int(files["cpu.cfs_quota_us"][0]) / int(files["cpu.cfs_period_us"][0])
+        memory = int(files["memory.limit_in_bytes"][0])
+    return abs(cores - want.cpu_cores) < 0.01 and memory == want.memory_max
+
+
+def test_bad_ranges_are_refused_and_change_nothing(borealis: Borealis, rds: Any) -> None:
+    for config, code in [({"MinCapacity": 0.3, "MaxCapacity": 8}, "InvalidParameterValue"),
+                         ({"MinCapacity": 0.5, "MaxCapacity": 300}, "InvalidParameterValue"),
+                         ({"MinCapacity": 4, "MaxCapacity": 2},
+                          "InvalidParameterCombination")]:
+        with pytest.raises(ClientError) as raised:
+            rds.modify_db_cluster(DBClusterIdentifier=CLUSTER,
+                                  ServerlessV2ScalingConfiguration=config)
+        assert raised.value.response["Error"]["Code"] == code, config
+        with pytest.raises(ClientError) as raised:
+            rds.create_db_cluster(DBClusterIdentifier="sless-bad", Engine=ENGINE,
+                                  MasterUsername="owner", MasterUserPassword="serverless-pass",
+                                  ServerlessV2ScalingConfiguration=config)
+        assert raised.value.response["Error"]["Code"] == code, config
+    described = rds.describe_db_clusters(DBClusterIdentifier=CLUSTER)["DBClusters"][0]
+    assert described["ServerlessV2ScalingConfiguration"] == {
+        "MinCapacity": 0.5, "MaxCapacity": 8.0, "SecondsUntilAutoPause": 300}
+    assert not [c for c in rds.describe_db_clusters()["DBClusters"]
+                if c["DBClusterIdentifier"] == "sless-bad"]
+    # A serverless instance needs its cluster's range first.
+    rds.create_db_cluster(DBClusterIdentifier="sless-plain", Engine=ENGINE,
+                          MasterUsername="owner", MasterUserPassword="serverless-pass")
+    try:
+        rds.get_waiter("db_cluster_available").wait(DBClusterIdentifier="sless-plain",
+                                                     WaiterConfig=WAIT)
+        with pytest.raises(ClientError) as raised:
+            rds.create_db_instance(DBInstanceIdentifier="sless-plain-1",
+                                   DBClusterIdentifier="sless-plain", Engine=ENGINE,
+                                   DBInstanceClass="db.serverless")
+        assert raised.value.response["Error"]["Code"] == "InvalidParameterCombination"
+    finally:
+        rds.delete_db_cluster(DBClusterIdentifier="sless-plain", SkipFinalSnapshot=True)
+    instance = rds.describe_db_instances(DBInstanceIdentifier=WRITER)["DBInstances"][0]
+    assert instance["DBInstanceClass"] == "db.serverless"
+
+
+def test_capacity_follows_the_load(borealis: Borealis, rds: Any) -> None:
+    shown = wait_for("the writer's first capacity", lambda: _serverless(borealis), 30)
+    assert shown["capacity"] == 0.5 and shown["acu_utilization"] == pytest.approx(6.25)
+    assert shown["limits"].startswith("cgroup"), shown  # root, with cgroups here
+    wait_for("the group's limits at 0.5 ACU", lambda: _limits_match(shown), 10)
+    writer = _writer(borealis)
+    assert all(writer["pid"] in _group_pids(d) for d in shown["cgroups"])
+    endpoint = next(e for e in borealis.cluster(CLUSTER)["endpoints"] if e["type"] == "WRITER")
+    bindir = pg.find_bindir()
+    subprocess.run([str(bindir / "pgbench"), "-i", "-s", "2", "-q", endpoint["dsn"]],
+                   check=True, capture_output=True, timeout=120)
+    started = time.monotonic()
+    load = subprocess.Popen([str(bindir / "pgbench"), "-n", "-S", "-c", "8", "-j", "2",
+                             "-T", "40", endpoint["dsn"]], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        risen = wait_for("capacity above the minimum",
+                         lambda: (s := _serverless(borealis)) and s["capacity"] > 0.5 and s,
+                         30, 0.5)
+        rose_after = time.monotonic() - started
+        peak = wait_for("capacity at 2 ACU or more",
+                        lambda: (s := _serverless(borealis)) and s["capacity"] >= 2 and s,
+                        30, 0.5)
+        wait_for("the group's limits at the new capacity",
+                 lambda: _limits_match(_serverless(borealis) or risen), 10, 0.5)
+        with psycopg.connect(writer["dsn"], autocommit=True) as conn:
+            def settings_match() -> bool:
+                current = _serverless(borealis)
+                got = conn.execute("SELECT current_setting('effective_cache_size')"
+                                   ).fetchone()
+                want = current and rules.server_settings(current["capacity"])
+                return bool(want and got and _kb(got[0]) == _kb(want["effective_cache_size"]))
+            wait_for("the server's settings at the capacity shown", settings_match, 10, 0.5)
+    finally:
+        load.kill()
+        load.wait()
+    assert rose_after <= 10, (rose_after, risen)
+    print(f"capacity rose {rose_after:.1f} s after the load began; {peak['capacity']} ACU "
+          f"while it ran ({peak['reason']})")
+    fell = wait_for("capacity back at the minimum",
+                    lambda: (s := _serverless(borealis)) and s["capacity"] == 0.5 and s,
+                    120, 1)
+    assert "load asks for" in fell["reason"], fell
+    wait_for("the group's limits back at 0.5 ACU", lambda: _limits_match(fell), 10)
+
+
+def _kb(setting: str) -> int:
+    """A memory setting as SHOW gives it (``768MB``) or as set (``786432kB``), in kB."""
+    units = {"kB": 1, "MB": 1024, "GB": 1024 * 1024, "TB": 1024 ** 3}
+    number = setting.rstrip("kMGTB")
+    return int(number) * units[setting[len(number):]]
+
+
+def _group_pids(group: str) -> set[int]:
+    return {int(p) for p in (Path(group) / "cgroup.procs").read_text().split()}
