@@ -84,7 +84,7 @@ async def serve(home: Path, port: int) -> None:
         cp.supervisor.run(), cp.supervisor.watch_writers(), cp.supervisor.watch_nodes(),
         sweep_hosts(cp.state, cp.locks, cp.stopping), api.reap(),
         cp.metric_sampler.run(cp.stopping), cp.capacity.run(cp.stopping),
-        cp.replica_scaler.run(cp.stopping))]
+        cp.replica_scaler.run(cp.stopping), cp.wake_watcher.run(cp.stopping))]
     await cp.stopping.wait()
     for task in tasks:
         task.cancel()

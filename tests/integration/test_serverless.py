@@ -5,6 +5,7 @@ Aurora's error codes and change nothing."""
 
 from __future__ import annotations
 
+import datetime as dt
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from botocore.exceptions import ClientError
 
 from borealis.compute import postgres as pg
 from borealis.control import capacity_rules as rules
+from tests import serverless
 from tests.harness import Borealis, ClusterView, wait_for
 
 ENGINE = "aurora-postgresql"
@@ -153,6 +155,16 @@ def test_capacity_follows_the_load(borealis: Borealis, rds: Any) -> None:
                     120, 1)
     assert "load asks for" in fell["reason"], fell
     wait_for("the group's limits back at 0.5 ACU", lambda: _limits_match(fell), 10)
+    # The same through CloudWatch: ServerlessDatabaseCapacity and ACUUtilization.
+    cw = borealis.client("cloudwatch")
+    began = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=time.monotonic() - started + 10)
+    for metric, least in (("ServerlessDatabaseCapacity", 2.0), ("ACUUtilization", 25.0)):
+        points = cw.get_metric_statistics(
+            Namespace="AWS/RDS", MetricName=metric,
+            Dimensions=[{"Name": "DBInstanceIdentifier", "Value": WRITER}],
+            StartTime=began, EndTime=dt.datetime.now(dt.UTC), Period=60,
+            Statistics=["Maximum", "Minimum"])["Datapoints"]
+        assert points and max(p["Maximum"] for p in points) >= least, (metric, points)
 
 
 def _kb(setting: str) -> int:
@@ -164,3 +176,37 @@ def _kb(setting: str) -> int:
 
 def _group_pids(group: str) -> set[int]:
     return {int(p) for p in (Path(group) / "cgroup.procs").read_text().split()}
+
+
+def test_an_idle_cluster_pauses_and_a_connection_resumes_it(borealis: Borealis,
+                                                             rds: Any) -> None:
+    """MinCapacity 0 and a 5 s SecondsUntilAutoPause (the test knob allows it): the
+    cluster pauses (servers and volume client stopped, the storage nodes kept), and a
+    query through the cluster endpoint gets its answer, held meanwhile, three times."""
+    rds.modify_db_cluster(DBClusterIdentifier=CLUSTER, ServerlessV2ScalingConfiguration={
+        "MinCapacity": 0, "MaxCapacity": 8, "SecondsUntilAutoPause": 5})
+    dsn = serverless.writer_dsn(borealis, CLUSTER)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS kept (n int)")
+        conn.execute("INSERT INTO kept VALUES (42)")
+    times = []
+    for _ in range(3):
+        paused = serverless.wait_paused(borealis, CLUSTER)
+        assert all(i["pid"] is None and i["state"] == "stopped"
+                   for i in paused["instances"]), paused["instances"]
+        assert paused["volume_client"]["state"] == "stopped"
+        assert all(n["state"] == "serving" for n in paused["storage_nodes"])
+        assert paused["instances"][0]["serverless"]["capacity"] == 0
+        times.append(serverless.timed_query(dsn))
+        assert borealis.cluster(CLUSTER)["status"] == "available"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT n FROM kept").fetchone()
+        assert row == (42,)  # what was written before the pauses is there
+    events = borealis.cli("events", CLUSTER).stdout
+    assert events.count("paused after") >= 3 and events.count("resumed (") >= 3, events
+    described = rds.describe_db_clusters(DBClusterIdentifier=CLUSTER)["DBClusters"][0]
+    assert described["ServerlessV2ScalingConfiguration"]["MinCapacity"] == 0
+    print(f"resumed in {', '.join(f'{t:.2f}' for t in times)} s (connect to first answer)")
+    assert sorted(times)[1] <= 5, times  # a loose bound; bench/serverless_resume.py measures
+    rds.modify_db_cluster(DBClusterIdentifier=CLUSTER, ServerlessV2ScalingConfiguration={
+        "MinCapacity": 0.5, "MaxCapacity": 8})

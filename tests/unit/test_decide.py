@@ -63,6 +63,16 @@ def test_a_dead_storage_node_is_restarted_and_nothing_else_changes() -> None:
     assert kinds(d.decide(healthy(nodes=nodes(dead=1)))) == ["RestartNode"]
 
 
+def test_a_paused_cluster_keeps_its_volume_and_nothing_else() -> None:
+    stopped = (writer(I.STOPPED, alive=False), reader(state=I.STOPPED, alive=False))
+    paused = healthy(instances=stopped, paused=True,
+                     volume=d.VolumeView(client_alive=False, epoch=7, vdl=5 << 20))
+    assert d.decide(paused) == []
+    actions = d.decide(dataclasses.replace(paused, nodes=nodes(dead=2)))
+    assert kinds(actions) == ["RestartNode", "RestartNode"]
+    d.check(paused, actions)
+
+
 def test_a_dead_writer_with_a_reader_is_failed_over() -> None:
     actions = d.decide(healthy(instances=(writer(alive=False), reader())))
     assert kinds(actions) == ["FailOver"]

@@ -122,6 +122,9 @@ class RdsOperations(RdsBackups):
         self.cp.set_cluster_options(cluster.name, **options)
         if serverless is not None:  # the controller moves capacities into it at once
             set_scaling_config(self.state, cluster.name, serverless)
+            if not serverless.pauses and self._cluster(cluster.name).status == "paused":
+                self.cp.resume_cluster(cluster.name, "its minimum capacity is now "
+                                                     f"{serverless.min_acu:g} ACU")
         if "MasterUserPassword" in p:
             await self.cp.set_master_password(cluster.name, p["MasterUserPassword"])
         return {"DBCluster": self.describe_cluster(self._cluster(cluster.name))}

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +81,8 @@ class CapacityController:
         self.settings = settings
         self._support: cgroups.Support | None = None
         self.tracked: dict[str, Tracked] = {}
+        self.stale_groups: set[str] = set()  # groups whose processes had not gone yet
+        self.on_idle: Callable[[str], None] = lambda _cluster: None  # set by the plane
 
     @property
     def support(self) -> cgroups.Support:
@@ -97,19 +100,24 @@ class CapacityController:
         if self._support is not None and self._support.kind:
             for instance_id in list(self.tracked):
                 self.forget(instance_id)
+            for instance_id in list(self.stale_groups):
+                self._remove_group(instance_id)
             cgroups.remove_home_groups(self._support)
 
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
             try:
-                await asyncio.to_thread(self.sample_all)
+                for cluster in await asyncio.to_thread(self.sample_all):
+                    self.on_idle(cluster)
             except Exception:  # one bad sample must not end the controller
                 log.exception("capacity sample failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), self.settings.capacity_sample_s)
 
-    def sample_all(self) -> None:
+    def sample_all(self) -> list[str]:
+        """Sample every serverless instance; the clusters idle long enough to pause."""
         seen: set[str] = set()
+        idle: list[str] = []
         for cluster in self.state.clusters():
             config = scaling_config(self.state, cluster.name)
             if config is None or cluster.status != "available":
@@ -124,9 +132,33 @@ class CapacityController:
                               if writer and inst.role == "reader" and inst.tier <= 1
                               and writer.id in self.tracked else None)
                     self.sample(rt, inst, config, follow)
+            if rules.should_pause(config, self.idle_s(cluster.name)):
+                idle.append(cluster.name)
         for gone in set(self.tracked) - seen:
             self.forget(gone)
             self.state.delete_setting(f"capacity:{gone}")
+        for instance_id in list(self.stale_groups):
+            self._remove_group(instance_id)
+        return idle
+
+    def idle_s(self, cluster: str) -> float:
+        """How long none of the cluster's instances has had a client session (0 when
+        one is not sampled yet, or has one)."""
+        now = time.monotonic()
+        spans = [now - t.idle_since if t.load is not None else 0.0
+                 for i in self.state.instances(cluster)
+                 if (t := self.tracked.get(i.id)) is not None]
+        if len(spans) != len(self.state.instances(cluster)):
+            return 0.0
+        return min(spans, default=0.0)
+
+    def idle_now_s(self, cluster: str) -> float:
+        """:meth:`idle_s`, with every server's sessions counted again just now (what a
+        pause checks under the cluster's lock)."""
+        for inst in self.state.instances(cluster):
+            if inst.pid and pg.client_sessions(processes.children(inst.pid), INTERNAL_USERS):
+                return 0.0
+        return self.idle_s(cluster)
 
     def sample(self, rt: ClusterRuntime, inst: Instance, config: rules.ScalingConfig,
                follow: float | None) -> None:
@@ -206,15 +238,24 @@ class CapacityController:
         group goes once its processes have."""
         t = self.tracked.pop(instance_id, None)
         if t is not None and t.cgroups is not None:
-            cgroups.ServerGroup(self.support, instance_id).remove()
+            self._remove_group(instance_id)
 
-    def shown(self, instance_id: str, config: rules.ScalingConfig | None
+    def _remove_group(self, instance_id: str) -> None:
+        if cgroups.ServerGroup(self.support, instance_id).remove():
+            self.stale_groups.discard(instance_id)
+        else:  # its processes are still stopping: the next sample tries again
+            self.stale_groups.add(instance_id)
+
+    def shown(self, instance_id: str, config: rules.ScalingConfig | None, running: bool
               ) -> dict[str, Any] | None:
         """What ``status`` shows of a serverless instance: its capacity, the share of the
         maximum it is, why it last changed, and where its limits are applied."""
         t = self.tracked.get(instance_id)
-        if config is None or t is None:
+        if config is None:
             return None
+        if t is None or not running:  # paused (0 ACU), stopped, or not sampled yet
+            return {"capacity": 0.0, "acu_utilization": 0.0, "reason": "not running",
+                    "applied": False, "error": None, "limits": None, "cgroups": None}
         out: dict[str, Any] = {
             "capacity": t.capacity, "acu_utilization": rules.utilization(t.capacity, config),
             "reason": t.reason, "applied": t.applied, "error": t.error,

@@ -112,6 +112,7 @@ class ClusterObservation:
     pruned_ago_s: float | None = None  # None: never in this run
     rules: Rules = Rules()
     preferred_nodes: frozenset[str] = frozenset()  # the nodes a failover sealed
+    paused: bool = False  # Serverless v2 at 0 ACU: its servers are stopped on purpose
 
     @property
     def writer(self) -> InstanceView | None:
@@ -211,7 +212,7 @@ def decide(obs: ClusterObservation) -> list[Action]:
     actions: list[Action] = [RestartNode(n.id, why=f"storage node {n.id} was down; restarted")
                              for n in obs.nodes if not n.alive]
     writer = obs.writer
-    if writer is None:
+    if writer is None or obs.paused:  # a paused cluster keeps its volume, nothing else
         return actions
     if writer.state in (I.DELETING, I.CREATING, I.FAILED):
         # Operations hold the cluster's lock while they run (the supervisor waits): one
@@ -361,6 +362,9 @@ def check(obs: ClusterObservation, actions: Sequence[Action]) -> None:
         assert (obs.writer_misses >= WRITER_MISSES or _behind_volume(obs)
                 or _volume_stalled(obs)), \
             f"{obs.name}: a writer that runs and passes its checks was replaced"
+    if obs.paused:
+        assert all(isinstance(a, RestartNode) for a in actions), \
+            f"{obs.name}: a paused cluster's servers were touched: {actions}"
     if obs.image.in_flight:
         assert not any(isinstance(a, TakeBaseImage) for a in actions), \
             f"{obs.name}: a second base image while one is being taken"

@@ -37,6 +37,8 @@ class ClusterStatus(StrEnum):
     STOPPED = "stopped"
     DELETING = "deleting"
     FAILED = "failed"  # a restore, clone or backtrack failed; left as it is, to look at
+    PAUSED = "paused"  # Serverless v2 at 0 ACU: no server runs; the volume stays
+    RESUMING = "resuming"  # a connection came to a paused cluster: its writer starts
 
 
 class SnapshotStatus(StrEnum):
@@ -71,7 +73,11 @@ CLUSTER_MOVES: dict[ClusterStatus, frozenset[ClusterStatus]] = {
     # -> FAILING_OVER: its first writer is rebuilt from a volume that has a history.
     C.CREATING: frozenset({C.AVAILABLE, C.FAILING_OVER, C.STOPPING, C.DELETING, C.FAILED}),
     C.AVAILABLE: frozenset({C.FAILING_OVER, C.BACKTRACKING, C.STOPPING, C.DELETING,
-                            C.FAILED}),
+                            C.FAILED, C.PAUSED}),
+    # A paused cluster resumes on a connection (or is stopped or deleted as it is);
+    # -> PAUSED: a resume that failed leaves it paused, to be tried at the next one.
+    C.PAUSED: frozenset({C.RESUMING, C.STOPPING, C.DELETING}),
+    C.RESUMING: frozenset({C.AVAILABLE, C.PAUSED, C.STOPPING, C.DELETING, C.FAILED}),
     C.FAILING_OVER: frozenset({C.AVAILABLE, C.STOPPING, C.DELETING, C.FAILED}),
     C.BACKTRACKING: frozenset({C.AVAILABLE, C.STOPPING, C.DELETING, C.FAILED}),
     # -> FAILED: a restore or clone the control plane's stop interrupted is stopped, then

@@ -7,8 +7,10 @@ Per instance (``DBInstanceIdentifier``, and summed or averaged per
 counters), ``AuroraReplicaLag`` (a reader), ``TransactionLogsDiskUsage`` (the writer's
 ``pg_wal``), ``CPUUtilization`` (its processes' CPU time against the machine's CPUs),
 ``ReadIOPS``/``WriteIOPS`` (its processes' storage reads and writes, in 8 KiB pages) and
-``FreeableMemory`` (from this machine's /proc, or for a server on a host from its agent).
-Per cluster (``DBClusterIdentifier``): ``AuroraReplicaLagMaximum``/``Minimum``, ``VolumeBytesUsed``
+``FreeableMemory`` (from this machine's /proc, or for a server on a host from its
+agent); a ``db.serverless`` instance's ``ServerlessDatabaseCapacity`` (ACUs) and
+``ACUUtilization`` (against the maximum), averaged per cluster as well. Per cluster
+(``DBClusterIdentifier``): ``AuroraReplicaLagMaximum``/``Minimum``, ``VolumeBytesUsed``
 (the WAL a storage node holds), ``VolumeWriteIOPs``. Per storage node
 (``StorageNodeId``): ``VolumeDurableLSNLag``. The writer's ``CommitLatency``: how long
 its WAL waited for a write quorum (timed by the volume client). Per endpoint
@@ -123,11 +125,19 @@ class MetricSampler:
             inst = self.state.instance(inst_status["id"])
             if inst is None or inst_status["state"] != "available":
                 self.previous.pop(inst_status["id"], None)
+                shown = inst_status.get("serverless")
+                if inst is not None and shown and status["status"] == "paused":  # 0 ACU
+                    dims = dimension_key({"DBInstanceIdentifier": inst.id})
+                    out += [Sample("ServerlessDatabaseCapacity", dims, shown["capacity"]),
+                            Sample("ACUUtilization", dims, shown["acu_utilization"])]
                 continue
             values = await self._instance_values(rt, inst, now)
             if inst.role == "reader" and inst_status.get("lag_ms") is not None:
                 values["AuroraReplicaLag"] = float(inst_status["lag_ms"])
                 lags.append(values["AuroraReplicaLag"])
+            if inst_status.get("serverless"):  # a db.serverless instance's capacity
+                values["ServerlessDatabaseCapacity"] = inst_status["serverless"]["capacity"]
+                values["ACUUtilization"] = inst_status["serverless"]["acu_utilization"]
             dims = dimension_key({"DBInstanceIdentifier": inst.id})
             out += [Sample(metric, dims, v) for metric, v in values.items()]
             by_role["WRITER" if inst.role == "writer" else "READER"].append(values)
@@ -140,6 +150,12 @@ class MetricSampler:
             cpu = [r["CPUUtilization"] for r in rows if "CPUUtilization" in r]
             if cpu:
                 out.append(Sample("CPUUtilization", dims, sum(cpu) / len(cpu)))
+        every = by_role["WRITER"] + by_role["READER"]
+        for metric in ("ServerlessDatabaseCapacity", "ACUUtilization"):
+            present = [r[metric] for r in every if metric in r]
+            if present:  # the cluster's: the average of its serverless instances
+                out.append(Sample(metric, dimension_key({"DBClusterIdentifier": name}),
+                                  sum(present) / len(present)))
         out += self._cluster_values(name, status, lags)
         out += await self._commit_latency(rt)
         out += await self._backup_storage(rt, now)

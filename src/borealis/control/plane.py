@@ -19,7 +19,8 @@ from typing import Any
 import psycopg
 import psycopg.sql
 
-from borealis.control import backtrack, failover
+from borealis.control import backtrack, failover, pause
+from borealis.control.capacity import is_serverless, scaling_config
 from borealis.control.endpoints import ClusterEndpoints
 from borealis.control.failover_rules import FailoverRefused, check_failover
 from borealis.control.handle import ClusterError
@@ -38,6 +39,33 @@ class ControlPlane(BackupVerbs):
         super().__init__(home)
         self.replica_scaler = ReplicaScaler(self.state, self.settings, self.metrics,
                                             self._add_scaled_reader, self.delete_instance)
+        self.capacity.on_idle = self.pause_cluster
+        self.wake_watcher = pause.WakeWatcher(self.state, self.runtime,
+                                              lambda name: self.resume_cluster(
+                                                  name, "a connection came to an endpoint"))
+        self.resuming: set[str] = set()
+
+    def pause_cluster(self, name: str) -> None:
+        """Pause an idle cluster at 0 ACU (Serverless v2, minimum 0), if it still is."""
+        config = scaling_config(self.state, name)
+        if config is None or self.locks[name].locked():
+            return
+        self.spawn(name, "pausing", lambda: pause.pause(
+            self.runtime(name), self._keep_endpoints, lambda: self.capacity.idle_now_s(name),
+            config.seconds_until_auto_pause, lambda i: is_serverless(self.state, i)))
+
+    def resume_cluster(self, name: str, why: str) -> None:
+        """Resume a paused cluster (once, however many connections ask)."""
+        if name in self.resuming:
+            return
+        self.resuming.add(name)
+
+        def work() -> None:
+            try:
+                pause.resume(self.runtime(name), self._keep_endpoints, why)
+            finally:
+                self.resuming.discard(name)
+        self.spawn(name, "resuming", work)
 
     def _add_scaled_reader(self, cluster: str, instance_id: str, az: str, tier: int) -> None:
         """A reader replica auto scaling adds: of the writer's instance class."""

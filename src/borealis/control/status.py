@@ -14,7 +14,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from borealis.control import probe
-from borealis.control.capacity import CapacityController, scaling_config
+from borealis.control.capacity import CapacityController, is_serverless, scaling_config
 from borealis.control.cluster import ClusterRuntime
 from borealis.control.endpoints import ClusterEndpoints
 from borealis.control.sampling import Sampling
@@ -91,7 +91,9 @@ class StatusReader:
             "dsn": rt.client_dsn(inst), "storage_node": inst.storage_node,
             "instance_class": self.state.setting(f"instance_class:{inst.id}",
                                                  "db.r6g.large"),
-            "serverless": self.capacity.shown(inst.id, scaling_config(self.state, rt.name)),
+            "serverless": (self.capacity.shown(inst.id, scaling_config(self.state, rt.name),
+                                               alive)
+                           if is_serverless(self.state, inst.id) else None),
         }
         if not alive:
             return out

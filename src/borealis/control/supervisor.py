@@ -143,7 +143,8 @@ class Supervisor:
             volume=self._volume_view(rt, now),
             writer_misses=self.writer_watch[rt.name].misses,
             image=self.backups.observe(rt, now),
-            pruned_ago_s=self.backups.pruned_ago_s(rt.name), rules=self.rules)
+            pruned_ago_s=self.backups.pruned_ago_s(rt.name), rules=self.rules,
+            paused=cluster.status == ClusterStatus.PAUSED)
 
     @staticmethod
     def _instance_view(rt: ClusterRuntime, inst: Instance) -> d.InstanceView:

@@ -13,8 +13,9 @@ connections of instances that leave an endpoint. Connections the kernel does not
 Invariants:
 - a connection is only ever forwarded to a member of its endpoint at the time it is made;
   when that instance leaves the endpoint, the connection is closed;
-- while an endpoint has no member (no writer during a restart or failover), new
-  connections are held, not refused, for up to ``hold_timeout_s``;
+- while an endpoint has no member (no writer during a restart or failover, a paused
+  cluster), new connections are held, not refused, for up to ``hold_timeout_s``, and
+  the ``wake`` file beside the status is rewritten (a paused cluster resumes on it);
 - a client that sends nothing within ``client_timeout_s`` is dropped; one client's bytes
   never reach another's connection.
 """
@@ -47,6 +48,7 @@ from borealis.endpoints.routing import choose, members, plan
 from borealis.fsync import write_atomic
 from borealis.protocol.files import (
     APPLIED_FILE,
+    WAKE_FILE,
     Backend,
     EndpointSpec,
     ProxyConfig,
@@ -355,6 +357,9 @@ class Proxy:
             if not held:
                 ep.counters.held += 1
                 held = True
+                # Wanted: a paused cluster resumes (the control plane watches this file).
+                write_atomic(self.status_path.with_name(WAKE_FILE), f"{time.time()}\n",
+                             mode=0o644)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None

@@ -30,6 +30,9 @@ from typing import Any, Self
 from borealis.wal.lsn import format_lsn, parse_lsn
 
 APPLIED_FILE = "applied"
+# Touched by the proxy when it holds a connection no member can take: a paused
+# Serverless v2 cluster resumes on it.
+WAKE_FILE = "wake"
 RETAIN_FILE = "retain.json"
 
 
