@@ -140,7 +140,8 @@ class AutoScalingOperations:
                 "rds.application-autoscaling.amazonaws.com/"
                 "AWSServiceRoleForApplicationAutoScaling_RDSCluster")
 
-    async def deregister_scalable_target(self, p: dict[str, Any]) -> dict[str, Any]:
+    def _registered(self, p: dict[str, Any]) -> str:
+        """The cluster of a request about its registered scalable target."""
         self._namespace(p)
         self._dimension(p)
         cluster = self._cluster(p.get("ResourceId"))
@@ -148,19 +149,16 @@ class AutoScalingOperations:
             raise _not_found(f"No scalable target registered for service namespace: rds, "
                              f"resource ID: cluster:{cluster}, scalable dimension: "
                              f"{rules.DIMENSION}")
-        store.deregister(self.state, cluster)
+        return cluster
+
+    async def deregister_scalable_target(self, p: dict[str, Any]) -> dict[str, Any]:
+        store.deregister(self.state, self._registered(p))
         return {}
 
     # -- policies ---------------------------------------------------------------------------
 
     async def put_scaling_policy(self, p: dict[str, Any]) -> dict[str, Any]:
-        self._namespace(p)
-        self._dimension(p)
-        cluster = self._cluster(p.get("ResourceId"))
-        if store.target(self.state, cluster) is None:
-            raise _not_found(f"No scalable target registered for service namespace: rds, "
-                             f"resource ID: cluster:{cluster}, scalable dimension: "
-                             f"{rules.DIMENSION}")
+        cluster = self._registered(p)
         if p.get("PolicyType", "StepScaling") != "TargetTrackingScaling":
             raise _invalid(f"Unsupported policy type {p.get('PolicyType', 'StepScaling')!r} "
                            "for Aurora replicas in Borealis: use TargetTrackingScaling.")

@@ -269,16 +269,23 @@ class Api:
 
     # -- CloudWatch (Smithy RPC v2 CBOR) ---------------------------------------------------
 
-    async def _cloudwatch(self, op: OperationModel, params: dict[str, Any]) -> dict[str, Any]:
+    async def _call(self, operations: Any, op: OperationModel, params: dict[str, Any],
+                    codes: tuple[str, str], answered: str) -> dict[str, Any]:
+        """Validate the input against the model, then run the operation; ``codes`` are
+        the service's for bad input and for an operation Borealis does not answer."""
         report = self.validator.validate(params, op.input_shape)
         if report.has_errors():
-            raise ApiError("InvalidParameterValue", report.generate_report())
-        call = self.cloudwatch.handler(op.name)
+            raise ApiError(codes[0], report.generate_report())
+        call = operations.handler(op.name)
         if call is None:
-            raise ApiError("InvalidAction", f"{op.name} is not supported; Borealis answers "
-                           "GetMetricStatistics, GetMetricData and ListMetrics", 400)
+            raise ApiError(codes[1], f"{op.name} is not supported; Borealis {answered}", 400)
         result: dict[str, Any] = await call(params)
         return result
+
+    async def _cloudwatch(self, op: OperationModel, params: dict[str, Any]) -> dict[str, Any]:
+        return await self._call(self.cloudwatch, op, params,
+                                ("InvalidParameterValue", "InvalidAction"),
+                                "answers GetMetricStatistics, GetMetricData and ListMetrics")
 
     async def cloudwatch_call(self, request: web.Request) -> web.Response:
         op, params = cbor_codec.parse_request(CLOUDWATCH_MODEL, request.path, request["body"])
@@ -308,14 +315,10 @@ class Api:
     async def autoscaling_json(self, request: web.Request) -> web.Response:
         op, params = json_codec.parse_request(
             AUTOSCALING_MODEL, request.headers[json_codec.TARGET_HEADER], request["body"])
-        report = self.validator.validate(params, op.input_shape)
-        if report.has_errors():
-            raise ApiError("ValidationException", report.generate_report())
-        call = self.autoscaling.handler(op.name)
-        if call is None:
-            raise ApiError("ValidationException", f"{op.name} is not supported; Borealis "
-                           "scales Aurora replicas with target tracking policies")
-        body = json_codec.serialize_result(await call(params))
+        result = await self._call(self.autoscaling, op, params,
+                                  ("ValidationException", "ValidationException"),
+                                  "scales Aurora replicas with target tracking policies")
+        body = json_codec.serialize_result(result)
         return web.Response(body=body, headers={
             "x-amzn-RequestId": request["request_id"],
             "Content-Type": json_codec.content_type(AUTOSCALING_MODEL)})

@@ -365,18 +365,24 @@ class ClusterRuntime(VolumeRuntime):
         if fresh is None:
             fresh = not (self.datadir(writer.id) / "PG_VERSION").exists()
         self.ensure_writer_data(writer)
-        self.start_instance(writer)
-        current = self.state.instance(writer.id)
-        assert current is not None
-        self.wait_ready(current)
-        self.ensure_volume_client(current)
-        self.wait_volume_ready()
+        current = self.start_writer(writer)
         if fresh and self.cluster.admin_password:
             # Once commits can reach a write quorum (the writer waits for it to commit).
             self.create_master_user(current)
         if base_image and self.base_image_age_s() is None:
             self.take_base_image(current)
         self.state.set_cluster(self.name, status="available")
+        return current
+
+    def start_writer(self, writer: Instance) -> Instance:
+        """Start the writer on its data and its volume client; returns once commits can
+        reach a write quorum."""
+        self.start_instance(writer)
+        current = self.state.instance(writer.id)
+        assert current is not None
+        self.wait_ready(current)
+        self.ensure_volume_client(current)
+        self.wait_volume_ready()
         return current
 
     def create_master_user(self, writer: Instance) -> None:

@@ -89,12 +89,7 @@ def resume(rt: ClusterRuntime, keep_endpoints: KeepEndpoints, why: str) -> float
     writer = rt.writer()
     assert writer is not None, f"{rt.name}: a paused cluster without a writer"
     try:
-        rt.start_instance(writer)
-        current = rt.state.instance(writer.id)
-        assert current is not None
-        rt.wait_ready(current)
-        rt.ensure_volume_client(current)
-        rt.wait_volume_ready()
+        rt.start_writer(writer)
     except Exception:
         rt.state.set_cluster(rt.name, status=ClusterStatus.PAUSED)
         raise
