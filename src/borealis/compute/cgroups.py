@@ -5,9 +5,10 @@ controllers (``cpu.max``, ``memory.high``, ``memory.max``); else the v1 ``cpu`` 
 ``memory.limit_in_bytes``); else none, and :func:`detect` says why.
 
 A server's group is named after the Borealis home and the instance, so two homes on one
-machine never share one. Its postmaster is moved in right after it starts (its children
-follow it from then on) and any process of its tree found outside is moved in again;
-the group is removed when the server has stopped.
+machine never share one. Its postmaster is moved in right after it starts, before it
+forks its children (:func:`place`; they are born in the group), and any process of its
+tree found outside is moved in again at the next sample; the group is removed when the
+server has stopped.
 """
 
 from __future__ import annotations
@@ -101,12 +102,46 @@ def _below(mount: Path, own: str) -> Path:
     return candidate if candidate.is_dir() else mount
 
 
+_SUPPORT: dict[Path, Support] = {}
+
+
+def support_for(home: Path) -> Support:
+    """:func:`detect`, once per home in a process (the controller and the code that
+    starts servers share it)."""
+    if home not in _SUPPORT:
+        _SUPPORT[home] = detect(home)
+    return _SUPPORT[home]
+
+
+def known_support(home: Path) -> Support | None:
+    """The support found for ``home`` in this process, if it was looked for."""
+    return _SUPPORT.get(home)
+
+
+def place(home: Path, instance_id: str, pid: int) -> bool:
+    """Move a server that just started into its group, before its postmaster forks its
+    children (they are born in the group); whether there was a group to move it to."""
+    support = support_for(home)
+    if not support.kind:
+        return False
+    group = ServerGroup(support, instance_id)
+    group.ensure()
+    group.adopt([pid])
+    return True
+
+
 def remove_home_groups(support: Support) -> None:
-    """The home's parent groups, if no server's group is left in them."""
-    for d in (support.v2_root, support.cpu_root, support.memory_root):
-        if d is not None:
-            with contextlib.suppress(OSError):
-                d.rmdir()
+    """The home's groups whose servers have stopped, and the home's parent groups once
+    empty (a server still running keeps its group, and so its parent)."""
+    for root in (support.v2_root, support.cpu_root, support.memory_root):
+        if root is None:
+            continue
+        with contextlib.suppress(OSError):
+            for child in root.iterdir():
+                if child.is_dir():
+                    with contextlib.suppress(OSError):
+                        child.rmdir()
+            root.rmdir()
 
 
 def _home_group(home: Path) -> str:

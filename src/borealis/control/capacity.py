@@ -41,7 +41,7 @@ from borealis.settings import Settings
 
 log = logging.getLogger("borealis.capacity")
 
-SERVERLESS_CLASS = "db.serverless"
+SERVERLESS_CLASS = rules.SERVERLESS_CLASS
 INTERNAL_USERS = frozenset({ADMIN_USER})  # the control plane's probes are no load
 
 
@@ -89,20 +89,18 @@ class CapacityController:
         """Found when the first serverless instance is sampled (a home without one
         makes no group)."""
         if self._support is None:
-            self._support = cgroups.detect(self.settings.home)
+            self._support = cgroups.support_for(self.settings.home)
             if not self._support.kind:
                 log.warning("serverless capacity: %s", self._support.describe())
         return self._support
 
     def close(self) -> None:
-        """The home's parent groups go when the control plane stops (the servers'
-        groups went with their servers; one still in use keeps them)."""
-        if self._support is not None and self._support.kind:
-            for instance_id in list(self.tracked):
-                self.forget(instance_id)
-            for instance_id in list(self.stale_groups):
-                self._remove_group(instance_id)
-            cgroups.remove_home_groups(self._support)
+        """The groups of stopped servers and the home's parent groups go when the
+        control plane stops (servers still running keep theirs)."""
+        support = self._support or cgroups.known_support(self.settings.home)
+        if support is not None and support.kind:
+            self.tracked.clear()
+            cgroups.remove_home_groups(support)
 
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():

@@ -20,6 +20,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
+SERVERLESS_CLASS = "db.serverless"
 ACU_MEMORY_BYTES = 2 << 30
 ACU_CORES = 0.25
 STEP = 0.5

@@ -24,8 +24,10 @@ from psycopg.conninfo import make_conninfo
 
 from borealis import processes
 from borealis.agent.client import AgentUnreachable
+from borealis.compute import cgroups
 from borealis.compute import postgres as pg
 from borealis.control import decide
+from borealis.control.capacity_rules import SERVERLESS_CLASS
 from borealis.control.handle import ClusterError
 from borealis.control.lifecycle import InstanceState
 from borealis.control.placement import LOCAL, PlacementError, place_instance
@@ -182,6 +184,8 @@ class ClusterRuntime(VolumeRuntime):
         pg.write_settings(datadir, self.server_settings(role_inst), self.run_as)
         proc = pg.start_server(self.bindir, datadir, self.instance_dir(inst.id) / "postgres.log",
                                self.run_as)
+        if self.state.setting(f"instance_class:{inst.id}") == SERVERLESS_CLASS:
+            cgroups.place(self.settings.home, inst.id, proc.pid)  # its limits: capacity.py
         # Which boot of this host the data directory is now written in: after a host
         # crash, a server that ran with fsync=off may have lost writes it made.
         write_atomic(self.instance_dir(inst.id) / BOOT_FILE, processes.current_boot_id(),
