@@ -57,7 +57,8 @@ SELECT concat_ws(',',
      AND pid <> pg_backend_pid() AND usename IS DISTINCT FROM '{ADMIN_USER}'),
   (SELECT sum(xact_commit) FROM pg_stat_database),
   (SELECT sum(deadlocks) FROM pg_stat_database),
-  CASE WHEN pg_is_in_recovery() THEN -1 ELSE (SELECT sum(size) FROM pg_ls_waldir()) END)
+  CASE WHEN pg_is_in_recovery() THEN -1 ELSE (SELECT sum(size) FROM pg_ls_waldir()) END,
+  extract(epoch FROM clock_timestamp()))
 """
 
 
@@ -131,7 +132,7 @@ class MetricSampler:
                     out += [Sample("ServerlessDatabaseCapacity", dims, shown["capacity"]),
                             Sample("ACUUtilization", dims, shown["acu_utilization"])]
                 continue
-            values = await self._instance_values(rt, inst, now)
+            values = await self._instance_values(rt, inst)
             if inst.role == "reader" and inst_status.get("lag_ms") is not None:
                 values["AuroraReplicaLag"] = float(inst_status["lag_ms"])
                 lags.append(values["AuroraReplicaLag"])
@@ -213,16 +214,16 @@ class MetricSampler:
                 Sample("CommitLatency", dimension_key({"DBClusterIdentifier": rt.name,
                                                        "Role": "WRITER"}), waited * 1000)]
 
-    async def _instance_values(self, rt: ClusterRuntime, inst: Instance, now: float
-                               ) -> dict[str, float]:
+    async def _instance_values(self, rt: ClusterRuntime, inst: Instance) -> dict[str, float]:
         try:
             raw = await probe.value_once(rt.dsn(inst), _INSTANCE_SQL, QUERY_TIMEOUT_S)
-            connections, commits, deadlocks, wal = (float(x) for x in (raw or "").split(","))
+            connections, commits, deadlocks, wal, now = (
+                float(x) for x in (raw or "").split(","))
         except (psycopg.Error, OSError, TimeoutError, probe.ProbeTimeout, ValueError):
             return {}
-        # A rate is over the time between two reads of the counters, not between two
-        # rounds' starts: on a busy machine a round's reads spread over seconds.
-        now = time.time()
+        # A rate is over the time between two reads of the counters, by the server's
+        # clock as it read them: not between two rounds' starts (on a busy machine a
+        # round's reads spread over seconds), nor when the answer reached a busy loop.
         values = {"DatabaseConnections": connections}
         if wal >= 0:
             values["TransactionLogsDiskUsage"] = wal
