@@ -77,6 +77,16 @@ def test_a_flipped_byte_is_detected(data: st.DataObject) -> None:
     assert v.verified_end <= b.record_starts[idx]
 
 
+def test_another_versions_magic_on_a_later_page_is_detected() -> None:
+    """One flipped bit turns PostgreSQL 15's page magic (0xD110) into 17's (0xD118):
+    each is valid alone, but not one after the other in a stream."""
+    b = build([20000])
+    raw = bytearray(b.out)
+    raw[8192] ^= 0x08
+    with pytest.raises(WalCorruption, match="page magic"):
+        WalVerifier(b.start, SEG).feed(bytes(raw))
+
+
 def test_bad_page_address_is_detected() -> None:
     b = build([20000])
     raw = bytearray(b.out)

@@ -107,6 +107,7 @@ class WalVerifier:
         self._cursor = start_lsn  # next record start, or where the skipped continuation is
         self._skip_contrecord = True  # at a page start a continuation may come first
         self._page_rem: dict[int, tuple[int, int]] = {}  # page lsn -> (info, rem_len)
+        self._magic: int | None = None  # the stream's, from the first page checked
         self.verified_end = start_lsn
         self.records = 0
 
@@ -137,6 +138,14 @@ class WalVerifier:
             off = page_lsn - self._buf_lsn
             info = check_page_header(memoryview(self._buf)[off:], page_lsn, self.segment_size,
                                      self.system_id)
+            # One server version writes a stream: another version's magic on a later
+            # page is a flipped bit, not a new server (0xD110 and 0xD118 differ in one).
+            (magic,) = struct.unpack_from("<H", self._buf, off)
+            if self._magic is None:
+                self._magic = magic
+            elif magic != self._magic:
+                raise WalCorruption(page_lsn, f"page magic {magic:#06x} after "
+                                              f"{self._magic:#06x} on earlier pages")
             self._page_rem[page_lsn] = info
         return info
 
