@@ -165,7 +165,11 @@ class BulkLoad:
                                        "WHERE sync_state = 'sync'")
                 if held > self._started_lsn + (1 << 20):
                     os.kill(self._pid, signal.SIGSTOP)
-                    flush = self._lsn(conn, "SELECT pg_current_wal_flush_lsn()::text")
+                    try:
+                        flush = self._lsn(conn, "SELECT pg_current_wal_flush_lsn()::text")
+                    except BaseException:  # never leave it stopped: the writer could
+                        os.kill(self._pid, signal.SIGCONT)  # not even shut down
+                        raise
                     if flush < self._started_lsn + RECORD_BYTES:
                         return flush
                     os.kill(self._pid, signal.SIGCONT)  # past its record: too late

@@ -234,8 +234,8 @@ def _kill_in_bulk_load(st: dict[str, Any], writer: dict[str, Any], rng: random.R
     try:
         load.freeze_inside_a_record()
         _kill(writer["pid"])
-        load.kill_backend()  # frozen, or running on as an orphan: gone with its host
     finally:
+        load.kill_backend()  # frozen, or running on as an orphan: gone with its host
         if bank is not None:
             bank.release()
     return AfterBulkLoad(load, dsn, time.monotonic())
