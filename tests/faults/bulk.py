@@ -150,30 +150,34 @@ class BulkLoad:
         return None
 
     def _freeze_inside_the_record(self, timeout_s: float) -> int | None:
-        """Freeze the backend once the volume client holds a megabyte of the load's one
-        record, while the writer has not flushed its end: nothing after it can be
-        flushed either (a flush waits for the insertions before it), so the log ends
-        inside it whatever the WAL writer or an orphaned walsender does after the kill.
-        The record is written in a fraction of a second: the volume is polled at once."""
+        """Freeze the backend once the writer has flushed a megabyte of the load's one
+        record but not its end, then wait for the volume client to hold that much: while
+        the record is unfinished nothing after it can be flushed (a flush waits for the
+        insertions before it), so the log ends inside it whatever the WAL writer or an
+        orphaned walsender does after the kill. The writer's own flush is watched (the
+        volume's acknowledgements trail it, and the record is written in a fraction of a
+        second); frozen while it copies the record, the backend holds no lock that a
+        connection or a probe takes, so it may stay frozen while the volume catches up."""
         deadline = time.monotonic() + timeout_s
+        inside = self._started_lsn + (1 << 20)
         with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10,
-                             options="-c statement_timeout=1000") as conn:
+                             options="-c statement_timeout=5000") as conn:
             while time.monotonic() < deadline:
                 if self.finished or self.error is not None:
                     return None
-                held = self._lsn(conn, "SELECT max(flush_lsn)::text FROM pg_stat_replication "
-                                       "WHERE sync_state = 'sync'")
-                if held > self._started_lsn + (1 << 20):
-                    os.kill(self._pid, signal.SIGSTOP)
-                    try:
-                        flush = self._lsn(conn, "SELECT pg_current_wal_flush_lsn()::text")
-                    except BaseException:  # never leave it stopped: the writer could
-                        os.kill(self._pid, signal.SIGCONT)  # not even shut down
-                        raise
-                    if flush < self._started_lsn + RECORD_BYTES:
+                if self._lsn(conn, "SELECT pg_current_wal_flush_lsn()::text") <= inside:
+                    continue
+                os.kill(self._pid, signal.SIGSTOP)
+                try:
+                    flush = self._lsn(conn, "SELECT pg_current_wal_flush_lsn()::text")
+                    if flush < self._started_lsn + RECORD_BYTES and self._volume_holds(
+                            conn, inside, time.monotonic() + 10):
                         return flush
-                    os.kill(self._pid, signal.SIGCONT)  # past its record: too late
-                    return None
+                except BaseException:  # never leave it stopped: the writer could not
+                    os.kill(self._pid, signal.SIGCONT)  # even shut down
+                    raise
+                os.kill(self._pid, signal.SIGCONT)  # past its record, or the volume lags
+                return None
         return None
 
     @staticmethod
