@@ -143,10 +143,10 @@ class CapacityController:
         """How long none of the cluster's instances has had a client session (0 when
         one is not sampled yet, or has one)."""
         now = time.monotonic()
+        instances = self.state.instances(cluster)
         spans = [now - t.idle_since if t.load is not None else 0.0
-                 for i in self.state.instances(cluster)
-                 if (t := self.tracked.get(i.id)) is not None]
-        if len(spans) != len(self.state.instances(cluster)):
+                 for i in instances if (t := self.tracked.get(i.id)) is not None]
+        if len(spans) != len(instances):
             return 0.0
         return min(spans, default=0.0)
 

@@ -15,6 +15,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from borealis.control import probe
 from borealis.control.capacity import CapacityController, is_serverless, scaling_config
+from borealis.control.capacity_rules import ScalingConfig
 from borealis.control.cluster import ClusterRuntime
 from borealis.control.endpoints import ClusterEndpoints
 from borealis.control.sampling import Sampling
@@ -37,7 +38,8 @@ class StatusReader:
         """One cluster as ``status --json`` and ``GET /v1/clusters/NAME`` show it."""
         rt = ClusterRuntime(self.state, name, self.settings)
         cluster = rt.cluster
-        instances = await asyncio.gather(*(self._instance_status(rt, i)
+        config = scaling_config(self.state, name)
+        instances = await asyncio.gather(*(self._instance_status(rt, i, config)
                                            for i in self.state.instances(name)))
         nodes = await asyncio.gather(*(self._node_status(rt, n)
                                        for n in self.state.storage_nodes(name)))
@@ -45,7 +47,6 @@ class StatusReader:
         shown = volume.shown() if volume else {}
         row = self.state.volume_client(name)
         vc_alive = await asyncio.to_thread(rt.volume_client_alive)
-        config = scaling_config(self.state, name)
         return {
             "name": name,
             "status": cluster.status,
@@ -81,7 +82,8 @@ class StatusReader:
         return {"pid": self.state.proxy_pid(rt.name),
                 "steering": bool(status and status.steering)}
 
-    async def _instance_status(self, rt: ClusterRuntime, inst: Any) -> dict[str, Any]:
+    async def _instance_status(self, rt: ClusterRuntime, inst: Any,
+                               config: ScalingConfig | None) -> dict[str, Any]:
         alive = await asyncio.to_thread(rt.instance_alive, inst)
         out: dict[str, Any] = {
             "id": inst.id, "role": inst.role, "az": inst.az, "tier": inst.tier,
@@ -91,8 +93,7 @@ class StatusReader:
             "dsn": rt.client_dsn(inst), "storage_node": inst.storage_node,
             "instance_class": self.state.setting(f"instance_class:{inst.id}",
                                                  "db.r6g.large"),
-            "serverless": (self.capacity.shown(inst.id, scaling_config(self.state, rt.name),
-                                               alive)
+            "serverless": (self.capacity.shown(inst.id, config, alive)
                            if is_serverless(self.state, inst.id) else None),
         }
         if not alive:
