@@ -241,8 +241,13 @@ def test_a_node_killed_or_its_disk_lost_on_its_host_comes_back(lab: Lab,
     data = root / "clusters" / "hostc" / "storage-node" / "sn-c2" / "data"
     assert data.exists(), data
     pid = _agent_pid_of(lab, "az-c-1", "sn-c2")
-    shutil.rmtree(data)
-    subprocess.run(["kill", "-KILL", str(pid)], check=True)
+    # Frozen while its folder goes: a running node would write new files into it as it
+    # is removed, and a killed one would be started again by its agent mid-removal.
+    subprocess.run(["kill", "-STOP", str(pid)], check=True)
+    try:
+        shutil.rmtree(data)
+    finally:
+        subprocess.run(["kill", "-KILL", str(pid)], check=True)
     _commit_rows(cluster.writer()["dsn"], "after-loss", 1.0)
     wait_for("sn-c2 to be rebuilt from its peers", lambda: _nodes_level(cluster), 90, 0.5)
 

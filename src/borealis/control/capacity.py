@@ -73,6 +73,16 @@ class Tracked:
     load: rules.Load | None = None
     error: str | None = None
     cgroups: list[str] | None = None  # its group's directories; None: settings only
+    # The session its settings are changed through, opened at its first sample while it
+    # is idle: a server throttled at its old capacity under load can be slow to accept a
+    # new connection, and the new capacity is what would relieve it.
+    session: psycopg.Connection[Any] | None = None
+
+    def end_session(self) -> None:
+        if self.session is not None:
+            with contextlib.suppress(psycopg.Error, OSError):
+                self.session.close()
+            self.session = None
 
 
 class CapacityController:
@@ -98,6 +108,8 @@ class CapacityController:
         """The groups of stopped servers and the home's parent groups go when the
         control plane stops (servers still running keep theirs)."""
         support = self._support or cgroups.known_support(self.settings.home)
+        for t in self.tracked.values():
+            t.end_session()
         if support is not None and support.kind:
             self.tracked.clear()
             cgroups.remove_home_groups(support)
@@ -166,6 +178,8 @@ class CapacityController:
         if t is None or t.pid != inst.pid:
             kept = self.state.setting(f"capacity:{inst.id}")
             start = float(kept) if kept else max(config.min_acu, rules.RUNNING_FLOOR)
+            if t is not None:  # the server was started again: its old session is gone
+                t.end_session()
             t = self.tracked[inst.id] = Tracked(inst.pid, start, now)
         pids = [inst.pid, *processes.children(inst.pid)]
         group = self._group(inst)
@@ -181,6 +195,8 @@ class CapacityController:
             decision = rules.next_capacity(t.capacity, config, load, now - t.changed_at,
                                            self.settings.capacity_scale_down_after_s, follow)
             if decision.capacity != t.capacity:
+                log.info("%s: %g -> %g ACU (%s)", inst.id, t.capacity, decision.capacity,
+                         decision.reason)
                 t.capacity, t.changed_at, t.reason = decision.capacity, now, decision.reason
                 t.applied = False
         if not t.applied:
@@ -218,13 +234,15 @@ class CapacityController:
             if group is not None:
                 lim = rules.limits(t.capacity)
                 group.apply(lim.cpu_cores, lim.memory_high, lim.memory_max)
-            with psycopg.connect(rt.dsn(inst), autocommit=True, connect_timeout=2) as conn:
-                conn.execute("SET statement_timeout = '5s'")
-                for name, value in rules.server_settings(t.capacity).items():
-                    conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(
-                        sql.Identifier(name), sql.Literal(value)))
-                conn.execute("SELECT pg_reload_conf()")
+            if t.session is None or t.session.closed:
+                t.session = psycopg.connect(rt.dsn(inst), autocommit=True, connect_timeout=5)
+                t.session.execute("SET statement_timeout = '5s'")
+            for name, value in rules.server_settings(t.capacity).items():
+                t.session.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(
+                    sql.Identifier(name), sql.Literal(value)))
+            t.session.execute("SELECT pg_reload_conf()")
         except (OSError, psycopg.Error) as exc:
+            t.end_session()  # the next try opens a fresh one
             t.error = f"{type(exc).__name__}: {exc}".strip()
             log.warning("%s: capacity %g ACU not applied: %s", inst.id, t.capacity, t.error)
             return
@@ -235,6 +253,8 @@ class CapacityController:
         """An instance no longer sampled (stopped, removed, its class changed): its
         group goes once its processes have."""
         t = self.tracked.pop(instance_id, None)
+        if t is not None:
+            t.end_session()
         if t is not None and t.cgroups is not None:
             self._remove_group(instance_id)
 

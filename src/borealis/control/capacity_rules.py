@@ -139,7 +139,9 @@ def next_capacity(current: float, config: ScalingConfig, load: Load, since_chang
     cpu_share = load.cpu_cores / (start * ACU_CORES)
     target, reason = start, ""
     if cpu_share >= BUSY:
-        target = _up(max(wanted, start + max(STEP, start * 0.5)))
+        # Throttled, it cannot show how much it wants: doubling finds it in a few
+        # samples (0.5 ACU to 8 in four), and scaling down stays slow.
+        target = _up(max(wanted, start * 2))
         reason = f"CPU at {cpu_share:.0%} of {start:g} ACU"
     elif wanted > start:
         target = _up(wanted)
