@@ -154,30 +154,36 @@ class BulkLoad:
         record but not its end, then wait for the volume client to hold that much: while
         the record is unfinished nothing after it can be flushed (a flush waits for the
         insertions before it), so the log ends inside it whatever the WAL writer or an
-        orphaned walsender does after the kill. The writer's own flush is watched (the
-        volume's acknowledgements trail it, and the record is written in a fraction of a
-        second); frozen while it copies the record, the backend holds no lock that a
-        connection or a probe takes, so it may stay frozen while the volume catches up."""
+        orphaned walsender does after the kill.
+
+        The record is written in a fraction of a second, faster than a busy machine
+        answers a poll, so the backend runs in steps of a few milliseconds (stopped
+        while the writer's own flush is read: the volume's acknowledgements trail it)
+        and cannot pass the record's 64 MiB in one step. Frozen while it copies the
+        record, it holds no lock that a connection or a probe takes, so it may stay
+        frozen while the volume catches up."""
         deadline = time.monotonic() + timeout_s
-        inside = self._started_lsn + (1 << 20)
+        inside, end = self._started_lsn + (1 << 20), self._started_lsn + RECORD_BYTES
         with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10,
                              options="-c statement_timeout=5000") as conn:
-            while time.monotonic() < deadline:
-                if self.finished or self.error is not None:
-                    return None
-                if self._lsn(conn, "SELECT pg_current_wal_flush_lsn()::text") <= inside:
-                    continue
+            while time.monotonic() < deadline and not self.finished and self.error is None:
                 os.kill(self._pid, signal.SIGSTOP)
                 try:
                     flush = self._lsn(conn, "SELECT pg_current_wal_flush_lsn()::text")
-                    if flush < self._started_lsn + RECORD_BYTES and self._volume_holds(
-                            conn, inside, time.monotonic() + 10):
+                    if flush >= end:
+                        break  # past its record in one step: the round says so
+                    if flush > inside and self._volume_holds(conn, inside,
+                                                             time.monotonic() + 10):
                         return flush
+                    if flush > inside:
+                        break  # the volume lags
                 except BaseException:  # never leave it stopped: the writer could not
                     os.kill(self._pid, signal.SIGCONT)  # even shut down
                     raise
-                os.kill(self._pid, signal.SIGCONT)  # past its record, or the volume lags
-                return None
+                os.kill(self._pid, signal.SIGCONT)
+                time.sleep(0.002)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid, signal.SIGCONT)
         return None
 
     @staticmethod

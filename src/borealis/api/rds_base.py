@@ -23,7 +23,6 @@ from borealis.control.state import Cluster, EndpointRow, Instance
 if TYPE_CHECKING:
     from borealis.control.plane import ControlPlane
 from borealis.api.rds_rules import (
-    DEFAULT_INSTANCE_CLASS,
     ENGINE,
     RESTORABLE_CACHE_S,
     Handler,
@@ -168,8 +167,7 @@ class RdsBase:
             "DBInstanceIdentifier": inst.id,
             "DBInstanceArn": identity.rds_arn(self.state, "db", inst.id),
             "DbiResourceId": identity.resource_id("db", inst.id, self.state),
-            "DBInstanceClass": self.state.setting(f"instance_class:{inst.id}",
-                                                  DEFAULT_INSTANCE_CLASS),
+            "DBInstanceClass": self.state.instance_class(inst.id),
             "Engine": ENGINE,
             "EngineVersion": self._engine_version(),
             "DBInstanceStatus": status,

@@ -15,7 +15,6 @@ from borealis.api.errors import ApiError
 from borealis.control.capacity_rules import BadScaling, ScalingConfig, check_config
 
 ENGINE = "aurora-postgresql"
-DEFAULT_INSTANCE_CLASS = "db.r6g.large"
 _USERNAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 _RESERVED_USERS = {"postgres", "rdsadmin", "replica", "borealis_volume", "borealis_admin"}
 

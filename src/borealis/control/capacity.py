@@ -55,7 +55,7 @@ def set_config(state: State, cluster: str, config: rules.ScalingConfig) -> None:
 
 
 def is_serverless(state: State, instance_id: str) -> bool:
-    return state.setting(f"instance_class:{instance_id}") == SERVERLESS_CLASS
+    return state.instance_class(instance_id) == SERVERLESS_CLASS
 
 
 @dataclass

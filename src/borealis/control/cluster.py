@@ -184,7 +184,7 @@ class ClusterRuntime(VolumeRuntime):
         pg.write_settings(datadir, self.server_settings(role_inst), self.run_as)
         proc = pg.start_server(self.bindir, datadir, self.instance_dir(inst.id) / "postgres.log",
                                self.run_as)
-        if self.state.setting(f"instance_class:{inst.id}") == SERVERLESS_CLASS:
+        if self.state.instance_class(inst.id) == SERVERLESS_CLASS:
             cgroups.place(self.settings.home, inst.id, proc.pid)  # its limits: capacity.py
         # Which boot of this host the data directory is now written in: after a host
         # crash, a server that ran with fsync=off may have lost writes it made.

@@ -70,9 +70,9 @@ class ControlPlane(BackupVerbs):
     def _add_scaled_reader(self, cluster: str, instance_id: str, az: str, tier: int) -> None:
         """A reader replica auto scaling adds: of the writer's instance class."""
         writer = self.runtime(cluster).writer()
-        kind = self.state.setting(f"instance_class:{writer.id}") if writer else None
         inst = self.create_instance(cluster, instance_id, az, tier)
-        self.set_instance_class(inst.id, kind or "db.r6g.large")
+        if writer is not None:
+            self.set_instance_class(inst.id, self.state.instance_class(writer.id))
 
     # -- operations ------------------------------------------------------------------------
 
@@ -354,7 +354,7 @@ class ControlPlane(BackupVerbs):
         self.state.set_setting(f"tags:{arn}", json.dumps(tags))
 
     def set_instance_class(self, instance_id: str, instance_class: str) -> None:
-        self.state.set_setting(f"instance_class:{instance_id}", instance_class)
+        self.state.set_instance_class(instance_id, instance_class)
 
     def forget(self, *keys: str) -> None:
         """Drop what the API kept about a deleted resource (its options, resource id,

@@ -29,6 +29,7 @@ from borealis.control.ports import (
 from borealis.control.state_rows import (
     ADDED_COLUMNS,
     AZS,
+    DEFAULT_INSTANCE_CLASS,
     SCHEMA,
     Cluster,
     EndpointRow,
@@ -300,6 +301,14 @@ class State:
         self.db.execute(
             "INSERT INTO endpoint_proxies (cluster, pid) VALUES (?, ?) "
             "ON CONFLICT(cluster) DO UPDATE SET pid = excluded.pid", (cluster, pid))
+
+    def instance_class(self, instance_id: str) -> str:
+        """The class an instance was made with (``db.serverless`` has its capacity
+        follow its load: ``capacity.py``)."""
+        return self.setting(f"instance_class:{instance_id}") or DEFAULT_INSTANCE_CLASS
+
+    def set_instance_class(self, instance_id: str, instance_class: str) -> None:
+        self.set_setting(f"instance_class:{instance_id}", instance_class)
 
     # -- settings, access keys and secrets -----------------------------------------------
 

@@ -111,6 +111,7 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 AZS = ("az-a", "az-b", "az-c")
+DEFAULT_INSTANCE_CLASS = "db.r6g.large"  # what an instance made without a class reports
 
 
 @dataclass

@@ -91,8 +91,7 @@ class StatusReader:
             "port": inst.port, "pid": inst.pid if alive else None,
             "state": inst.state if alive else "stopped", "replay_lsn": None, "lag_ms": None,
             "dsn": rt.client_dsn(inst), "storage_node": inst.storage_node,
-            "instance_class": self.state.setting(f"instance_class:{inst.id}",
-                                                 "db.r6g.large"),
+            "instance_class": self.state.instance_class(inst.id),
             "serverless": (self.capacity.shown(inst.id, config, alive)
                            if is_serverless(self.state, inst.id) else None),
         }
