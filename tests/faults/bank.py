@@ -132,17 +132,19 @@ class Bank:
         with self._lock:
             return len(self.stats.acked)
 
-    def downtime_s(self, fault_at: float) -> float:
+    def downtime_s(self, fault_at: float, held: bool = False) -> float:
         """What clients saw: the longest time without any acknowledged commit, from the
         last one before the fault until commits flow again (commits in flight when the
-        fault struck may still be acknowledged just after it)."""
+        fault struck may still be acknowledged just after it). ``held``: the bank was
+        held (:meth:`hold`) until the fault, so the time without commits counts from
+        the fault, not from the last commit before the hold, which is the test's own."""
         with self._lock:
             times = sorted(a.at for a in self.stats.acked)
         before = [t for t in times if t <= fault_at]
         after = [t for t in times if t > fault_at]
         if not before or len(after) < 2:
             raise AssertionError("no commit acknowledged on one side of the fault")
-        window = [before[-1], *after]
+        window = [fault_at if held else before[-1], *after]
         return max(b - a for a, b in zip(window, window[1:], strict=False))
 
     def wait_commits_after(self, at: float, count: int, timeout_s: float) -> None:
