@@ -49,6 +49,7 @@ class Bank:
         self._open = threading.Event()  # cleared: clients hold before their next transfer
         self._open.set()
         self._busy = 0  # transfers under way
+        self._released_at = 0.0  # when the last hold ended
 
     def create(self) -> None:
         with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
@@ -112,6 +113,7 @@ class Bank:
             time.sleep(0.005)
 
     def release(self) -> None:
+        self._released_at = time.monotonic()
         self._open.set()
 
     def _transfer(self, conn: psycopg.Connection[Any], rng: random.Random, client: int,
@@ -132,19 +134,20 @@ class Bank:
         with self._lock:
             return len(self.stats.acked)
 
-    def downtime_s(self, fault_at: float, held: bool = False) -> float:
+    def downtime_s(self, fault_at: float) -> float:
         """What clients saw: the longest time without any acknowledged commit, from the
         last one before the fault until commits flow again (commits in flight when the
-        fault struck may still be acknowledged just after it). ``held``: the bank was
-        held (:meth:`hold`) until the fault, so the time without commits counts from
-        the fault, not from the last commit before the hold, which is the test's own."""
+        fault struck may still be acknowledged just after it). A hold that ended after
+        that last commit and before the fault is the test's own wait, not the clients':
+        the count then starts where the hold ended."""
         with self._lock:
             times = sorted(a.at for a in self.stats.acked)
         before = [t for t in times if t <= fault_at]
         after = [t for t in times if t > fault_at]
         if not before or len(after) < 2:
             raise AssertionError("no commit acknowledged on one side of the fault")
-        window = [fault_at if held else before[-1], *after]
+        released = self._released_at if self._released_at <= fault_at else 0.0
+        window = [max(before[-1], released), *after]
         return max(b - a for a, b in zip(window, window[1:], strict=False))
 
     def wait_commits_after(self, at: float, count: int, timeout_s: float) -> None:

@@ -172,10 +172,9 @@ class BulkLoad:
                     flush = self._lsn(conn, "SELECT pg_current_wal_flush_lsn()::text")
                     if flush >= end:
                         break  # past its record in one step: the round says so
-                    if flush > inside and self._volume_holds(conn, inside,
-                                                             time.monotonic() + 10):
-                        return flush
                     if flush > inside:
+                        if self._volume_holds(conn, inside, time.monotonic() + 10):
+                            return flush
                         break  # the volume lags
                 except BaseException:  # never leave it stopped: the writer could not
                     os.kill(self._pid, signal.SIGCONT)  # even shut down

@@ -297,7 +297,7 @@ def run_round(view: ClusterView, bank: Bank, fault: str, rng: random.Random) -> 
         raise
     heal()
     view.wait_all_serving(180)
-    downtime = bank.downtime_s(fault_at, held=isinstance(heal, AfterBulkLoad))
+    downtime = bank.downtime_s(fault_at)
     bank.stop()
     try:
         writer = view.writer()

@@ -255,8 +255,8 @@ class CapacityController:
         t = self.tracked.pop(instance_id, None)
         if t is not None:
             t.end_session()
-        if t is not None and t.cgroups is not None:
-            self._remove_group(instance_id)
+            if t.cgroups is not None:
+                self._remove_group(instance_id)
 
     def _remove_group(self, instance_id: str) -> None:
         if cgroups.ServerGroup(self.support, instance_id).remove():
