@@ -52,6 +52,24 @@ def test_minute_rollups_give_the_same_statistics_as_the_samples(values: list[flo
                 assert math.isclose(a[s], b[s], rel_tol=1e-9, abs_tol=1e-6), (s, a, b)
 
 
+def test_a_sample_measured_later_in_its_round_is_kept_at_its_own_time(tmp_path: Path
+                                                                     ) -> None:
+    """A round that began just before a minute's end read a counter after it: the rate
+    is kept, raw and rolled up, in the minute it was read."""
+    store = MetricStore(tmp_path / "metrics.db")
+    round_at = NOW + 58.0
+    store.record([Sample("CommitThroughput", "DBInstanceIdentifier=w", 100.0, NOW + 61.5),
+                  Sample("DatabaseConnections", "DBInstanceIdentifier=w", 3.0)], round_at)
+    raw = store.buckets("CommitThroughput", "DBInstanceIdentifier=w", NOW, NOW + 120,
+                        NOW + 120, 1)
+    assert [b.t for b in raw] == [NOW + 61.5]
+    rolled = store.buckets("CommitThroughput", "DBInstanceIdentifier=w", NOW - 3600,
+                           NOW + 120, NOW + 4 * 3600, 60)
+    assert [(b.t, b.count) for b in rolled] == [(NOW + 60, 1)]
+    assert [b.t for b in store.buckets("DatabaseConnections", "DBInstanceIdentifier=w",
+                                       NOW, NOW + 120, NOW + 120, 1)] == [round_at]
+
+
 def test_pruning_keeps_three_hours_of_samples_and_a_day_of_minutes(tmp_path: Path) -> None:
     store = MetricStore(tmp_path / "metrics.db")
     for age in (10, 4 * 3600, 30 * 3600):

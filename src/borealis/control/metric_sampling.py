@@ -132,22 +132,27 @@ class MetricSampler:
                     out += [Sample("ServerlessDatabaseCapacity", dims, shown["capacity"]),
                             Sample("ACUUtilization", dims, shown["acu_utilization"])]
                 continue
-            values = await self._instance_values(rt, inst)
+            values, read_at = await self._instance_values(rt, inst)
+            dims = dimension_key({"DBInstanceIdentifier": inst.id})
+            out += [Sample(metric, dims, v, read_at) for metric, v in values.items()]
             if inst.role == "reader" and inst_status.get("lag_ms") is not None:
                 values["AuroraReplicaLag"] = float(inst_status["lag_ms"])
                 lags.append(values["AuroraReplicaLag"])
             if inst_status.get("serverless"):  # a db.serverless instance's capacity
                 values["ServerlessDatabaseCapacity"] = inst_status["serverless"]["capacity"]
                 values["ACUUtilization"] = inst_status["serverless"]["acu_utilization"]
-            dims = dimension_key({"DBInstanceIdentifier": inst.id})
-            out += [Sample(metric, dims, v) for metric, v in values.items()]
-            by_role["WRITER" if inst.role == "writer" else "READER"].append(values)
+            out += [Sample(metric, dims, values[metric]) for metric in (
+                "AuroraReplicaLag", "ServerlessDatabaseCapacity", "ACUUtilization")
+                if metric in values]
+            by_role["WRITER" if inst.role == "writer" else "READER"].append(
+                {**values, "read_at": read_at})
         for role, rows in by_role.items():
             dims = dimension_key({"DBClusterIdentifier": name, "Role": role})
             for metric in ("DatabaseConnections", "CommitThroughput", "Deadlocks"):
-                present = [r[metric] for r in rows if metric in r]
-                if present:
-                    out.append(Sample(metric, dims, sum(present)))
+                members = [r for r in rows if metric in r]
+                if members:  # stamped when its members were read, on average
+                    out.append(Sample(metric, dims, sum(r[metric] for r in members),
+                                      sum(r["read_at"] for r in members) / len(members)))
             cpu = [r["CPUUtilization"] for r in rows if "CPUUtilization" in r]
             if cpu:
                 out.append(Sample("CPUUtilization", dims, sum(cpu) / len(cpu)))
@@ -214,16 +219,22 @@ class MetricSampler:
                 Sample("CommitLatency", dimension_key({"DBClusterIdentifier": rt.name,
                                                        "Role": "WRITER"}), waited * 1000)]
 
-    async def _instance_values(self, rt: ClusterRuntime, inst: Instance) -> dict[str, float]:
+    async def _instance_values(self, rt: ClusterRuntime, inst: Instance
+                               ) -> tuple[dict[str, float], float]:
+        """An instance's values, and when they were read (by this machine's clock, as
+        the query was sent: its answer may reach a busy loop a second later)."""
+        read_at = time.time()
         try:
             raw = await probe.value_once(rt.dsn(inst), _INSTANCE_SQL, QUERY_TIMEOUT_S)
             connections, commits, deadlocks, wal, now = (
                 float(x) for x in (raw or "").split(","))
         except (psycopg.Error, OSError, TimeoutError, probe.ProbeTimeout, ValueError):
-            return {}
+            return {}, read_at
         # A rate is over the time between two reads of the counters, by the server's
         # clock as it read them: not between two rounds' starts (on a busy machine a
         # round's reads spread over seconds), nor when the answer reached a busy loop.
+        # It is stamped at the end of that interval (``read_at``), not at the round's
+        # start, so a period's rate is over that period's seconds.
         values = {"DatabaseConnections": connections}
         if wal >= 0:
             values["TransactionLogsDiskUsage"] = wal
@@ -233,7 +244,7 @@ class MetricSampler:
         before = self.previous.get(inst.id)
         self.previous[inst.id] = Counters(now, commits, deadlocks, usage)
         if before is None:
-            return values
+            return values, read_at
         seconds = now - before.at
         for metric, r in (("CommitThroughput", rate(before.commits, commits, seconds)),
                           ("Deadlocks", rate(before.deadlocks, deadlocks, seconds))):
@@ -249,7 +260,7 @@ class MetricSampler:
                 moved = rate(was, now_bytes, seconds)
                 if moved is not None:  # in 8 KiB pages, PostgreSQL's unit of I/O
                     values[metric] = moved / 8192
-        return values
+        return values, read_at
 
     @staticmethod
     def _usage(rt: ClusterRuntime, inst: Instance) -> tuple[processes.Usage | None,

@@ -33,6 +33,10 @@ class Sample:
     metric: str
     dims: str  # catalog.dimension_key
     value: float
+    # When it was measured, if not at its round's time: a rate is stamped at the end
+    # of its interval (the read of its counters), which on a busy machine can be seconds
+    # into the round.
+    at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -99,15 +103,17 @@ class MetricStore:
         db.execute("COMMIT")
 
     def record(self, samples: list[Sample], at: float) -> None:
-        minute = int(at // 60) * 60
+        """Keep a round's samples, each at its own time or else the round's (``at``)."""
+        stamped = [(s, at if s.at is None else s.at) for s in samples]
         with self._tx() as db:
             db.executemany("INSERT INTO raw VALUES (?, ?, ?, ?)",
-                           [(s.metric, s.dims, at, s.value) for s in samples])
+                           [(s.metric, s.dims, t, s.value) for s, t in stamped])
             db.executemany(
                 "INSERT INTO minute VALUES (?, ?, ?, ?, 1, ?, ?) "
                 "ON CONFLICT (metric, dims, t) DO UPDATE SET sum = sum + excluded.sum, "
                 "count = count + 1, min = MIN(min, excluded.min), max = MAX(max, excluded.max)",
-                [(s.metric, s.dims, minute, s.value, s.value, s.value) for s in samples])
+                [(s.metric, s.dims, int(t // 60) * 60, s.value, s.value, s.value)
+                 for s, t in stamped])
 
     def prune(self, now: float) -> None:
         with self._tx() as db:
