@@ -192,10 +192,10 @@ class RdsOperations(RdsBackups):
         tier = p.get("PromotionTier", 1)
         try:
             inst = self.cp.create_instance(cluster.name, instance_id,
-                                           p.get("AvailabilityZone"), tier)
+                                           p.get("AvailabilityZone"), tier,
+                                           p["DBInstanceClass"])
         except ClusterError as exc:
             raise ApiError("InvalidParameterValue", str(exc)) from None
-        self.cp.set_instance_class(inst.id, p["DBInstanceClass"])
         if p.get("Tags"):
             self._add_tags(identity.rds_arn(self.state, "db", inst.id), p["Tags"])
         return {"DBInstance": self.describe_instance(self._instance(inst.id))}

@@ -58,19 +58,23 @@ class ClusterRuntime(VolumeRuntime):
     def server_key(self, inst: Instance) -> ProcessKey:
         return self.hosted.key("postgres", inst.id)
 
-    def add_instance(self, role: str, az: str, tier: int,
-                     instance_id: str | None = None) -> Instance:
+    def add_instance(self, role: str, az: str, tier: int, instance_id: str | None = None,
+                     instance_class: str | None = None) -> Instance:
         """A new instance's row, placed on a host of its AZ when the cluster's storage
         nodes are on hosts (:func:`.placement.place_instance`), unless its writer runs
         on this machine (a cluster from before hosts were added: a reader on a host
-        could not copy it)."""
+        could not copy it); of ``instance_class`` when given, kept before anything
+        starts its server (which is sized by it)."""
         writer = self.writer()
         on_hosts = self.nodes_on_hosts() and (writer is None or writer.host != LOCAL)
         try:
             host = place_instance(az, self.hosts.views()) if on_hosts else LOCAL
         except PlacementError as exc:
             raise ClusterError(str(exc)) from None
-        return self.state.add_instance(self.name, role, az, tier, instance_id, host)
+        inst = self.state.add_instance(self.name, role, az, tier, instance_id, host)
+        if instance_class is not None:
+            self.state.set_instance_class(inst.id, instance_class)
+        return inst
 
     def nodes_on_hosts(self) -> bool:
         return any(n.host != LOCAL for n in self.state.storage_nodes(self.name))

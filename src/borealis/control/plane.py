@@ -70,9 +70,8 @@ class ControlPlane(BackupVerbs):
     def _add_scaled_reader(self, cluster: str, instance_id: str, az: str, tier: int) -> None:
         """A reader replica auto scaling adds: of the writer's instance class."""
         writer = self.runtime(cluster).writer()
-        inst = self.create_instance(cluster, instance_id, az, tier)
-        if writer is not None:
-            self.set_instance_class(inst.id, self.state.instance_class(writer.id))
+        self.create_instance(cluster, instance_id, az, tier,
+                             None if writer is None else self.state.instance_class(writer.id))
 
     # -- operations ------------------------------------------------------------------------
 
@@ -170,9 +169,10 @@ class ControlPlane(BackupVerbs):
         self.spawn(name, "creating the storage volume", self.runtime(name).start_storage_and_wait)
 
     def create_instance(self, cluster: str, instance_id: str, az: str | None,
-                        tier: int) -> Any:
+                        tier: int, instance_class: str | None = None) -> Any:
         """A writer when the cluster has none (a new one on a new volume, else rebuilt
-        from the base image and the volume's WAL), a reader otherwise."""
+        from the base image and the volume's WAL), a reader otherwise; of
+        ``instance_class`` when given (kept before its server starts, which reads it)."""
         if az is not None and az not in AZS:
             raise ClusterError(f"unknown availability zone {az!r}; use one of {', '.join(AZS)}")
         if not 0 <= tier <= 15:
@@ -181,7 +181,8 @@ class ControlPlane(BackupVerbs):
             raise ClusterError(f"instance {instance_id!r} already exists")
         rt = self.runtime(cluster)
         if rt.writer() is None:
-            inst = rt.add_instance("writer", az or "az-a", tier, instance_id)
+            inst = rt.add_instance("writer", az or "az-a", tier, instance_id,
+                                   instance_class)
             if rt.base_image_age_s() is None:
                 self.spawn(cluster, f"creating writer {instance_id}",
                            lambda: rt.provision_writer(inst))
@@ -193,7 +194,7 @@ class ControlPlane(BackupVerbs):
             return inst
         readers = rt.readers()
         az = az or ["az-b", "az-c", "az-a"][len(readers) % 3]
-        inst = rt.add_instance("reader", az, tier, instance_id)
+        inst = rt.add_instance("reader", az, tier, instance_id, instance_class)
 
         def provision() -> None:
             writer = rt.writer()
@@ -352,9 +353,6 @@ class ControlPlane(BackupVerbs):
 
     def set_tags(self, arn: str, tags: list[dict[str, str]]) -> None:
         self.state.set_setting(f"tags:{arn}", json.dumps(tags))
-
-    def set_instance_class(self, instance_id: str, instance_class: str) -> None:
-        self.state.set_instance_class(instance_id, instance_class)
 
     def forget(self, *keys: str) -> None:
         """Drop what the API kept about a deleted resource (its options, resource id,
