@@ -11,7 +11,8 @@ import pytest
 
 from borealis.protocol import volume as vp
 from borealis.protocol.files import NodeConfig
-from borealis.storage.node import StorageNode, first_difference
+from borealis.storage.node import StorageNode
+from borealis.storage.verify_range import first_difference
 from borealis.wal.lsn import format_lsn
 
 from .walgen import WalBuilder

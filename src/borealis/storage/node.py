@@ -28,7 +28,7 @@ from borealis.protocol import volume as vp
 from borealis.protocol.files import NodeConfig
 from borealis.storage.peers import PeerConnection, PeerError, peer_states
 from borealis.storage.store import SegmentStore, StoreError
-from borealis.storage.verify_range import CHUNK, check_replacement, verify_steps
+from borealis.storage.verify_range import CHUNK, check_replacement, first_difference, verify_steps
 from borealis.wal.lsn import SEGMENT_SIZE, format_lsn
 from borealis.wal.timeline import divergence, parse_history
 from borealis.wal.verify import WalCorruption, last_record_end
@@ -582,15 +582,6 @@ class FetchSink(Protocol):
     def send(self, msg: vp.VolumeMessage) -> None: ...
 
     async def drain(self) -> None: ...
-
-
-def first_difference(a: bytes, b: bytes, chunk: int = 8192) -> int:
-    """Index of the first byte where two equal-length buffers differ (C-speed compares)."""
-    for off in range(0, len(a), chunk):
-        if a[off : off + chunk] != b[off : off + chunk]:
-            return off + next(i for i, (x, y) in enumerate(
-                zip(a[off : off + chunk], b[off : off + chunk], strict=True)) if x != y)
-    raise ValueError("buffers are equal")
 
 
 class ReaderSessionHandle:
