@@ -56,9 +56,11 @@ def test_node_with_its_directory_deleted_is_rebuilt_from_peers(cluster: ClusterV
     cluster.wait_all_serving()
     # Each node drops archived WAL no instance needs on its own (every half second): the
     # rebuilt node copied from where its donor began, which a peer may since have passed.
-    wait_for("the rebuilt node to begin where its peer does", lambda: (
-        lambda n: n["sn-b2"]["start_lsn"] == n["sn-a1"]["start_lsn"])(
-        {n["id"]: n for n in cluster.nodes()}), 30, 0.5)
+    def same_start() -> bool:
+        starts = {n["id"]: n["start_lsn"] for n in cluster.nodes()}
+        return starts["sn-b2"] == starts["sn-a1"]
+
+    wait_for("the rebuilt node to begin where its peer does", same_start, 30, 0.5)
     # Whole segments are byte-identical with a peer's copy (the newest timeline's file of
     # each: a rebuilt node need not keep a file that a timeline switch superseded).
     peer = newest_segments(cluster.node_dir("sn-a1") / "data" / "wal")

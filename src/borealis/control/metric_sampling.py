@@ -70,6 +70,10 @@ class Counters:
     usage: processes.Usage | None
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def rate(before: float | None, after: float | None, seconds: float) -> float | None:
     """A counter's rate over an interval; None when it went back (a restart) or there
     is no interval."""
@@ -120,7 +124,8 @@ class MetricSampler:
         rt = ClusterRuntime(self.state, name)
         status = await self.cluster_status(name)
         out: list[Sample] = []
-        by_role: dict[str, list[dict[str, float]]] = {"WRITER": [], "READER": []}
+        # Per role, each instance's values and when its counters were read.
+        by_role: dict[str, list[tuple[dict[str, float], float]]] = {"WRITER": [], "READER": []}
         lags: list[float] = []
         for inst_status in status["instances"]:
             inst = self.state.instance(inst_status["id"])
@@ -133,35 +138,32 @@ class MetricSampler:
                             Sample("ACUUtilization", dims, shown["acu_utilization"])]
                 continue
             values, read_at = await self._instance_values(rt, inst)
+            from_status: dict[str, float] = {}  # as the round's status saw it
+            if inst.role == "reader" and inst_status.get("lag_ms") is not None:
+                from_status["AuroraReplicaLag"] = float(inst_status["lag_ms"])
+                lags.append(from_status["AuroraReplicaLag"])
+            if inst_status.get("serverless"):  # a db.serverless instance's capacity
+                from_status["ServerlessDatabaseCapacity"] = inst_status["serverless"]["capacity"]
+                from_status["ACUUtilization"] = inst_status["serverless"]["acu_utilization"]
             dims = dimension_key({"DBInstanceIdentifier": inst.id})
             out += [Sample(metric, dims, v, read_at) for metric, v in values.items()]
-            if inst.role == "reader" and inst_status.get("lag_ms") is not None:
-                values["AuroraReplicaLag"] = float(inst_status["lag_ms"])
-                lags.append(values["AuroraReplicaLag"])
-            if inst_status.get("serverless"):  # a db.serverless instance's capacity
-                values["ServerlessDatabaseCapacity"] = inst_status["serverless"]["capacity"]
-                values["ACUUtilization"] = inst_status["serverless"]["acu_utilization"]
-            out += [Sample(metric, dims, values[metric]) for metric in (
-                "AuroraReplicaLag", "ServerlessDatabaseCapacity", "ACUUtilization")
-                if metric in values]
+            out += [Sample(metric, dims, v) for metric, v in from_status.items()]
             by_role["WRITER" if inst.role == "writer" else "READER"].append(
-                {**values, "read_at": read_at})
+                ({**values, **from_status}, read_at))
         for role, rows in by_role.items():
             dims = dimension_key({"DBClusterIdentifier": name, "Role": role})
-            for metric in ("DatabaseConnections", "CommitThroughput", "Deadlocks"):
-                members = [r for r in rows if metric in r]
+            for metric, combine in (("DatabaseConnections", sum), ("CommitThroughput", sum),
+                                    ("Deadlocks", sum), ("CPUUtilization", _mean)):
+                members = [(v[metric], at) for v, at in rows if metric in v]
                 if members:  # stamped when its members were read, on average
-                    out.append(Sample(metric, dims, sum(r[metric] for r in members),
-                                      sum(r["read_at"] for r in members) / len(members)))
-            cpu = [r["CPUUtilization"] for r in rows if "CPUUtilization" in r]
-            if cpu:
-                out.append(Sample("CPUUtilization", dims, sum(cpu) / len(cpu)))
-        every = by_role["WRITER"] + by_role["READER"]
+                    out.append(Sample(metric, dims, combine([v for v, _ in members]),
+                                      _mean([at for _, at in members])))
+        every = [v for rows in by_role.values() for v, _ in rows]
         for metric in ("ServerlessDatabaseCapacity", "ACUUtilization"):
             present = [r[metric] for r in every if metric in r]
             if present:  # the cluster's: the average of its serverless instances
                 out.append(Sample(metric, dimension_key({"DBClusterIdentifier": name}),
-                                  sum(present) / len(present)))
+                                  _mean(present)))
         out += self._cluster_values(name, status, lags)
         out += await self._commit_latency(rt)
         out += await self._backup_storage(rt, now)

@@ -38,9 +38,6 @@ def check_replacement(data: bytes, start: int, segment_size: int, system_id: int
     verifier.feed(data)
 
 
-__all__ = ["CHUNK", "WalCorruption", "check_replacement", "verify_steps"]
-
-
 def first_difference(a: bytes, b: bytes, chunk: int = 8192) -> int:
     """Index of the first byte where two equal-length buffers differ (C-speed compares)."""
     for off in range(0, len(a), chunk):
@@ -48,3 +45,8 @@ def first_difference(a: bytes, b: bytes, chunk: int = 8192) -> int:
             return off + next(i for i, (x, y) in enumerate(
                 zip(a[off : off + chunk], b[off : off + chunk], strict=True)) if x != y)
     raise ValueError("buffers are equal")
+
+
+__all__ = ["CHUNK", "WalCorruption", "check_replacement", "first_difference",
+           "verify_steps"]
+
